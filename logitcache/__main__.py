@@ -1,0 +1,3 @@
+from logitcache.cli.main import main
+
+main()

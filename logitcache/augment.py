@@ -1,0 +1,426 @@
+"""Augmentations that replay exactly.
+
+Two halves, kept apart on purpose:
+
+* ``draw``: seed -> parameters in physical units (seconds, dB, Hz, partner id, lambda).
+  Every draw reads a fixed *slot* of a counter-based generator (splitmix64 over
+  ``seed + slot``), so a parameter never depends on how many random numbers another op
+  consumed, on numpy's distribution code, or on the library version.
+* ``apply``: parameters -> waveform. Pure function of the source audio and the stored
+  parameters, computed per sample (never batched), so the view is bit-identical
+  whatever the batch size, worker count or device count.
+
+The dump stores exactly the (dtype-cast) parameters it applied, and training applies the
+stored parameters; it never re-draws.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from logitcache.errors import LogitCacheError
+
+SPEC_VERSION = 1
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+# ---------------------------------------------------------------- counter-based randomness
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, vectorised; a bijection on uint64 with good avalanche."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def id_hashes(ids: list[str]) -> np.ndarray:
+    """A stable uint64 per sample id (blake2b), so seeds follow the id, not its row."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids],
+        dtype=np.uint64,
+    )
+
+
+def view_seeds(base_seed: int, epoch: int, hashes: np.ndarray) -> np.ndarray:
+    """uint64 seed of each (epoch, sample): a pure function of (base seed, epoch, sample id)."""
+    with np.errstate(over="ignore"):
+        key = splitmix64(np.uint64(base_seed & 0xFFFFFFFFFFFFFFFF)) ^ splitmix64(np.uint64(epoch) + _GOLDEN)
+        return splitmix64(hashes ^ key)
+
+
+def epoch_order(base_seed: int, epoch: int, hashes: np.ndarray) -> np.ndarray:
+    """The stored order of an epoch: a seeded permutation of dataset indices (int64)."""
+    keys = splitmix64(view_seeds(base_seed ^ 0x5DEECE66D, epoch, hashes))
+    return np.argsort(keys, kind="stable").astype(np.int64)
+
+
+def uniforms(seed: int, slot: int, n: int = 1) -> np.ndarray:
+    """n float64 uniforms in [0, 1) read from fixed slots ``slot..slot+n`` of ``seed``'s stream."""
+    with np.errstate(over="ignore"):
+        counters = np.uint64(seed) + (np.arange(slot, slot + n, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
+    return (splitmix64(counters) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def gaussian_noise(seed: int, n: int) -> torch.Tensor:
+    """Standard normal float32 noise from a uint64 seed (Box-Muller on our own uniforms)."""
+    half = (n + 1) // 2
+    u = uniforms(seed, 0, 2 * half)
+    u1, u2 = np.maximum(u[:half], 1e-300), u[half:]
+    r = np.sqrt(-2.0 * np.log(u1))
+    z = np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:n]
+    return torch.from_numpy(z.astype(np.float32))
+
+
+# ---------------------------------------------------------------- ops
+@dataclass
+class Context:
+    """What an op may know besides its own parameters."""
+
+    sample_rate: int
+    clip_samples: int
+    num_samples: int = 1  # dataset size, for mixup partners
+    sample_index: int = 0
+    source_samples: int = 0  # length of the decoded, resampled source audio
+    load_partner: Callable[[int], torch.Tensor] | None = None  # dataset index -> clip-length waveform
+
+
+class Op:
+    """One augmentation. ``params`` maps parameter name -> (numpy dtype, trailing shape)."""
+
+    name: str = ""
+    params: dict[str, tuple[str, tuple[int, ...]]] = {}
+    defaults: dict = {}
+
+    def __init__(self, **hyper):
+        unknown = set(hyper) - set(self.defaults)
+        if unknown:
+            raise LogitCacheError(
+                f"augmentation op {self.name!r}: unknown setting(s) {sorted(unknown)}; known: {sorted(self.defaults)}"
+            )
+        self.hyper = {**self.defaults, **hyper}
+        p = float(self.hyper.get("p", 1.0))
+        if not 0.0 <= p <= 1.0:
+            raise LogitCacheError(f"augmentation op {self.name!r}: p={p} is not in [0, 1]")
+
+    def spec(self) -> dict:
+        return {"op": self.name, **self.hyper}
+
+    def draw(self, u: np.ndarray, ctx: Context) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def apply(self, wave: torch.Tensor, p: dict[str, np.ndarray], ctx: Context) -> torch.Tensor:
+        raise NotImplementedError
+
+
+OPS: dict[str, type[Op]] = {}
+
+
+def register_op(cls: type[Op]) -> type[Op]:
+    OPS[cls.name] = cls
+    return cls
+
+
+def _to_samples(seconds: float, sr: int) -> int:
+    return int(round(float(seconds) * sr))
+
+
+@register_op
+class Crop(Op):
+    """Random crop of sources longer than the clip (shorter ones are zero-padded at the end)."""
+
+    name = "crop"
+    params = {"start_s": ("float32", ())}
+    defaults = {"p": 1.0}
+
+    def draw(self, u, ctx):
+        slack = max(ctx.source_samples - ctx.clip_samples, 0)
+        start = int(u[1] * (slack + 1)) if u[0] < self.hyper["p"] else 0
+        return {"start_s": np.float32(start / ctx.sample_rate)}
+
+    def apply(self, wave, p, ctx):
+        return wave  # applied by fit_clip() before the ops run; kept here so the spec lists it
+
+
+@register_op
+class Shift(Op):
+    """Circular time shift (roll) by up to ``max_fraction`` of the clip, either direction."""
+
+    name = "shift"
+    params = {"seconds": ("float32", ())}
+    defaults = {"max_fraction": 0.5, "p": 0.5}
+
+    def draw(self, u, ctx):
+        if u[0] >= self.hyper["p"]:
+            return {"seconds": np.float32(0.0)}
+        max_shift = int(self.hyper["max_fraction"] * ctx.clip_samples)
+        shift = int(u[1] * (2 * max_shift + 1)) - max_shift
+        return {"seconds": np.float32(shift / ctx.sample_rate)}
+
+    def apply(self, wave, p, ctx):
+        shift = _to_samples(p["seconds"], ctx.sample_rate)
+        return torch.roll(wave, shift) if shift else wave
+
+
+@register_op
+class Gain(Op):
+    name = "gain"
+    params = {"db": ("float32", ())}
+    defaults = {"min_db": -6.0, "max_db": 6.0, "p": 1.0}
+
+    def draw(self, u, ctx):
+        h = self.hyper
+        db = h["min_db"] + u[1] * (h["max_db"] - h["min_db"]) if u[0] < h["p"] else 0.0
+        return {"db": np.float32(db)}
+
+    def apply(self, wave, p, ctx):
+        db = float(p["db"])
+        return wave * np.float32(10.0 ** (db / 20.0)) if db else wave
+
+
+@register_op
+class Noise(Op):
+    """Additive white noise at a drawn SNR (dB) relative to the signal's RMS; +inf means off."""
+
+    name = "noise"
+    params = {"snr_db": ("float32", ()), "seed": ("uint64", ())}
+    defaults = {"min_snr_db": 10.0, "max_snr_db": 40.0, "p": 0.5}
+
+    def draw(self, u, ctx):
+        h = self.hyper
+        if u[0] >= h["p"]:
+            return {"snr_db": np.float32(np.inf), "seed": np.uint64(0)}
+        snr = h["min_snr_db"] + u[1] * (h["max_snr_db"] - h["min_snr_db"])
+        seed = np.uint64(int(u[2] * 2**53))
+        return {"snr_db": np.float32(snr), "seed": seed}
+
+    def apply(self, wave, p, ctx):
+        snr = float(p["snr_db"])
+        if not math.isfinite(snr):
+            return wave
+        rms = float(torch.sqrt(torch.mean(wave.double() ** 2)))
+        scale = np.float32(rms * 10.0 ** (-snr / 20.0))
+        return wave + scale * gaussian_noise(int(p["seed"]), wave.shape[-1])
+
+
+@register_op
+class TimeMask(Op):
+    """Zero ``count`` spans of up to ``max_seconds`` each (positions in seconds)."""
+
+    name = "time_mask"
+    defaults = {"count": 1, "max_seconds": 0.2, "p": 1.0}
+
+    @property
+    def params(self):  # type: ignore[override]
+        c = int(self.hyper["count"])
+        return {"start_s": ("float32", (c,)), "width_s": ("float32", (c,))}
+
+    def draw(self, u, ctx):
+        c, sr = int(self.hyper["count"]), ctx.sample_rate
+        max_w = _to_samples(self.hyper["max_seconds"], sr)
+        starts, widths = np.zeros(c, np.float32), np.zeros(c, np.float32)
+        for i in range(c):
+            a, b, g = u[3 * i : 3 * i + 3]
+            if g < self.hyper["p"]:
+                w = int(a * (max_w + 1))
+                starts[i] = int(b * (ctx.clip_samples - w + 1)) / sr
+                widths[i] = w / sr
+        return {"start_s": starts, "width_s": widths}
+
+    def apply(self, wave, p, ctx):
+        sr = ctx.sample_rate
+        for start, width in zip(p["start_s"], p["width_s"]):
+            a, w = _to_samples(start, sr), _to_samples(width, sr)
+            if w:
+                wave = wave.clone()
+                wave[a : a + w] = 0.0
+        return wave
+
+
+@register_op
+class FreqMask(Op):
+    """Zero a band [low, low+width) Hz in the STFT domain and resynthesise the waveform."""
+
+    name = "freq_mask"
+    defaults = {"count": 1, "max_hz": 1000.0, "n_fft": 512, "p": 1.0}
+
+    @property
+    def params(self):  # type: ignore[override]
+        c = int(self.hyper["count"])
+        return {"low_hz": ("float32", (c,)), "width_hz": ("float32", (c,))}
+
+    def draw(self, u, ctx):
+        c, nyq = int(self.hyper["count"]), ctx.sample_rate / 2
+        lows, widths = np.zeros(c, np.float32), np.zeros(c, np.float32)
+        for i in range(c):
+            a, b, g = u[3 * i : 3 * i + 3]
+            if g < self.hyper["p"]:
+                w = a * min(self.hyper["max_hz"], nyq)
+                lows[i], widths[i] = b * (nyq - w), w
+        return {"low_hz": lows, "width_hz": widths}
+
+    def apply(self, wave, p, ctx):
+        bands = [(float(lo), float(w)) for lo, w in zip(p["low_hz"], p["width_hz"]) if w > 0]
+        if not bands:
+            return wave
+        n_fft = int(self.hyper["n_fft"])
+        window = torch.hann_window(n_fft)
+        spec = torch.stft(wave, n_fft, hop_length=n_fft // 4, window=window, return_complex=True)
+        freqs = torch.linspace(0, ctx.sample_rate / 2, spec.shape[0])
+        keep = torch.ones(spec.shape[0])
+        for lo, w in bands:
+            keep[(freqs >= lo) & (freqs < lo + w)] = 0.0
+        spec = spec * keep[:, None]
+        return torch.istft(spec, n_fft, hop_length=n_fft // 4, window=window, length=wave.shape[-1])
+
+
+@register_op
+class Mixup(Op):
+    """Mix with a partner clip: ``lam * x + (1 - lam) * partner``. The teachers see the real mix.
+
+    The partner is stored by dataset index (``partner`` = -1 means no mix) together with lambda.
+    """
+
+    name = "mixup"
+    params = {"partner": ("int64", ()), "lam": ("float32", ())}
+    defaults = {"min_lam": 0.5, "max_lam": 1.0, "p": 0.5}
+
+    def draw(self, u, ctx):
+        h = self.hyper
+        if u[0] >= h["p"] or ctx.num_samples < 2:
+            return {"partner": np.int64(-1), "lam": np.float32(1.0)}
+        partner = (ctx.sample_index + 1 + int(u[1] * (ctx.num_samples - 1))) % ctx.num_samples
+        lam = h["min_lam"] + u[2] * (h["max_lam"] - h["min_lam"])
+        return {"partner": np.int64(partner), "lam": np.float32(lam)}
+
+    def apply(self, wave, p, ctx):
+        partner = int(p["partner"])
+        if partner < 0:
+            return wave
+        if ctx.load_partner is None:
+            raise LogitCacheError("mixup needs the dataset to load partner clips")
+        lam = np.float32(p["lam"])
+        return lam * wave + (np.float32(1.0) - lam) * ctx.load_partner(partner)
+
+
+# ---------------------------------------------------------------- presets and specs
+PRESETS: dict[str, list[dict]] = {
+    "none": [],
+    # CED's recipe, without its correlated masks: roll +-50% (p=0.5), one time and one frequency mask.
+    "ced": [
+        {"op": "shift", "max_fraction": 0.5, "p": 0.5},
+        {"op": "time_mask", "count": 1, "max_seconds": 0.2},
+        {"op": "freq_mask", "count": 1, "max_hz": 1000.0},
+    ],
+    "strong": [
+        {"op": "crop"},
+        {"op": "shift", "max_fraction": 0.5, "p": 0.5},
+        {"op": "gain", "min_db": -6.0, "max_db": 6.0},
+        {"op": "mixup", "p": 0.5},
+        {"op": "noise", "p": 0.5},
+        {"op": "time_mask", "count": 2, "max_seconds": 0.2},
+        {"op": "freq_mask", "count": 2, "max_hz": 800.0},
+    ],
+}
+DEFAULT_PRESET = "ced"
+_SLOTS_PER_OP = 64
+
+
+def load_ops_spec(name_or_file: str) -> list[dict]:
+    """A preset name, or a JSON/TOML file holding ``ops = [...]`` (or a bare JSON list)."""
+    if name_or_file in PRESETS:
+        return [dict(o) for o in PRESETS[name_or_file]]
+    path = Path(name_or_file)
+    if not path.is_file():
+        raise LogitCacheError(
+            f"augmentation {name_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON/TOML file"
+        )
+    try:
+        doc = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise LogitCacheError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from None
+    ops = doc.get("ops") if isinstance(doc, dict) else doc
+    if not isinstance(ops, list) or not all(isinstance(o, dict) and "op" in o for o in ops):
+        raise LogitCacheError(f"{path}: expected a list of ops like [{{\"op\": \"shift\", ...}}]")
+    return ops
+
+
+class Augmenter:
+    """Builds the op pipeline from a spec; ``spec`` round-trips through the cache manifest."""
+
+    def __init__(self, ops: list[dict], sample_rate: int, clip_seconds: float):
+        self.sample_rate = int(sample_rate)
+        self.clip_seconds = float(clip_seconds)
+        self.clip_samples = int(round(self.clip_seconds * self.sample_rate))
+        self.ops: list[Op] = []
+        for o in ops:
+            o = dict(o)
+            name = o.pop("op")
+            if name not in OPS:
+                raise LogitCacheError(f"unknown augmentation op {name!r}; known: {', '.join(OPS)}")
+            if any(op.name == name for op in self.ops):
+                raise LogitCacheError(f"augmentation op {name!r} is listed twice; use its 'count' setting")
+            self.ops.append(OPS[name](**o))
+        if any(op.name == "crop" for op in self.ops[1:]):
+            raise LogitCacheError("augmentation op 'crop' must come first")
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Augmenter":
+        if spec.get("version") != SPEC_VERSION:
+            raise LogitCacheError(
+                f"augmentation spec version {spec.get('version')} is not supported (this logitcache reads {SPEC_VERSION})"
+            )
+        return cls(spec["ops"], spec["sample_rate"], spec["clip_seconds"])
+
+    @property
+    def spec(self) -> dict:
+        return {
+            "version": SPEC_VERSION,
+            "sample_rate": self.sample_rate,
+            "clip_seconds": self.clip_seconds,
+            "ops": [op.spec() for op in self.ops],
+        }
+
+    @property
+    def param_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Stored parameter arrays: ``"op.param"`` -> (dtype, trailing shape)."""
+        return {f"{op.name}.{k}": v for op in self.ops for k, v in op.params.items()}
+
+    def context(self, **kw) -> Context:
+        return Context(self.sample_rate, self.clip_samples, **kw)
+
+    def draw(self, seed: int, ctx: Context) -> dict[str, np.ndarray]:
+        out = {}
+        for i, op in enumerate(self.ops):
+            u = uniforms(int(seed), i * _SLOTS_PER_OP, _SLOTS_PER_OP)
+            for k, v in op.draw(u, ctx).items():
+                dtype, shape = op.params[k]
+                out[f"{op.name}.{k}"] = np.asarray(v, dtype=dtype).reshape(shape)
+        return out
+
+    def fit_clip(self, source: torch.Tensor, params: dict[str, np.ndarray] | None = None) -> torch.Tensor:
+        """Crop (at the stored start, default 0) or zero-pad the source to the clip length."""
+        start = _to_samples(params["crop.start_s"], self.sample_rate) if params and "crop.start_s" in params else 0
+        clip = source[start : start + self.clip_samples]
+        if clip.shape[-1] < self.clip_samples:
+            clip = torch.nn.functional.pad(clip, (0, self.clip_samples - clip.shape[-1]))
+        return clip.clone()  # the decoded source may be a cached tensor shared with other views
+
+    def apply(self, source: torch.Tensor, params: dict[str, np.ndarray], ctx: Context) -> torch.Tensor:
+        """The view the teachers see: float32 ``[clip_samples]``."""
+        wave = self.fit_clip(source.to(torch.float32), params)
+        for op in self.ops:
+            prefix = op.name + "."
+            wave = op.apply(wave, {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}, ctx)
+        return wave.to(torch.float32).contiguous()

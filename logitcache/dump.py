@@ -1,0 +1,227 @@
+"""``dump``: run the teacher ensemble on drawn augmented views and write the cache.
+
+Per epoch: a seeded order of the dataset, a uint64 seed per view, parameters drawn from it,
+the view the teachers see, and their top-k + tail statistic per member and for the ensemble.
+Views are made in DataLoader workers, teachers run back to back on each batch on the device,
+top-k is taken on the device, and whole chunks go to a background writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
+from logitcache.cache import CacheWriter, choose_chunk_rows
+from logitcache.data import AudioFolder
+from logitcache.errors import LogitCacheError
+from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype, topk_targets
+from logitcache.teachers import Teacher, load_teacher, unique_names
+from logitcache.views import DrawnViews, ViewSource, collate_views
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+VALUE_DTYPES = ("float16", "float32")
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise LogitCacheError(f"--device {spec!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LogitCacheError(f"--device {spec}: CUDA is not available on this machine")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    if precision not in PRECISIONS:
+        raise LogitCacheError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def probe_teachers(teachers: list[Teacher], clip_samples: int, device: torch.device) -> tuple[int, int | None]:
+    """(num_classes, frames or None) that every teacher agrees on."""
+    shapes = {}
+    with torch.inference_mode():
+        for t in teachers:
+            try:
+                out = t.module(torch.zeros(2, clip_samples, device=device))
+            except Exception as e:
+                raise LogitCacheError(f"teacher {t.source}: fails on a [2, {clip_samples}] waveform batch "
+                                      f"({str(e).splitlines()[0][:160]})") from None
+            if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3) or out.shape[0] != 2:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise LogitCacheError(f"teacher {t.source}: output {shape} is not [B, C] or [B, T, C] logits")
+            shapes[t.source] = tuple(out.shape[1:])
+    if len(set(s[-1] for s in shapes.values())) > 1:
+        raise LogitCacheError("teachers disagree on the number of classes: " +
+                              ", ".join(f"{k} -> C={v[-1]}" for k, v in shapes.items()))
+    if len(set(s[:-1] for s in shapes.values())) > 1:
+        raise LogitCacheError("teachers disagree on clip/frame level: " +
+                              ", ".join(f"{k} -> {'T=' + str(v[0]) if len(v) == 2 else 'clip'}" for k, v in shapes.items()))
+    shape = next(iter(shapes.values()))
+    return shape[-1], (shape[0] if len(shape) == 2 else None)
+
+
+def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
+    v = values.float().cpu().numpy()
+    if dtype == "float16":
+        v = np.clip(v, -65504.0, 65504.0)  # log(0) = -inf would otherwise not round-trip
+    return v.astype(dtype)
+
+
+def dump(
+    data: str | Path,
+    teachers: list[str],
+    out: str | Path,
+    *,
+    epochs: int = 1,
+    topk: int = 20,
+    augment: str = "ced",
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "auto",
+    output_kind: str = "multilabel",
+    aggregation: str = "mean_prob",
+    ensemble_weights: list[float] | None = None,
+    teacher_weights: list[str | None] | None = None,
+    members: bool = True,
+    value_dtype: str = "float16",
+    backend: str | None = None,
+    sample_rate: int | None = None,
+    clip_seconds: float | None = None,
+    precision: str = "fp32",
+    num_workers: int = 0,
+    chunk_rows: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Dump a cache of ``epochs`` augmented views per sample of the data folder ``data``.
+
+    Returns the cache path. See the README for every option; the CLI maps onto this 1:1.
+    """
+    if output_kind not in KINDS:
+        raise LogitCacheError(f"--output-kind {output_kind!r}: choose one of {', '.join(KINDS)}")
+    if aggregation not in AGGREGATIONS:
+        raise LogitCacheError(f"--aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+    if value_dtype not in VALUE_DTYPES:
+        raise LogitCacheError(f"--value-dtype {value_dtype!r}: choose one of {', '.join(VALUE_DTYPES)}")
+    if epochs < 1 or batch_size < 1:
+        raise LogitCacheError("--epochs and --batch-size must be at least 1")
+    if not teachers:
+        raise LogitCacheError("at least one --teacher is needed")
+    if ensemble_weights and len(ensemble_weights) != len(teachers):
+        raise LogitCacheError(f"{len(ensemble_weights)} ensemble weights for {len(teachers)} teachers")
+    if Path(out).exists():
+        raise LogitCacheError(f"{out}: already exists (remove it or choose another --out)")
+
+    folder = AudioFolder(data)
+    sr = int(sample_rate or folder.default_sample_rate)
+    clip = float(clip_seconds or folder.default_clip_seconds)
+    augmenter = Augmenter(load_ops_spec(augment), sr, clip)
+    dev = resolve_device(device)
+    weights_files = list(teacher_weights or []) + [None] * (len(teachers) - len(teacher_weights or []))
+    loaded = [load_teacher(t, w, dev) for t, w in zip(teachers, weights_files)]
+    unique_names(loaded)
+    num_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev)
+    if num_classes != len(folder.classes):
+        raise LogitCacheError(f"teachers output C={num_classes} classes but {folder.root} defines "
+                              f"{len(folder.classes)} (classes.txt / labels.csv)")
+    if not 1 <= topk <= num_classes:
+        raise LogitCacheError(f"--topk {topk}: must be between 1 and the number of classes ({num_classes})")
+
+    N = len(folder)
+    member_names = [t.name for t in loaded] if members else []
+    vbytes = np.dtype(value_dtype).itemsize + np.dtype(index_dtype(num_classes)).itemsize
+    row_bytes = (frames or 1) * topk * vbytes
+    manifest = {
+        "dataset": {"fingerprint": folder.fingerprint, "num_samples": N, "audio_bytes": folder.audio_bytes(),
+                    "path": str(folder.root.resolve())},
+        "classes": folder.classes,
+        "augment": augmenter.spec,
+        "teachers": [t.describe() for t in loaded],
+        "members": member_names,
+        "output_kind": output_kind,
+        "aggregation": aggregation,
+        "weights": list(map(float, ensemble_weights)) if ensemble_weights else None,
+        "topk": int(topk),
+        "frames": frames,
+        "value_dtype": value_dtype,
+        "index_dtype": index_dtype(num_classes),
+        "order_dtype": "uint32" if N < 2**32 else "uint64",
+        "epochs": int(epochs),
+        "seed": int(seed),
+        "chunk_rows": int(chunk_rows or choose_chunk_rows(row_bytes, N)),
+        "precision": precision,
+        "device": dev.type,
+    }
+    writer = CacheWriter(out, manifest, folder.ids, augmenter.param_specs, backend=backend)
+    source = ViewSource(folder, augmenter)
+    hashes = id_hashes(folder.ids)
+    R = manifest["chunk_rows"]
+    started = time.perf_counter()
+    bar = tqdm(total=epochs * N, unit="view", desc="dump", disable=not progress, dynamic_ncols=True)
+    try:
+        for epoch in range(epochs):
+            order = epoch_order(seed, epoch, hashes)
+            seeds = view_seeds(seed, epoch, hashes)[order]
+            loader = DataLoader(DrawnViews(source, order, seeds), batch_size=batch_size, shuffle=False,
+                                num_workers=num_workers, collate_fn=collate_views, pin_memory=dev.type == "cuda",
+                                persistent_workers=False, prefetch_factor=4 if num_workers else None)
+            chunk: dict[str, list[np.ndarray]] = {}
+            for wave, params, pos in loader:
+                rows = _run_batch(loaded, wave, dev, precision, topk, output_kind, aggregation, ensemble_weights,
+                                  value_dtype, manifest["index_dtype"], members, folder, order[pos])
+                rows.update({"order": order[pos].astype(manifest["order_dtype"]), "seeds": seeds[pos]})
+                rows.update({f"params/{k}": v for k, v in params.items()})
+                # Stored order is sequential, so rows fill chunks front to back; split at chunk edges.
+                a = 0
+                while a < len(pos):
+                    c = int(pos[a]) // R
+                    b = min(len(pos), a + (c + 1) * R - int(pos[a]))
+                    for k, v in rows.items():
+                        chunk.setdefault(k, []).append(v[a:b])
+                    if int(pos[b - 1]) + 1 == min((c + 1) * R, N):
+                        writer.put(epoch, c, {k: np.concatenate(v) for k, v in chunk.items()})
+                        chunk = {}
+                    a = b
+                bar.update(len(pos))
+        writer.finish(complete=True, dump_seconds=round(time.perf_counter() - started, 3))
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    writer.close()
+    return Path(out)
+
+
+def _run_batch(teachers, wave, dev, precision, k, kind, aggregation, weights, value_dtype, idx_dtype,
+               members, folder, dataset_index) -> dict[str, np.ndarray]:
+    """Teachers back to back on one batch; top-k on the device; only top-k comes back to host."""
+    x = wave.to(dev, non_blocking=True)
+    with torch.inference_mode(), autocast(dev, precision):
+        logits = [t.module(x).float() for t in teachers]
+    for t, z in zip(teachers, logits):
+        bad = ~torch.isfinite(z).reshape(z.shape[0], -1).all(dim=1)
+        if bool(bad.any()):
+            ids = [folder.ids[i] for i in np.asarray(dataset_index)[bad.cpu().numpy()]][:5]
+            raise LogitCacheError(f"teacher {t.name} produced NaN/Inf logits for sample(s) {', '.join(ids)}")
+    rows: dict[str, np.ndarray] = {}
+    groups = [("ensemble", aggregate(logits, kind, aggregation, weights))]
+    if members:
+        groups += [(f"members/{t.name}", z) for t, z in zip(teachers, logits)]
+    for prefix, z in groups:
+        values, indices, stat = topk_targets(z, k, kind)
+        rows[f"{prefix}/values"] = _to_storage(values, value_dtype)
+        rows[f"{prefix}/indices"] = indices.cpu().numpy().astype(idx_dtype)
+        rows[f"{prefix}/stat"] = stat.float().cpu().numpy()
+    return rows

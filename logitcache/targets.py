@@ -1,0 +1,134 @@
+"""Target math shared by dump, training, fidelity and the online-KD reference.
+
+A stored target row is ``values`` (top-k logits, sorted descending), ``indices`` (their classes)
+and one side statistic ``stat`` that makes the tail exact:
+
+* ``multiclass`` (softmax): ``stat`` = log-sum-exp of *all* C logits, the exact log-normaliser.
+  Top-k probabilities are ``exp(values - stat)`` and the leftover mass is ``1 - sum`` of them.
+* ``multilabel`` (sigmoid): ``stat`` = logit of the *mean* sigmoid probability of the C-k classes
+  outside the top k, so the total tail probability mass is exact. (0 when k == C: no tail.)
+
+Everything works on any leading shape, so frame-level rows ``[..., T, k]`` need no special case.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("multilabel", "multiclass")
+AGGREGATIONS = ("mean_prob", "mean_logit")
+
+
+def aggregate(member_logits: list[torch.Tensor], kind: str, method: str = "mean_prob",
+              weights: list[float] | None = None) -> torch.Tensor:
+    """Ensemble logits. mean_prob gives log(mean p) for softmax and logit(mean p) for sigmoid."""
+    w = torch.tensor(weights if weights else [1.0] * len(member_logits), dtype=torch.float32)
+    w = (w / w.sum()).to(member_logits[0].device)
+    z = torch.stack([m.float() for m in member_logits])  # [M, ..., C]
+    wz = w.view(-1, *([1] * (z.dim() - 1)))
+    if method == "mean_logit":
+        return (z * wz).sum(0)
+    if method != "mean_prob":
+        raise ValueError(f"unknown aggregation {method!r}")
+    logw = torch.log(wz)
+    if kind == "multiclass":
+        return torch.logsumexp(F.log_softmax(z, dim=-1) + logw, dim=0)
+    log_p = torch.logsumexp(F.logsigmoid(z) + logw, dim=0)
+    log_not_p = torch.logsumexp(F.logsigmoid(-z) + logw, dim=0)
+    return log_p - log_not_p
+
+
+def topk_targets(logits: torch.Tensor, k: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, indices, stat) of full logits ``[..., C]``; computed in float32 on the logits' device."""
+    z = logits.float()
+    num_classes = z.shape[-1]
+    values, indices = torch.topk(z, k, dim=-1, sorted=True)
+    if kind == "multiclass":
+        return values, indices, torch.logsumexp(z, dim=-1)
+    if k == num_classes:
+        return values, indices, torch.zeros(z.shape[:-1], device=z.device)
+    in_topk = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, indices, True)
+    log_p = F.logsigmoid(z).masked_fill(in_topk, -math.inf)
+    log_not_p = F.logsigmoid(-z).masked_fill(in_topk, -math.inf)
+    # logit(mean tail p) = log(sum p) - log(sum (1-p)); the 1/(C-k) cancels. Exact and stable.
+    stat = torch.logsumexp(log_p, dim=-1) - torch.logsumexp(log_not_p, dim=-1)
+    return values, indices, stat
+
+
+def _softmax_topk_logprobs(values: torch.Tensor, stat: torch.Tensor, num_classes: int,
+                           temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher log-probs of the top-k and the tail mass at a temperature.
+
+    At T = 1 both are exact. At T != 1 the tail's own spread is unknown, so the tail mass is
+    assumed spread evenly over the C-k other classes (exact at T = 1, documented approximation).
+    """
+    v = values.float()
+    k = v.shape[-1]
+    if temperature == 1.0 or k == num_classes:
+        logp = v / temperature - (stat if temperature == 1.0 else torch.logsumexp(v / temperature, -1))[..., None]
+    else:
+        tail_mass = (1.0 - torch.exp(v - stat[..., None]).sum(-1)).clamp_min(1e-30)
+        tail_logit = stat + torch.log(tail_mass) - math.log(num_classes - k)  # per tail class
+        parts = torch.cat([v / temperature, (tail_logit / temperature + math.log(num_classes - k))[..., None]], -1)
+        logp = v / temperature - torch.logsumexp(parts, -1, keepdim=True)
+    tail = (1.0 - torch.exp(logp).sum(-1)).clamp_min(0.0)
+    return logp, tail
+
+
+def teacher_probs(values: torch.Tensor, indices: torch.Tensor, stat: torch.Tensor, num_classes: int,
+                  kind: str, temperature: float = 1.0) -> torch.Tensor:
+    """Dense ``[..., C]`` probabilities reconstructed from a cache row (tail spread evenly)."""
+    indices = indices.long()
+    if kind == "multiclass":
+        logp, tail = _softmax_topk_logprobs(values, stat, num_classes, temperature)
+        k = values.shape[-1]
+        fill = tail / max(num_classes - k, 1)
+        out = fill[..., None].expand(*values.shape[:-1], num_classes).clone()
+        return out.scatter_(-1, indices, torch.exp(logp))
+    out = torch.sigmoid(stat.float() / temperature)[..., None].expand(*values.shape[:-1], num_classes).clone()
+    return out.scatter_(-1, indices, torch.sigmoid(values.float() / temperature))
+
+
+def kd_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, stat: torch.Tensor,
+            kind: str, temperature: float = 1.0) -> torch.Tensor:
+    """Distillation loss of student logits ``[..., C]`` against stored targets, scaled by T^2.
+
+    multiclass: KL(teacher || student) over the top-k classes plus one exact "everything else"
+    bucket (no renormalised top-k, which biases the student). multilabel: BCE against the
+    stored sigmoid probabilities, tail classes filled from ``stat``.
+    """
+    T = float(temperature)
+    z = student_logits.float()
+    indices = indices.long()
+    if kind == "multiclass":
+        logp, p_tail = _softmax_topk_logprobs(values, stat.float(), z.shape[-1], T)
+        logq_all = F.log_softmax(z / T, dim=-1)
+        logq = logq_all.gather(-1, indices)
+        in_topk = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, indices, True)
+        logq_tail = torch.logsumexp(logq_all.masked_fill(in_topk, -math.inf), dim=-1)
+        kl = (torch.exp(logp) * (logp - logq)).sum(-1)
+        kl = kl + torch.xlogy(p_tail, p_tail) - p_tail * logq_tail.clamp_min(-1e4)
+        return kl.mean() * T * T
+    target = teacher_probs(values, indices, stat, z.shape[-1], kind, T)
+    return F.binary_cross_entropy_with_logits(z / T, target) * T * T
+
+
+def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Loss against (possibly mixed) clip-level labels ``[B, C]``; frame outputs are max-pooled."""
+    z = student_logits.float()
+    if z.dim() == 3:
+        z = z.max(dim=1).values
+    if kind == "multiclass":
+        return -(labels * F.log_softmax(z, -1)).sum(-1).mean()
+    return F.binary_cross_entropy_with_logits(z, labels)
+
+
+def index_dtype(num_classes: int) -> str:
+    """Smallest unsigned integer dtype that holds every class index (no 32,767-class ceiling)."""
+    for dtype, limit in (("uint8", 2**8), ("uint16", 2**16), ("uint32", 2**32)):
+        if num_classes <= limit:
+            return dtype
+    return "uint64"
