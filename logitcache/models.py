@@ -16,6 +16,7 @@ ensemble makes different mistakes, which is what makes ensemble distillation wor
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -125,6 +126,9 @@ class LogMel(nn.Module):
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate, n_fft=n_fft, win_length=win, hop_length=hop, f_min=f_min, f_max=f_max,
             n_mels=n_mels, power=2.0)
+        # a periodic Hann window is a view into a one-longer tensor; torch.export.load warns about
+        # such partial storages ("No complete tensor found"), so store a compact copy
+        self.mel.spectrogram.window = self.mel.spectrogram.window.clone()
         # per-band standardisation learned from data (PANNs' "bn0"): log-mel levels differ by tens
         # of dB across bands, and a fixed scaling would need dataset statistics up front
         self.norm = nn.BatchNorm1d(n_mels)
@@ -331,7 +335,11 @@ def export_model(model: nn.Module, path: str | Path, sample_rate: int, clip_samp
     was_training = model.training
     model.eval()
     try:
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        with warnings.catch_warnings():
+            # nn.GRU re-assigns its _flat_weights list while being traced; the weights are still
+            # captured as parameters and the program matches eager, so the warning is noise
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     finally:
         model.train(was_training)
     meta = {"config": config if isinstance(config, dict) else None,

@@ -1,0 +1,86 @@
+"""Tiny deterministic teachers for the tests, importable as ``toy_teachers:<factory>``.
+
+Each teacher is a fixed random filterbank over 25 ms frames (10 ms hop), log frame energies,
+average-pooled into a few time bins, then a fixed random linear map to C logits. The weights come
+from a seeded generator, so every call of a factory builds the same module.
+
+* Sensitive to the input: gain, masks, noise, shifts and mixup all change the logits.
+* Batch-invariant: all arithmetic runs in float64 and only the result is cast to float32, so a
+  row's logits do not depend on which other rows share its batch (the tests compare dumps made
+  with different batch sizes bit for bit).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NUM_CLASSES = 10  # the synthetic dataset's class count (logitcache.synth default)
+WIN, HOP, BANDS, BINS = 400, 160, 8, 4
+
+
+class ToyTeacher(torch.nn.Module):
+    def __init__(self, seed: int, num_classes: int = NUM_CLASSES, frames: int | None = None,
+                 scale: float = 1.0, nan: bool = False):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.frames, self.nan = frames, nan
+        bins = 1 if frames else BINS  # frame-level: per-bin logits over `frames` bins
+        self.register_buffer("filters", torch.randn(WIN, BANDS, generator=g, dtype=torch.float64) / WIN**0.5)
+        self.register_buffer("weight", torch.randn(BANDS * bins, num_classes, generator=g, dtype=torch.float64)
+                             * (scale / (BANDS * bins) ** 0.5))
+        self.register_buffer("bias", torch.randn(num_classes, generator=g, dtype=torch.float64))
+        self.bins = frames or BINS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float64)
+        frames = x.unfold(-1, WIN, HOP)  # [B, nF, WIN]
+        energy = (frames @ self.filters) ** 2  # [B, nF, BANDS]
+        feat = torch.log(energy + 1e-6) / 4.0  # roughly unit scale
+        pooled = F.adaptive_avg_pool1d(feat.transpose(1, 2), self.bins)  # [B, BANDS, bins]
+        if self.frames:
+            out = pooled.transpose(1, 2) @ self.weight + self.bias  # [B, T, C]
+        else:
+            out = pooled.flatten(1) @ self.weight + self.bias  # [B, C]
+        if self.nan:
+            out = out * torch.nan
+        return out.to(torch.float32)
+
+
+def toy_a() -> ToyTeacher:
+    return ToyTeacher(1, scale=3.0)
+
+
+def toy_b() -> ToyTeacher:
+    return ToyTeacher(2, scale=3.0)
+
+
+def toy_c() -> ToyTeacher:
+    return ToyTeacher(3, scale=2.0)
+
+
+def toy_frames() -> ToyTeacher:
+    """Frame-level: ``[B, 6, C]``."""
+    return ToyTeacher(4, frames=6, scale=3.0)
+
+
+def toy_frames_b() -> ToyTeacher:
+    return ToyTeacher(5, frames=6, scale=3.0)
+
+
+def toy_c11() -> ToyTeacher:
+    """A different class count, for the teachers-disagree error."""
+    return ToyTeacher(6, num_classes=NUM_CLASSES + 1)
+
+
+def toy_nan() -> ToyTeacher:
+    """NaN logits for every input (the probe only checks shapes; the dump must catch it)."""
+    return ToyTeacher(7, nan=True)
+
+
+def toy_40k() -> ToyTeacher:
+    return ToyTeacher(8, num_classes=40_000, scale=3.0)
+
+
+def toy_70k() -> ToyTeacher:
+    return ToyTeacher(9, num_classes=70_000, scale=3.0)
