@@ -168,6 +168,7 @@ def dump(
     hashes = id_hashes(folder.ids)
     R = manifest["chunk_rows"]
     started = time.perf_counter()
+    worker_error = None
     bar = tqdm(total=epochs * N, unit="view", desc="dump", disable=not progress, dynamic_ncols=True)
     try:
         for epoch in range(epochs):
@@ -195,11 +196,23 @@ def dump(
                     a = b
                 bar.update(len(pos))
         writer.finish(complete=True, dump_seconds=round(time.perf_counter() - started, 3))
+    except LogitCacheError as e:
+        writer.abort()
+        if "\n" not in str(e):
+            raise
+        # Re-raised from a DataLoader worker: torch put the worker's traceback into the message.
+        # Raise the one-line original outside this block, so the wrapped error (whose traceback
+        # holds the loader iterator) is freed now and the workers shut down at once, not on a
+        # later garbage collection (which waits 5 s per worker).
+        worker_error = LogitCacheError(str(e).rstrip().splitlines()[-1].split("LogitCacheError: ", 1)[-1])
+        e.__traceback__ = None  # torch's reraise() frame and the exception form a cycle
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
+    if worker_error is not None:
+        raise worker_error
     writer.close()
     return Path(out)
 

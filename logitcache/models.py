@@ -16,6 +16,7 @@ ensemble makes different mistakes, which is what makes ensemble distillation wor
 from __future__ import annotations
 
 import json
+import numbers
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -70,15 +71,19 @@ def create_model(
     ``f_min``, ``f_max``, ``win_ms``, ``hop_ms``) and architecture options (e.g. ``width``) go in
     ``kwargs``. ``seed`` makes the initial weights reproducible without touching the global RNG.
     The returned model carries ``model.config``, enough to rebuild it: ``create_model(**config)``.
+    Inputs need at least ~0.1 s of audio (the encoders downsample time by up to 8x).
     """
     if name not in _REGISTRY:
         raise LogitCacheError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not _is_int(num_classes) or num_classes < 1:
         raise LogitCacheError(f"num_classes must be a positive int, got {num_classes!r}")
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1000:
+    if not _is_int(sample_rate) or sample_rate < 1000:
         raise LogitCacheError(f"sample_rate must be an int >= 1000 Hz, got {sample_rate!r}")
-    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+    if frames is not None and (not _is_int(frames) or frames < 1):
         raise LogitCacheError(f"frames must be None (clip level) or a positive int, got {frames!r}")
+    # plain ints, so the config stays JSON-serialisable when numpy integers come in
+    num_classes, sample_rate = int(num_classes), int(sample_rate)
+    frames = None if frames is None else int(frames)
 
     front_kw = {k: kwargs.pop(k) for k in _FRONTEND_KEYS if k in kwargs}
     front_kw.setdefault("n_mels", 64)
@@ -95,6 +100,10 @@ def create_model(
     model.config = {"name": name, "num_classes": num_classes, "sample_rate": sample_rate,
                     "frames": frames, **front_kw, **kwargs}
     return model
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def model_config(model: nn.Module) -> dict:
@@ -122,7 +131,10 @@ class LogMel(nn.Module):
         win = round(sample_rate * win_ms / 1000)
         hop = round(sample_rate * hop_ms / 1000)
         n_fft = 1 << (win - 1).bit_length()  # next power of two: fast FFT, finer bins than needed
-        self.hop_length = hop
+        # narrow low mel filters (many mels at a low rate) can fall between FFT bins and stay all-zero;
+        # zero-padding the window further gives finer bins without changing the time resolution
+        while n_fft < 8 * win and _has_empty_filter(n_fft, sample_rate, n_mels, f_min, f_max):
+            n_fft *= 2
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate, n_fft=n_fft, win_length=win, hop_length=hop, f_min=f_min, f_max=f_max,
             n_mels=n_mels, power=2.0)
@@ -135,6 +147,14 @@ class LogMel(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         return self.norm(torch.log(self.mel(wav) + 1e-6))
+
+
+def _has_empty_filter(n_fft: int, sample_rate: int, n_mels: int, f_min: float, f_max: float | None) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchaudio warns about exactly what we are testing for
+        fb = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, f_min, f_max or sample_rate / 2, n_mels,
+                                                   sample_rate)
+    return bool((fb.sum(0) == 0).any())
 
 
 class AudioTagger(nn.Module):

@@ -70,7 +70,10 @@ class ZarrStore(ArrayStore):
 
     def _array(self, name: str):
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            arr = self.group[name]
+            if self.mode != "r":  # the setting is not stored with the array; reapply it on reopen
+                arr = arr.with_config({"write_empty_chunks": True})
+            self._arrays[name] = arr
         return self._arrays[name]
 
     def create_array(self, name, shape, dtype, chunks, compress=True):
@@ -80,6 +83,8 @@ class ZarrStore(ArrayStore):
         self._arrays[name] = self.group.create_array(
             name, shape=tuple(shape), dtype=dtype, chunks=tuple(chunks),
             compressors=codecs + [Crc32cCodec()], fill_value=0,
+            # Every chunk gets a file, even all-zero ones, so a missing file always means damage.
+            config={"write_empty_chunks": True},
         )
 
     def write(self, name, key, data):
@@ -171,9 +176,10 @@ class Hdf5Store(ArrayStore):
         raw = self.file.attrs.get(MANIFEST_KEY)
         if raw is None:
             return {}
-        if not isinstance(raw, (str, bytes)):
-            raise LogitCacheError(f"{self.path}: manifest is not a JSON string")
-        return json.loads(raw)
+        try:
+            return json.loads(raw)
+        except (TypeError, ValueError):
+            raise LogitCacheError(f"{self.path}: manifest is not a JSON document") from None
 
     def write_manifest(self, manifest):
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)

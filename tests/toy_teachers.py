@@ -36,7 +36,7 @@ class ToyTeacher(torch.nn.Module):
         x = x.to(torch.float64)
         frames = x.unfold(-1, WIN, HOP)  # [B, nF, WIN]
         energy = (frames @ self.filters) ** 2  # [B, nF, BANDS]
-        feat = torch.log(energy + 1e-6) / 4.0  # roughly unit scale
+        feat = (torch.log(energy + 1e-6) + 8.0) / 3.0  # roughly zero-mean, unit scale on the synth data
         pooled = F.adaptive_avg_pool1d(feat.transpose(1, 2), self.bins)  # [B, BANDS, bins]
         if self.frames:
             out = pooled.transpose(1, 2) @ self.weight + self.bias  # [B, T, C]

@@ -1,0 +1,1 @@
+"""The ``logitcache`` command line (installed as the package ``logitcache.cli``; see main.py)."""
