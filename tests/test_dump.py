@@ -273,7 +273,7 @@ def test_missing_audio_file(dataset, tmp_path, workers):
     (lambda text: text + text.splitlines()[3] + "\n", ["duplicate", "clip_00002"]),
     (lambda text: text.replace("filename,labels", "file,labels", 1), ["filename", "missing column"]),
     (lambda text: text.replace("filename,labels", "filename", 1), ["labels", "missing column"]),
-])
+], ids=["unknown_class", "duplicate_id", "no_filename_column", "no_labels_column"])
 def test_bad_labels_csv(dataset, tmp_path, edit, needles):
     data = _copy_dataset(dataset, tmp_path / "data")
     (data / "labels.csv").write_text(edit((data / "labels.csv").read_text()))
@@ -293,7 +293,8 @@ def test_bad_labels_csv(dataset, tmp_path, edit, needles):
     (("toy_teachers:toy_a",), {"augment": "bogus"}, ["bogus", "preset"]),
     (("toy_teachers:no_such_factory",), {}, ["no_such_factory"]),
     (("no_such_file.pt2",), {}, ["no_such_file.pt2", "not found"]),
-])
+], ids=["teachers_disagree_on_C", "C_differs_from_classes_txt", "clip_and_frame_teachers", "k_above_C", "k_zero",
+        "unknown_preset", "unknown_factory", "missing_pt2"])
 def test_bad_dump_config(dataset, tmp_path, teachers, kw, needles):
     out = tmp_path / "out.zarr"
     with pytest.raises(LogitCacheError) as e:
@@ -314,7 +315,7 @@ def test_nan_teacher_output_names_the_samples(dataset, tmp_path, workers):
     assert set(multiprocessing.active_children()) - before == set()
 
 
-@pytest.mark.parametrize("make", [lambda p: p.write_text("keep me"), lambda p: p.mkdir()])
+@pytest.mark.parametrize("make", [lambda p: p.write_text("keep me"), lambda p: p.mkdir()], ids=["file", "dir"])
 def test_out_path_already_exists(dataset, tmp_path, make):
     out = tmp_path / "taken.zarr"
     make(out)
