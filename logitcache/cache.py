@@ -173,6 +173,7 @@ class Cache:
         self._index: dict[str, int] | None = None
         self._orders: dict[int, np.ndarray] = {}
         self._positions: dict[int, np.ndarray] = {}
+        self._param_names: list[str] | None = None
 
     # -- manifest shortcuts
     @property
@@ -251,7 +252,9 @@ class Cache:
         return self._positions[epoch]
 
     def param_names(self) -> list[str]:
-        return [n[len("params/"):] for n in self.store.arrays() if n.startswith("params/")]
+        if self._param_names is None:  # listing a store walks its tree: do it once
+            self._param_names = [n[len("params/"):] for n in self.store.arrays() if n.startswith("params/")]
+        return self._param_names
 
     def _member_prefix(self, member: str | None) -> str:
         if member is not None and member not in self.members:

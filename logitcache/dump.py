@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
 from logitcache.cache import CacheWriter, choose_chunk_rows
 from logitcache.data import AudioFolder
-from logitcache.errors import LogitCacheError
+from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype, topk_targets
 from logitcache.teachers import Teacher, load_teacher, unique_names
 from logitcache.views import DrawnViews, ViewSource, collate_views
@@ -168,7 +168,6 @@ def dump(
     hashes = id_hashes(folder.ids)
     R = manifest["chunk_rows"]
     started = time.perf_counter()
-    worker_error = None
     bar = tqdm(total=epochs * N, unit="view", desc="dump", disable=not progress, dynamic_ncols=True)
     try:
         for epoch in range(epochs):
@@ -178,7 +177,7 @@ def dump(
                                 num_workers=num_workers, collate_fn=collate_views, pin_memory=dev.type == "cuda",
                                 persistent_workers=False, prefetch_factor=4 if num_workers else None)
             chunk: dict[str, list[np.ndarray]] = {}
-            for wave, params, pos in loader:
+            for wave, params, pos in one_line_worker_errors(loader):
                 rows = _run_batch(loaded, wave, dev, precision, topk, output_kind, aggregation, ensemble_weights,
                                   value_dtype, manifest["index_dtype"], members, folder, order[pos])
                 rows.update({"order": order[pos].astype(manifest["order_dtype"]), "seeds": seeds[pos]})
@@ -196,23 +195,11 @@ def dump(
                     a = b
                 bar.update(len(pos))
         writer.finish(complete=True, dump_seconds=round(time.perf_counter() - started, 3))
-    except LogitCacheError as e:
-        writer.abort()
-        if "\n" not in str(e):
-            raise
-        # Re-raised from a DataLoader worker: torch put the worker's traceback into the message.
-        # Raise the one-line original outside this block, so the wrapped error (whose traceback
-        # holds the loader iterator) is freed now and the workers shut down at once, not on a
-        # later garbage collection (which waits 5 s per worker).
-        worker_error = LogitCacheError(str(e).rstrip().splitlines()[-1].split("LogitCacheError: ", 1)[-1])
-        e.__traceback__ = None  # torch's reraise() frame and the exception form a cycle
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
-    if worker_error is not None:
-        raise worker_error
     writer.close()
     return Path(out)
 

@@ -21,7 +21,7 @@ from logitcache.augment import Augmenter
 from logitcache.cache import Cache, open_cache
 from logitcache.data import AudioFolder
 from logitcache.dump import autocast, resolve_device
-from logitcache.errors import LogitCacheError
+from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.targets import hard_label_loss, kd_loss
 from logitcache.teachers import load_factory, load_state_dict
 from logitcache.views import CacheStream, check_compatible
@@ -178,7 +178,7 @@ def train(
             loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
                                 prefetch_factor=4 if num_workers else None)
             started, seen, total = time.perf_counter(), 0, 0.0
-            bar = tqdm(loader, total=len(stream), unit="batch", desc=f"train {epoch + 1}/{epochs}",
+            bar = tqdm(one_line_worker_errors(loader), total=len(stream), unit="batch", desc=f"train {epoch + 1}/{epochs}",
                        disable=not progress, dynamic_ncols=True)
             for batch in bar:
                 loss = distill_step(model, optimizer, batch, kind, dev, temperature, alpha, precision)

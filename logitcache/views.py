@@ -148,10 +148,13 @@ class CacheStream(IterableDataset):
         }
 
 
-def replay(cache: Cache | str | Path, data_dir: str | Path, epoch: int, sample_id: str) -> torch.Tensor:
-    """The float32 waveform ``[samples]`` the teachers saw for ``sample_id`` in stored ``epoch``."""
+def replay(cache: Cache | str | Path, data_dir: str | Path | AudioFolder, epoch: int, sample_id: str) -> torch.Tensor:
+    """The float32 waveform ``[samples]`` the teachers saw for ``sample_id`` in stored ``epoch``.
+
+    Pass an open ``Cache`` and an ``AudioFolder`` when replaying many views, to parse each once.
+    """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    folder = AudioFolder(data_dir)
+    folder = data_dir if isinstance(data_dir, AudioFolder) else AudioFolder(data_dir)
     check_compatible(cache, folder)
     params = {k: v[0] for k, v in cache.params(epoch, [sample_id]).items()}
     source = ViewSource(folder, Augmenter.from_spec(cache.manifest["augment"]))
