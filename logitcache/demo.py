@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from logitcache import models
 from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
-from logitcache.cache import open_cache
 from logitcache.data import AudioFolder
 from logitcache.dump import dump
 from logitcache.synth import make_splits
@@ -64,8 +63,8 @@ def mean_ap(logits: torch.Tensor, folder: AudioFolder) -> float:
     return float(np.nanmean(average_precision(logits.numpy(), folder.labels)))
 
 
-def run_demo(out_dir: str | Path = "demo_out", *, n_train: int = 480, n_eval: int = 240, clip_seconds: float = 2.0,
-             teacher_epochs: int = 12, dump_epochs: int = 4, student_epochs: int = 8, topk: int = 5,
+def run_demo(out_dir: str | Path = "demo_out", *, n_train: int = 600, n_eval: int = 240, clip_seconds: float = 2.0,
+             teacher_epochs: int = 24, dump_epochs: int = 8, student_epochs: int = 24, topk: int = 5,
              progress: bool = True) -> dict:
     """Run the demo; returns the figures it prints (also written to ``out_dir/summary.json``)."""
     out = Path(out_dir)

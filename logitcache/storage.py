@@ -37,6 +37,7 @@ class ArrayStore:
     def arrays(self) -> list[str]: ...
     def read_manifest(self) -> dict: ...
     def write_manifest(self, manifest: dict) -> None: ...
+    def flush(self) -> None: ...  # make every write so far survive the death of this process
     def close(self) -> None: ...
 
 
@@ -111,6 +112,9 @@ class ZarrStore(ArrayStore):
     def write_manifest(self, manifest):
         self.group.attrs[MANIFEST_KEY] = manifest
 
+    def flush(self):
+        pass  # every chunk and metadata write is already its own file, renamed into place
+
     def close(self):
         self._arrays.clear()
 
@@ -183,6 +187,11 @@ class Hdf5Store(ArrayStore):
 
     def write_manifest(self, manifest):
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
+        self.file.flush()
+
+    def flush(self):
+        # Chunks land in the file at once, but the index that finds them lives in HDF5's metadata
+        # cache until a flush: a writer killed before it loses the chunks (measured).
         self.file.flush()
 
     def close(self):

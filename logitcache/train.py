@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import time
 from pathlib import Path
 
@@ -79,6 +80,15 @@ def evaluate(model: torch.nn.Module, folder: AudioFolder, augmenter: Augmenter, 
     if kind == "multiclass":
         return {"top1": float((s.argmax(1) == folder.labels.argmax(1)).mean())}
     return {"mAP": float(np.nanmean(average_precision(s, folder.labels)))}
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int):
+    """AdamW with a cosine decay to 5 % of ``lr`` over the run (no warm-up: step 0 uses ``lr``)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total = max(int(total_steps), 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    return optimizer, schedule
 
 
 def distill_step(model, optimizer, batch: dict, kind: str, device: torch.device, temperature: float = 1.0,
@@ -159,7 +169,8 @@ def train(
     kind = c.output_kind
     dev = resolve_device(device)
     model = build_student(student, len(c.classes), augmenter.sample_rate, c.frames, seed).to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-c.num_samples // batch_size)
+    optimizer, schedule = make_optimizer(model, lr, weight_decay, min(epochs * steps_per_epoch, max_steps or 1 << 62))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {"cache": str(cache), "data": str(data), "student": student, "epochs": epochs, "batch_size": batch_size,
@@ -182,6 +193,7 @@ def train(
                        disable=not progress, dynamic_ncols=True)
             for batch in bar:
                 loss = distill_step(model, optimizer, batch, kind, dev, temperature, alpha, precision)
+                schedule.step()
                 seen += len(batch["wave"])
                 total += loss * len(batch["wave"])
                 steps += 1
@@ -197,7 +209,8 @@ def train(
                 metrics.update({f"eval_{k}": v for k, v in evaluate(model, eval_folder, augmenter, kind, dev).items()})
             log.write(json.dumps(metrics) + "\n")
             log.flush()
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "epoch": epoch,
                         "config": config}, out / "checkpoint.pt")
             if max_steps and steps >= max_steps:
                 break

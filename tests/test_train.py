@@ -15,17 +15,18 @@ import toy_teachers
 from conftest import C, assert_one_line_error
 from logitcache.errors import LogitCacheError
 from logitcache.targets import aggregate, kd_loss, topk_targets
-from logitcache.train import build_student, train
+from logitcache.train import build_student, make_optimizer, train
 from logitcache.views import CacheStream
 
 
 def online_kd_losses(cache_path, data, teachers, k, kind, temperature, batch_size, steps, lr=1e-3):
     """The reference: same student init and optimiser, teachers run on each replayed batch."""
     model = build_student("cnn_tiny", C, 16000, None, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    batches = list(CacheStream(cache_path, data, 0, batch_size))[:steps]
+    optimizer, schedule = make_optimizer(model, lr, 1e-4, len(batches))
     members = [getattr(toy_teachers, t)().eval() for t in teachers]
     losses = []
-    for batch in list(CacheStream(cache_path, data, 0, batch_size))[:steps]:
+    for batch in batches:
         with torch.inference_mode():
             logits = [m(batch["wave"]) for m in members]
         values, indices, stat = topk_targets(aggregate(logits, kind, "mean_prob"), k, kind)
@@ -33,6 +34,7 @@ def online_kd_losses(cache_path, data, teachers, k, kind, temperature, batch_siz
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         losses.append(float(loss.detach()))
     return losses
 

@@ -1,0 +1,343 @@
+"""``plan``: how big will a cache be, before any dump?
+
+The size is *measured*, not guessed: a synthetic sample of teacher-like top-k rows (sorted logits
+of random teacher-like distributions, their class indices, real view seeds, drawn augmentation
+parameters, ids, a manifest) is written through logitcache's own cache writer with every
+backend's real codecs (zarr: blosc-lz4 + byte shuffle + crc32c; HDF5: lzf + shuffle +
+fletcher32), and the bytes it takes are scaled up to the planned number of views.
+
+    plan_cache(samples=2_000_000, epochs=8, topk=32, classes=527, members=3)["backends"]
+
+Small configurations are written whole, so their projection is the dump's layout exactly; only
+the synthetic logits stand in for the teachers'. Large ones are sampled: one epoch of about 4096
+views (x frames), enough for the codecs' ratios to level off, scaled linearly per array.
+Real teachers' logits compress a little differently: ``logitcache inspect CACHE
+--project-samples N --project-epochs E`` projects from a real (small) dump instead.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from logitcache.errors import LogitCacheError
+
+PCM_BYTES_PER_SECOND = 2  # --audio-hours is converted as 16-bit mono PCM at --sample-rate
+CODECS = {"zarr": "blosc-lz4 + shuffle, crc32c", "hdf5": "lzf + shuffle, fletcher32", "raw": "none (uncompressed)"}
+GROUPS = ("ensemble", "members", "params", "order_seeds", "ids", "other")
+LITERAL_ROWS = 8192  # views (x frames): up to this many a plan writes the configuration whole
+SAMPLE_ROWS = 4096  # views (x frames) measured for a bigger configuration
+_PARAM_DRAWS = 1024  # distinct augmentation draws per sample (drawing costs ~0.3 ms per view)
+
+
+# ---------------------------------------------------------------- synthetic teacher-like logits
+def synthetic_logits(rng: np.random.Generator, rows: int, classes: int, members: int, frames: int | None = None,
+                     prior: np.ndarray | None = None) -> list[torch.Tensor]:
+    """``members`` teachers' logits ``[rows, (frames,) classes]`` that look like tagger outputs.
+
+    Per class a Zipf-like prior (a few common classes, a long tail of rare, very negative ones),
+    one to a few active events per clip far above the rest, and per-teacher noise around a shared
+    clip latent (teachers of an ensemble mostly agree). Frames add an AR(1) drift around the clip.
+    What matters for compression is the value range, the ordering and how often the same classes
+    recur, and these follow the same shape as a real tagger's.
+    """
+    C = classes
+    if prior is None:
+        prior = -3.0 - 1.2 * np.log1p(rng.permutation(C)).astype(np.float32)
+    rank_weight = np.exp(prior - prior.max())
+    rank_weight /= rank_weight.sum()
+    base = prior[None, :] + rng.standard_normal((rows, C), dtype=np.float32)
+    active = 1 + rng.poisson(1.0, rows)
+    events = rng.choice(C, size=int(active.sum()), p=rank_weight)
+    np.add.at(base, (np.repeat(np.arange(rows), active), events),
+              rng.uniform(3.0, 9.0, len(events)).astype(np.float32))
+    out = []
+    for _ in range(max(members, 1)):
+        offset = 0.3 * rng.standard_normal(C, dtype=np.float32)
+        z = base + offset + 0.6 * rng.standard_normal((rows, C), dtype=np.float32)
+        if frames:
+            drift = np.empty((rows, frames, C), np.float32)
+            drift[:, 0] = 0.8 * rng.standard_normal((rows, C), dtype=np.float32)
+            for t in range(1, frames):
+                drift[:, t] = 0.9 * drift[:, t - 1] + 0.35 * rng.standard_normal((rows, C), dtype=np.float32)
+            z = z[:, None, :] + drift
+        out.append(torch.from_numpy(np.ascontiguousarray(z)))
+    return out
+
+
+def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
+    v = values.float().numpy()
+    if dtype == "float16":
+        v = np.clip(v, -65504.0, 65504.0)
+    return v.astype(dtype)
+
+
+# ---------------------------------------------------------------- measuring
+def _disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def group_of(name: str) -> str:
+    """Which size group an array belongs to (the rows of plan's and inspect's tables)."""
+    if name.startswith("ensemble/"):
+        return "ensemble"
+    if name.startswith("members/"):
+        return "members"
+    if name.startswith("params/"):
+        return "params"
+    if name in ("order", "seeds"):
+        return "order_seeds"
+    if name.startswith("ids/"):
+        return "ids"
+    return "other"
+
+
+def scale_arrays(arrays: dict[str, int], meta_bytes: int, epochs: int, samples: int, chunk_rows: int,
+                 to_epochs: int, to_samples: int, to_chunk_rows: int | None = None) -> dict:
+    """Project measured per-array bytes of an (epochs x samples) cache to (to_epochs x to_samples).
+
+    Per-view arrays scale with views, ids with samples, the one-byte-per-chunk ``done`` markers
+    with the chunk count, and the metadata (array descriptions, manifest) stays as it is.
+    Returns ``{"bytes_on_disk", "groups": {group: bytes}, "arrays": {name: bytes}}``.
+    """
+    R2 = to_chunk_rows or chunk_rows
+    chunks, chunks2 = epochs * -(-samples // chunk_rows), to_epochs * -(-to_samples // R2)
+    out = {}
+    for name, b in arrays.items():
+        if name.startswith("ids/"):
+            f = to_samples / samples
+        elif name == "done":
+            f = chunks2 / chunks
+        else:
+            f = (to_epochs * to_samples) / (epochs * samples)
+        out[name] = b * f
+    groups = {g: 0.0 for g in GROUPS}
+    for name, b in out.items():
+        groups[group_of(name)] += b
+    groups["other"] += meta_bytes
+    total = sum(out.values()) + meta_bytes
+    return {"bytes_on_disk": int(round(total)), "groups": {g: int(round(b)) for g, b in groups.items()},
+            "arrays": {n: int(round(b)) for n, b in out.items()}}
+
+
+def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, frames: int | None, members: int,
+                     value_dtype: str, output_kind: str, augmenter, chunk_rows: int, seed: int,
+                     sample_of: int) -> tuple[dict, list[str], list[tuple[int, int, dict]]]:
+    """(manifest, ids, [(epoch, chunk, block)]) of a synthetic cache of ``samples`` x ``epochs`` views,
+    laid out as ``dump`` lays out a real one.
+
+    ``sample_of`` is the planned dataset size: ids and orders take values of that range, so their
+    entropy (and hence their compressed size) is the full-scale one.
+    """
+    from logitcache.augment import epoch_order, id_hashes, view_seeds
+    from logitcache.targets import aggregate, index_dtype, topk_targets
+
+    rng = np.random.default_rng(seed)
+    ids = [f"audio/{i:08d}.flac" for i in rng.choice(sample_of, size=samples, replace=False)]
+    hashes = id_hashes(ids)
+    names = [f"teacher_{i + 1}" for i in range(members)]
+    manifest = {
+        "dataset": {"fingerprint": "0" * 64, "num_samples": samples, "audio_bytes": 0,
+                    "path": "/planned/dataset/train"},
+        "classes": [f"class {c:04d}" for c in range(classes)],
+        "augment": augmenter.spec,
+        "teachers": [{"name": n, "source": f"/planned/teachers/{n}.pt2", "sha256": "0" * 64}
+                     for n in (names or ["teacher_1"])],
+        "members": names, "output_kind": output_kind, "aggregation": "mean_prob", "weights": None,
+        "topk": topk, "frames": frames, "value_dtype": value_dtype, "index_dtype": index_dtype(classes),
+        "order_dtype": "uint32" if sample_of < 2**32 else "uint64", "epochs": epochs, "seed": seed,
+        "chunk_rows": chunk_rows, "precision": "fp32", "device": "cpu",
+    }
+    # Augmentation parameters: drawn for a subset of views and resampled, because drawing is slow.
+    ctx = augmenter.context(num_samples=sample_of, sample_index=0, source_samples=augmenter.clip_samples)
+    draws = [augmenter.draw(int(x), ctx)
+             for x in rng.integers(0, 2**63, size=min(samples * epochs, _PARAM_DRAWS), dtype=np.uint64)]
+    prior = -3.0 - 1.2 * np.log1p(rng.permutation(classes)).astype(np.float32)
+    blocks = []
+    for epoch in range(epochs):
+        order = epoch_order(seed, epoch, hashes)
+        seeds = view_seeds(seed, epoch, hashes)[order]
+        stored_order = rng.choice(sample_of, size=samples, replace=False) if sample_of > samples else order
+        for c in range(-(-samples // chunk_rows)):
+            a, b = c * chunk_rows, min((c + 1) * chunk_rows, samples)
+            block = {"order": stored_order[a:b].astype(manifest["order_dtype"]), "seeds": seeds[a:b]}
+            pick = rng.integers(0, len(draws), b - a)
+            for name in augmenter.param_specs:
+                block[f"params/{name}"] = np.stack([draws[i][name] for i in pick])
+            # Generated in slices so [rows, frames, C] logits never sit in memory whole.
+            step = max(1, 4096 // (frames or 1))
+            parts: dict[str, list[np.ndarray]] = {}
+            for s in range(a, b, step):
+                logits = synthetic_logits(rng, min(step, b - s), classes, members, frames, prior)
+                groups = [("ensemble", aggregate(logits, output_kind, "mean_prob"))]
+                groups += [(f"members/{n}", z) for n, z in zip(names, logits)]
+                for prefix, z in groups:
+                    v, i, st = topk_targets(z, topk, output_kind)
+                    parts.setdefault(f"{prefix}/values", []).append(_to_storage(v, value_dtype))
+                    parts.setdefault(f"{prefix}/indices", []).append(i.numpy().astype(manifest["index_dtype"]))
+                    parts.setdefault(f"{prefix}/stat", []).append(st.float().numpy())
+            block.update({n: np.concatenate(p) for n, p in parts.items()})
+            blocks.append((epoch, c, block))
+    return manifest, ids, blocks
+
+
+def _write_and_measure(path: Path, backend: str, manifest: dict, ids: list[str], param_specs: dict,
+                       blocks: list[tuple[int, int, dict]]) -> tuple[dict[str, int], int]:
+    """Write blocks through the real cache writer; returns (stored bytes per array, metadata bytes)."""
+    from logitcache.cache import CacheWriter
+    from logitcache.storage import open_store
+
+    writer = CacheWriter(path, manifest, ids, param_specs, backend=backend)
+    try:
+        for epoch, c, block in blocks:
+            writer.put(epoch, c, block)
+        writer.finish(complete=True, dump_seconds=0.0)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    store = open_store(path)
+    try:
+        arrays = {name: int(store.info(name)["stored_bytes"]) for name in store.arrays()}
+    finally:
+        store.close()
+    return arrays, _disk_bytes(path) - sum(arrays.values())
+
+
+def _raw_arrays(epochs: int, samples: int, topk: int, frames: int | None, members: int, value_dtype: str,
+                index_dtype: str, order_dtype: str, param_specs: dict, chunk_rows: int, id_bytes: int) -> dict[str, int]:
+    """Uncompressed bytes of every array of the layout: what a memmap of the same data would take."""
+    views = epochs * samples
+    per_frame = (frames or 1) * topk
+    out = {"ids/utf8": id_bytes, "ids/offsets": 8 * (samples + 1), "order": views * np.dtype(order_dtype).itemsize,
+           "seeds": views * 8, "done": epochs * -(-samples // chunk_rows)}
+    for name, (dtype, shape) in param_specs.items():
+        out[f"params/{name}"] = views * np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+    for prefix in ["ensemble"] + [f"members/teacher_{i + 1}" for i in range(members)]:
+        out[f"{prefix}/values"] = views * per_frame * np.dtype(value_dtype).itemsize
+        out[f"{prefix}/indices"] = views * per_frame * np.dtype(index_dtype).itemsize
+        out[f"{prefix}/stat"] = views * (frames or 1) * 4
+    return out
+
+
+# ---------------------------------------------------------------- the plan
+def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: int | None = None, members: int = 0,
+               value_dtype: str = "float16", output_kind: str = "multilabel", augment: str = "ced",
+               sample_rate: int = 16000, clip_seconds: float = 10.0, audio_bytes: int | None = None,
+               audio_hours: float | None = None, backends: tuple[str, ...] = ("zarr", "hdf5"),
+               chunk_rows: int | None = None, seed: int = 0) -> dict:
+    """Projected size of a cache per backend (and uncompressed), measured on a synthetic sample.
+
+    ``members`` is the number of teachers whose own top-k are stored besides the ensemble's
+    (0 = ``--no-members``). The share of the audio uses ``audio_bytes``, or ``audio_hours``
+    converted as 16-bit mono PCM at ``sample_rate``.
+
+    Keys: samples, epochs, topk, classes, frames, members, value_dtype, index_dtype, output_kind,
+    augment, chunk_rows, views, method, measured_views, extrapolated, seconds, audio_bytes,
+    audio_basis, backends (list of {backend, codec, bytes_on_disk, bytes_per_sample_epoch, ratio,
+    share_of_audio, groups}). ``ratio`` is uncompressed / projected; ``groups`` splits the bytes
+    into ensemble, members, params, order_seeds, ids and other (done markers and metadata).
+    """
+    from logitcache.augment import Augmenter, load_ops_spec
+    from logitcache.cache import choose_chunk_rows
+    from logitcache.dump import VALUE_DTYPES
+    from logitcache.storage import BACKENDS
+    from logitcache.targets import KINDS, index_dtype
+
+    for name, v in (("--samples", samples), ("--epochs", epochs), ("--classes", classes)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise LogitCacheError(f"{name} {v}: must be a whole number of at least 1")
+    if not 1 <= topk <= classes:
+        raise LogitCacheError(f"--topk {topk}: must be between 1 and --classes ({classes})")
+    if frames is not None and frames < 1:
+        raise LogitCacheError(f"--frames {frames}: must be at least 1 (leave it out for clip-level teachers)")
+    if members < 0:
+        raise LogitCacheError(f"--members {members}: must be 0 (ensemble only) or more")
+    if value_dtype not in VALUE_DTYPES:
+        raise LogitCacheError(f"--value-dtype {value_dtype!r}: choose one of {', '.join(VALUE_DTYPES)}")
+    if output_kind not in KINDS:
+        raise LogitCacheError(f"--output-kind {output_kind!r}: choose one of {', '.join(KINDS)}")
+    if audio_bytes is not None and audio_hours is not None:
+        raise LogitCacheError("--audio-bytes and --audio-hours: give one, not both")
+    if (audio_bytes is not None and audio_bytes <= 0) or (audio_hours is not None and audio_hours <= 0):
+        raise LogitCacheError("--audio-bytes / --audio-hours: must be positive")
+    for b in backends:
+        if b not in BACKENDS:
+            raise LogitCacheError(f"backend {b!r}: choose from {', '.join(BACKENDS)}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise LogitCacheError(f"--chunk-rows {chunk_rows}: must be at least 1")
+    augmenter = Augmenter(load_ops_spec(augment), sample_rate, clip_seconds)
+
+    idx_dtype = index_dtype(classes)
+    row_bytes = (frames or 1) * topk * (np.dtype(value_dtype).itemsize + np.dtype(idx_dtype).itemsize)
+    R = int(chunk_rows or choose_chunk_rows(row_bytes, samples))
+    views = epochs * samples
+    # Whole configuration if small; else one epoch of whole chunks, enough rows for the codecs'
+    # ratios to level off (they do above a few thousand rows per chunk).
+    literal = views * (frames or 1) <= LITERAL_ROWS
+    if literal:
+        s_samples, s_epochs, s_chunk = samples, epochs, R
+    else:
+        # One epoch, enough rows (x frames) for the codecs' ratios to level off: blosc and lzf
+        # work on blocks of tens of KiB, so a bigger chunk would not compress better.
+        want = max(1, -(-SAMPLE_ROWS // (frames or 1)))
+        s_chunk = min(R, want)
+        s_samples, s_epochs = min(samples, s_chunk * -(-want // s_chunk)), 1
+    started = time.perf_counter()
+    manifest, ids, blocks = _synthetic_cache(samples=s_samples, epochs=s_epochs, topk=topk, classes=classes,
+                                             frames=frames, members=members, value_dtype=value_dtype,
+                                             output_kind=output_kind, augmenter=augmenter, chunk_rows=s_chunk,
+                                             seed=seed, sample_of=samples)
+    measured: dict[str, tuple[dict, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="logitcache-plan-") as tmp:
+        for b in backends:
+            measured[b] = _write_and_measure(Path(tmp) / f"plan-{b}", b, manifest, ids, augmenter.param_specs, blocks)
+    seconds = time.perf_counter() - started
+
+    if audio_hours is not None:
+        audio_bytes = int(round(audio_hours * 3600 * sample_rate * PCM_BYTES_PER_SECOND))
+        basis = f"{audio_hours:g} h as 16-bit mono PCM at {sample_rate} Hz"
+    else:
+        basis = "stated (--audio-bytes)" if audio_bytes is not None else None
+    id_bytes = len("audio/00000000.flac") * samples
+    raw = _raw_arrays(epochs, samples, topk, frames, members, value_dtype, idx_dtype,
+                      "uint32" if samples < 2**32 else "uint64", augmenter.param_specs, R, id_bytes)
+    raw_total = sum(raw.values())
+    rows = []
+    for b, (arrays, meta) in measured.items():
+        p = scale_arrays(arrays, meta, s_epochs, s_samples, s_chunk, epochs, samples, R)
+        rows.append({"backend": b, "codec": CODECS.get(b, "?"), "bytes_on_disk": p["bytes_on_disk"],
+                     "bytes_per_sample_epoch": p["bytes_on_disk"] / views,
+                     "ratio": round(raw_total / p["bytes_on_disk"], 3),
+                     "share_of_audio": p["bytes_on_disk"] / audio_bytes if audio_bytes else None,
+                     "groups": p["groups"]})
+    raw_groups = {g: 0 for g in GROUPS}
+    for name, n in raw.items():
+        raw_groups[group_of(name)] += n
+    rows.append({"backend": "raw", "codec": CODECS["raw"], "bytes_on_disk": raw_total,
+                 "bytes_per_sample_epoch": raw_total / views, "ratio": 1.0,
+                 "share_of_audio": raw_total / audio_bytes if audio_bytes else None, "groups": raw_groups})
+    how = "whole configuration" if literal else f"a sample of {s_samples} views, scaled per array"
+    return {
+        "samples": samples, "epochs": epochs, "topk": topk, "classes": classes, "frames": frames,
+        "members": members, "value_dtype": value_dtype, "index_dtype": idx_dtype, "output_kind": output_kind,
+        "augment": augment, "chunk_rows": R, "views": views,
+        "method": (f"measured: synthetic teacher-like top-k rows written through logitcache's cache writer with "
+                   f"each backend's codecs ({how}); real logits compress a little differently, so re-check with "
+                   f"'logitcache inspect CACHE --project-samples N' on a small real dump"),
+        "measured_views": s_samples * s_epochs,
+        "extrapolated": not literal,
+        "seconds": round(seconds, 2),
+        "audio_bytes": audio_bytes,
+        "audio_basis": basis,
+        "backends": rows,
+    }
+
+
+__all__ = ["plan_cache", "scale_arrays", "synthetic_logits"]
