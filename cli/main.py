@@ -3,7 +3,9 @@
     logitcache dump --data data/train --teacher a.pt2 --teacher b.pt2 --out run.zarr --epochs 8
     logitcache train --cache run.zarr --data data/train --student cnn_tiny --out runs/kd
     logitcache inspect run.zarr          logitcache verify run.zarr
-    logitcache fidelity run.zarr --data data/train --teacher a.pt2 --teacher b.pt2
+    logitcache fidelity run.zarr --data data/train --teacher a.pt2 --teacher b.pt2 --html report.html
+    logitcache plan --samples 2000000 --epochs 8 --topk 32 --classes 527
+    logitcache compare runs/kd --eval-data data/eval --teacher a.pt2 --teacher b.pt2
 
 Human output is plain aligned text on stdout; ``--json`` prints exactly one JSON object on
 stdout and nothing else (progress bars and chatter go to stderr). User errors print one
@@ -145,18 +147,27 @@ def _weights_files(paths: tuple[str, ...], n_teachers: int) -> list[str | None]:
               help="Default: from --out's suffix, else zarr.")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="Teacher inference precision (autocast).")
-@click.option("--workers", default=0, show_default=True, help="DataLoader workers making the views.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile each teacher (for long dumps on an accelerator).")
+@click.option("--channels-last", is_flag=True, help="Teachers' weights in channels-last memory format.")
+@click.option("--workers", type=int, default=None,
+              help="DataLoader workers making the views. [default: min(2, cores-1) on CPU, min(8, cores-1) on CUDA]")
 @click.option("--chunk-rows", type=int, default=None, metavar="R",
-              help="Rows per chunk (default: about 2 MiB chunks).")
+              help="Rows per chunk (default: about 8 MiB of targets per chunk).")
+@click.option("--resume", is_flag=True,
+              help="Continue an unfinished dump at --out (same settings), or extend a complete one to a larger "
+                   "--epochs; creates --out if it is missing.")
 @_json_option
 def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
          ensemble_weights, weights_files, members, value_dtype, sample_rate, clip_seconds, backend, precision,
-         workers, chunk_rows, as_json):
+         compile_, channels_last, workers, chunk_rows, resume, as_json):
     """Run the teachers on augmented views and write a cache.
 
     Each of EPOCHS passes draws one augmented view per sample (parameters stored, so the view
     replays exactly), runs every teacher on it and stores the ensemble's (and each member's)
     top-k logits plus one statistic that keeps the tail mass exact.
+
+    A killed or failed dump keeps every chunk it finished: re-run the same command with --resume
+    to write only the rest (the same command with a larger --epochs and --resume adds epochs).
 
     \b
     Example:
@@ -173,7 +184,8 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
             ensemble_weights=list(ensemble_weights) or None,
             teacher_weights=_weights_files(weights_files, len(teachers)) or None, members=members,
             value_dtype=value_dtype, backend=backend, sample_rate=sample_rate, clip_seconds=clip_seconds,
-            precision=precision, num_workers=workers, chunk_rows=chunk_rows, progress=True)
+            precision=precision, compile=compile_, channels_last=channels_last, num_workers=workers,
+            chunk_rows=chunk_rows, resume=resume, progress=True)
         info = inspect_cache(path)
     if as_json:
         _print_json(info)
@@ -236,20 +248,29 @@ def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, tempe
 # ---------------------------------------------------------------- inspect
 @main.command()
 @click.argument("cache", metavar="CACHE")
+@click.option("--project-samples", type=int, default=None, metavar="N",
+              help="Also project the size to N samples (default: this cache's), from its measured bytes.")
+@click.option("--project-epochs", type=int, default=None, metavar="E",
+              help="Also project the size to E epochs (default: this cache's).")
 @_json_option
-def inspect(cache, as_json):
+def inspect(cache, project_samples, project_epochs, as_json):
     """Summarise a cache and its size on disk.
 
-    Prints what the cache holds (views, top-k, classes, teachers) and what each array costs.
+    Prints what the cache holds (views, top-k, classes, teachers), what each array, each target
+    set (ensemble, members) and each epoch costs, and optionally the size at full scale.
 
     \b
     Example:
       logitcache inspect run.zarr
+      logitcache inspect run.zarr --project-samples 2000000 --project-epochs 8
       logitcache inspect run.zarr --json | jq .bytes_per_sample_epoch
     """
     from logitcache.report import format_table, human_bytes, inspect_cache
 
-    info = inspect_cache(cache)
+    if project_samples is None and project_epochs is None:
+        info = inspect_cache(cache)
+    else:
+        info = inspect_cache(cache, project_samples=project_samples, project_epochs=project_epochs)
     if as_json:
         _print_json(info)
         return
@@ -274,6 +295,29 @@ def inspect(cache, as_json):
     rows = [[a["name"], "x".join(map(str, a["shape"])), a["dtype"], human_bytes(a["stored_bytes"]),
              human_bytes(a["raw_bytes"]), a["ratio"]] for a in info["arrays"]]
     click.echo(format_table(rows, ["array", "shape", "dtype", "stored", "raw", "raw/stored"]))
+    for line in _inspect_tables(info):
+        click.echo(line)
+
+
+def _inspect_tables(info: dict) -> list[str]:
+    """The per-target-set, per-epoch and projection tables of ``inspect`` (text)."""
+    from logitcache.report import format_table, human_bytes
+
+    out = ["", format_table([[t["name"], human_bytes(t["stored_bytes"]), human_bytes(t["raw_bytes"]), t["ratio"],
+                              round(t["bytes_per_view"], 1)] for t in info.get("targets_table", [])],
+                            ["targets", "stored", "raw", "raw/stored", "B/view"])]
+    if info.get("epochs_table"):
+        out += ["", format_table([[e["epoch"], human_bytes(e["stored_bytes"]), round(e["bytes_per_view"], 1),
+                                   e["chunks_done"]] for e in info["epochs_table"]],
+                                 ["epoch", "stored", "B/view", "chunks written"])]
+    p = info.get("projection")
+    if p:
+        share = f", {100 * p['share_of_audio']:.3g}% of the audio" if p.get("share_of_audio") else ""
+        out += ["", f"projected: {human_bytes(p['bytes_on_disk'])} for {p['epochs']} epochs x {p['samples']} samples "
+                    f"({p['bytes_per_sample_epoch']:.1f} B per sample-epoch{share}; scaled from this cache's "
+                    f"measured bytes, {info['chunk_rows']}-row chunks)",
+                format_table([[g, human_bytes(b)] for g, b in p["groups"].items()], ["part", "projected"])]
+    return out
 
 
 # ---------------------------------------------------------------- verify
@@ -321,8 +365,10 @@ def verify(cache, as_json):
 @click.option("--seed", default=0, show_default=True, help="Seed of the random pick of views.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--html", "html_out", default=None, metavar="OUT.html",
+              help="Also write a self-contained HTML report with plots (cache summary included).")
 @_json_option
-def fidelity(cache, data, teachers, weights_files, samples, seed, batch_size, device, as_json):
+def fidelity(cache, data, teachers, weights_files, samples, seed, batch_size, device, html_out, as_json):
     """Compare the cache with freshly re-run teachers.
 
     Re-runs the teachers on a seeded random sample of stored views and compares with the cache.
@@ -330,11 +376,14 @@ def fidelity(cache, data, teachers, weights_files, samples, seed, batch_size, de
     Reports the logit error at the stored top-k, how many stored top-k indices are still in the
     fresh top-k, top-1 agreement and the KL from the fresh teacher distribution to the one
     reconstructed from the cache (per member too). Teachers that differ from the dumped ones
-    (sha256) are reported, not refused.
+    (sha256) are reported, not refused. Then, per k' <= k (the cache truncated to its top k'):
+    KL, agreement, covered probability mass (softmax) or sigmoid probability error, the effect
+    of float16 vs float32 values, the members' disagreement and the least covered classes.
 
     \b
     Example:
       logitcache fidelity run.zarr --data data/train --teacher a.pt2 --teacher b.pt2 --samples 64
+      logitcache fidelity run.zarr --data data/train --teacher a.pt2 --html fidelity.html
     """
     from logitcache.report import fidelity as run_fidelity
     from logitcache.report import format_table
@@ -343,6 +392,13 @@ def fidelity(cache, data, teachers, weights_files, samples, seed, batch_size, de
         result = run_fidelity(cache, data, list(teachers), samples=samples, seed=seed, device=device,
                               teacher_weights=_weights_files(weights_files, len(teachers)) or None,
                               batch_size=batch_size, progress=True)
+    if html_out:
+        from logitcache.html import write_report
+        from logitcache.report import inspect_cache
+
+        path = write_report(html_out, inspect=inspect_cache(cache), fidelity=result,
+                            title=f"logitcache fidelity: {cache}")
+        click.echo(f"report written to {path}", err=True)
     if as_json:
         _print_json(result)
         return
@@ -359,6 +415,169 @@ def fidelity(cache, data, teachers, weights_files, samples, seed, batch_size, de
                f"{'yes' if result['teachers_match'] else 'NO'}")
     headers = ["targets", "max |dz|", "mean |dz|", "top-k agree", "top-1 agree", "KL mean", "KL max"]
     click.echo(format_table(rows, headers))
+    for line in _fidelity_tables(result):
+        click.echo(line)
+
+
+def _fidelity_tables(r: dict) -> list[str]:
+    """The report part of ``fidelity`` as text: per k', value dtype, members, weakest classes."""
+    from logitcache.report import format_table
+
+    softmax = r["output_kind"] == "multiclass"
+    out = ["", f"per k' (the cache truncated to its top k'; {r['rows_checked']} rows):",
+           format_table([[x["k"], x["kl_mean"], x["kl_max"], x["top1_agreement"], x["topk_agreement"],
+                          x["covered_mass_mean"] if softmax else x["prob_max_abs_error"], x["tail_mass_mean"],
+                          round(x["bytes_per_view"], 1)] for x in r["per_k"]],
+                        ["k'", "KL mean", "KL max", "top-1 agree", "top-k' agree",
+                         "covered mass" if softmax else "max |dp|", "tail mass", "B/view"])]
+    fp16 = {x["k"]: x for x in r["dtype_effect"]["float16"]}
+    fp32 = {x["k"]: x for x in r["dtype_effect"]["float32"]}
+    out += ["", "value dtype (the fresh logits' own top-k' rounded as each dtype stores it):",
+            format_table([[k, fp16[k]["kl_mean"], fp32[k]["kl_mean"], fp16[k]["max_abs_logit_error"],
+                           fp16[k]["prob_max_abs_error"], fp32[k]["prob_max_abs_error"]] for k in sorted(fp16)],
+                         ["k'", "KL fp16", "KL fp32", "max |dz| fp16", "max |dp| fp16", "max |dp| fp32"])]
+    d = r["disagreement"]
+    if d["members"]:
+        out += ["", f"teachers (re-run): mean pairwise top-1 disagreement {d['mean_pairwise_disagreement']:.4g}, "
+                    f"diversity (mean KL member || ensemble) {d['diversity_kl']:.4g}",
+                format_table([[n, v["top1_agreement"], v["kl_to_ensemble"]]
+                              for n, v in d["member_vs_ensemble"].items()],
+                             ["member", "top-1 = ensemble's", "KL(member || ensemble)"])]
+    worst = sorted(r["per_class"], key=lambda x: x["coverage"])[:5]
+    out += ["", "least covered classes (share of their probability in the stored top-k): "
+            + ", ".join(f"{x['class']} {x['coverage']:.3g}" for x in worst)]
+    return out
+
+
+# ---------------------------------------------------------------- plan
+@main.command()
+@click.option("--samples", type=int, required=True, metavar="N", help="Samples in the dataset.")
+@click.option("--epochs", type=int, required=True, metavar="E", help="Augmented views to store per sample.")
+@click.option("--topk", type=int, required=True, metavar="K", help="Logits stored per view (and frame).")
+@click.option("--classes", type=int, required=True, metavar="C", help="Classes the teachers output.")
+@click.option("--frames", type=int, default=None, metavar="T", help="Frames per view (frame-level teachers).")
+@click.option("--members", type=int, default=0, show_default=True, metavar="M",
+              help="Teachers whose own top-k are stored besides the ensemble's (0 = --no-members).")
+@click.option("--value-dtype", type=click.Choice(VALUE_DTYPES), default="float16", show_default=True)
+@click.option("--output-kind", type=click.Choice(KINDS), default="multilabel", show_default=True)
+@click.option("--augment", default="ced", show_default=True, metavar="NAME|FILE",
+              help="Augmentation preset or ops file (its parameters are stored per view).")
+@click.option("--sample-rate", type=int, default=16000, show_default=True, metavar="HZ")
+@click.option("--clip-seconds", type=float, default=10.0, show_default=True, metavar="S")
+@click.option("--audio-bytes", type=int, default=None, metavar="B",
+              help="Size of the dataset's audio, for the share.")
+@click.option("--audio-hours", type=float, default=None, metavar="H",
+              help="Or its duration (counted as 16-bit mono PCM at --sample-rate).")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(list(BACKENDS)),
+              help="Backends to measure (repeatable; default: all).")
+@click.option("--chunk-rows", type=int, default=None, metavar="R",
+              help="As for dump (default: about 8 MiB of targets per chunk).")
+@_json_option
+def plan(samples, epochs, topk, classes, frames, members, value_dtype, output_kind, augment, sample_rate,
+         clip_seconds, audio_bytes, audio_hours, backends, chunk_rows, as_json):
+    """Project a cache's size on disk before dumping it.
+
+    Writes a synthetic sample of teacher-like top-k rows (sorted logits, class indices, view
+    seeds, augmentation parameters) through each backend's real codecs, measures the bytes and
+    scales them to the planned views. No teacher, data or GPU is needed.
+
+    \b
+    Example:
+      logitcache plan --samples 2000000 --epochs 8 --topk 32 --classes 527 --members 3 --audio-hours 5500
+    """
+    from logitcache.plan import plan_cache
+    from logitcache.report import format_table, human_bytes
+
+    result = plan_cache(samples, epochs, topk, classes, frames=frames, members=members, value_dtype=value_dtype,
+                        output_kind=output_kind, augment=augment, sample_rate=sample_rate,
+                        clip_seconds=clip_seconds, audio_bytes=audio_bytes, audio_hours=audio_hours,
+                        backends=tuple(backends) or tuple(BACKENDS), chunk_rows=chunk_rows)
+    if as_json:
+        _print_json(result)
+        return
+    r = result
+    frame = f" x {r['frames']} frames" if r["frames"] else ""
+    who = f"ensemble + {r['members']} member(s)" if r["members"] else "ensemble only"
+    click.echo(f"plan: {r['epochs']} epochs x {r['samples']:,} samples = {r['views']:,} views{frame}, "
+               f"top-{r['topk']} of {r['classes']} ({r['index_dtype']} indices, {r['value_dtype']} values), {who}, "
+               f"{r['chunk_rows']}-row chunks")
+    rows = [[b["backend"], b["codec"], human_bytes(b["bytes_on_disk"]), round(b["bytes_per_sample_epoch"], 1),
+             b["ratio"], f"{100 * b['share_of_audio']:.3g}%" if b["share_of_audio"] else "-"]
+            for b in r["backends"]]
+    click.echo(format_table(rows, ["backend", "codec", "projected", "B/view", "raw/stored", "share of audio"]))
+    click.echo()
+    parts = [[b["backend"], *[human_bytes(b["groups"][g]) for g in b["groups"]]] for b in r["backends"]]
+    click.echo(format_table(parts, ["by part", *r["backends"][0]["groups"]]))
+    if r["audio_basis"]:
+        click.echo(f"\naudio: {human_bytes(r['audio_bytes'])} ({r['audio_basis']})")
+    click.echo(f"\n{r['method']} ({r['measured_views']} views measured in {r['seconds']} s)")
+
+
+# ---------------------------------------------------------------- compare
+@main.command()
+@click.argument("run", metavar="RUN")
+@click.option("--cache", default=None, metavar="CACHE", help="The cache the run trained on (default: RUN's).")
+@click.option("--data", default=None, metavar="DIR", help="The data folder of that cache (default: RUN's).")
+@click.option("--eval-data", default=None, metavar="DIR", help="Held-out labelled folder (un-augmented clips).")
+@click.option("--teacher", "teachers", multiple=True, metavar="T",
+              help="Re-run these teachers on --eval-data (the dump's teachers, in order).")
+@click.option("--weights", "weights_files", multiple=True, metavar="PATH",
+              help="State dict for each factory --teacher, in order ('-' for none).")
+@click.option("--samples", default=256, show_default=True, help="Cached training views to compare on.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random pick of views.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--html", "html_out", default=None, metavar="OUT.html",
+              help="Also write a self-contained HTML report with the learning curve.")
+@_json_option
+def compare(run, cache, data, eval_data, teachers, weights_files, samples, seed, batch_size, device, html_out,
+            as_json):
+    """Does a trained student match the ensemble?
+
+    On cached training views (replayed exactly) the student is compared with the ensemble
+    rebuilt from the cache: top-1 agreement, KL, mAP against the ensemble's decisions and
+    against labels. With --eval-data, the same on held-out clips, and with --teacher the
+    teachers are re-run there. Lists the run's per-epoch log (metrics.jsonl).
+
+    \b
+    Example:
+      logitcache compare runs/kd --cache run.zarr --data data/train
+      logitcache compare runs/kd --eval-data data/eval --teacher a.pt2 --teacher b.pt2 --html kd.html
+    """
+    from logitcache.report import compare as run_compare
+    from logitcache.report import format_table
+
+    with _quiet_stdout(as_json):
+        r = run_compare(run, cache, data, eval_data=eval_data, teachers=list(teachers),
+                        teacher_weights=_weights_files(weights_files, len(teachers)) or None, samples=samples,
+                        seed=seed, device=device, batch_size=batch_size, progress=True)
+    if html_out:
+        from logitcache.html import write_report
+
+        path = write_report(html_out, compare=r, title=f"logitcache compare: {run}")
+        click.echo(f"report written to {path}", err=True)
+    if as_json:
+        _print_json(r)
+        return
+    if not r["cache_matches_run"]:
+        click.echo(f"warning: {r['cache']} is not the cache {run} was trained on (config digests differ)",
+                   err=True)
+    metric = r["metric"]
+    click.echo(f"{run}: student {r['student']}, checkpoint after epoch {r['checkpoint_epoch']}; targets: "
+               f"{r['targets']}; {r['output_kind']}")
+    v, e = r["views"], r["eval"]
+    rows = [["cached training views", v["views"], v["top1_agreement"], v["kl_mean"], v["map_vs_ensemble"],
+             v["student_vs_labels"], v["ensemble_vs_labels"]]]
+    if e:
+        rows.append(["held-out clips", e["clips"], e.get("top1_agreement"), e.get("kl_mean"),
+                     e.get("map_vs_ensemble"), e["student_vs_labels"], e.get("ensemble_vs_labels")])
+    click.echo(format_table(rows, ["where", "n", "top-1 = ensemble's", "KL(ens || student)", "mAP vs ensemble",
+                                   f"student {metric}", f"ensemble {metric}"]))
+    if r["epochs"]:
+        key = "eval_mAP" if metric == "mAP" else "eval_top1"
+        click.echo()
+        click.echo(format_table([[x.get("epoch"), x.get("train_loss"), x.get(key)] for x in r["epochs"]],
+                                ["epoch", "train loss", f"held-out {metric}"]))
 
 
 # ---------------------------------------------------------------- demo

@@ -140,4 +140,10 @@ def run_demo(out_dir: str | Path = "demo_out", *, n_train: int = 600, n_eval: in
               f"dump: {dump_rate:.0f} views/s ({len(TEACHERS)} teachers); train from cache: "
               f"{kd['samples_per_s']:.0f} views/s", ""]
     print("\n".join(lines))
+    from logitcache.report import write_cache_report
+
+    report = write_cache_report(out / "report.html", cache_path, data / "train", teacher_files,
+                                run=out / "student_kd", eval_data=data / "eval", progress=progress)
+    summary["report"] = report["html"]
+    print(f"report: {report['html']}")
     return summary

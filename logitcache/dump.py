@@ -9,6 +9,8 @@ top-k is taken on the device, and whole chunks go to a background writer.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
-from logitcache.cache import CacheWriter, choose_chunk_rows
+from logitcache.cache import CacheWriter, choose_chunk_rows, existing_cache_message, existing_manifest
 from logitcache.data import AudioFolder
 from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype, topk_targets
@@ -72,6 +74,30 @@ def probe_teachers(teachers: list[Teacher], clip_samples: int, device: torch.dev
     return shape[-1], (shape[0] if len(shape) == 2 else None)
 
 
+def default_workers(dev: torch.device) -> int:
+    """DataLoader workers making views when ``--workers`` is not given (see README, Performance)."""
+    cpus = os.cpu_count() or 1
+    if dev.type == "cuda":
+        return max(1, min(8, cpus - 1))
+    return max(0, min(2, cpus - 1))
+
+
+def optimise_teachers(teachers: list[Teacher], dev: torch.device, compile: bool = False,
+                      channels_last: bool = False) -> None:
+    """Opt-in speed-ups for an accelerator box: channels-last weights and ``torch.compile``.
+
+    Both change float rounding (not what is computed), so a cache's bytes depend on them; the
+    manifest records them."""
+    for t in teachers:
+        if channels_last:
+            try:
+                t.module = t.module.to(memory_format=torch.channels_last)
+            except (AttributeError, RuntimeError, TypeError) as e:
+                raise LogitCacheError(f"teacher {t.source}: --channels-last failed ({str(e).splitlines()[0][:160]})") from None
+        if compile:
+            t.module = torch.compile(t.module, dynamic=None)
+
+
 def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
     v = values.float().cpu().numpy()
     if dtype == "float16":
@@ -100,13 +126,19 @@ def dump(
     sample_rate: int | None = None,
     clip_seconds: float | None = None,
     precision: str = "fp32",
-    num_workers: int = 0,
+    compile: bool = False,
+    channels_last: bool = False,
+    num_workers: int | None = None,
     chunk_rows: int | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> Path:
     """Dump a cache of ``epochs`` augmented views per sample of the data folder ``data``.
 
-    Returns the cache path. See the README for every option; the CLI maps onto this 1:1.
+    With ``resume``, an unfinished cache at ``out`` is continued (chunks not marked done are
+    written, nothing else), a complete one is extended to ``epochs`` if that is more, and a
+    missing one is created; the settings must match the cache's. Returns the cache path. See the
+    README for every option; the CLI maps onto this 1:1.
     """
     if output_kind not in KINDS:
         raise LogitCacheError(f"--output-kind {output_kind!r}: choose one of {', '.join(KINDS)}")
@@ -120,11 +152,15 @@ def dump(
         raise LogitCacheError("at least one --teacher is needed")
     if ensemble_weights and len(ensemble_weights) != len(teachers):
         raise LogitCacheError(f"{len(ensemble_weights)} ensemble weights for {len(teachers)} teachers")
-    if Path(out).exists():
-        raise LogitCacheError(f"{out}: already exists (remove it or choose another --out)")
+    stored = existing_manifest(out)  # None when out does not exist yet
+    if stored is not None and not resume:
+        raise LogitCacheError(existing_cache_message(out, stored, epochs))
+    if stored is not None and chunk_rows is None:
+        chunk_rows = stored.get("chunk_rows")  # a layout choice, not content: keep the cache's
 
     folder = AudioFolder(data)
     sr = int(sample_rate or folder.default_sample_rate)
+    source_rates = folder.source_sample_rates()  # also fails fast on missing, undecodable or empty audio
     clip = float(clip_seconds or folder.default_clip_seconds)
     augmenter = Augmenter(load_ops_spec(augment), sr, clip)
     dev = resolve_device(device)
@@ -132,6 +168,8 @@ def dump(
     loaded = [load_teacher(t, w, dev) for t, w in zip(teachers, weights_files)]
     unique_names(loaded)
     num_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev)
+    optimise_teachers(loaded, dev, compile=compile, channels_last=channels_last)
+    num_workers = default_workers(dev) if num_workers is None else int(num_workers)
     if num_classes != len(folder.classes):
         raise LogitCacheError(f"teachers output C={num_classes} classes but {folder.root} defines "
                               f"{len(folder.classes)} (classes.txt / labels.csv)")
@@ -144,7 +182,10 @@ def dump(
     row_bytes = (frames or 1) * topk * vbytes
     manifest = {
         "dataset": {"fingerprint": folder.fingerprint, "num_samples": N, "audio_bytes": folder.audio_bytes(),
-                    "path": str(folder.root.resolve())},
+                    "path": str(folder.root.resolve()),
+                    # JSON keys are strings: stored as such so a resume compares equal values
+                    "source_sample_rates": {str(r): n for r, n in source_rates.items()},
+                    "resampled_files": sum(n for r, n in source_rates.items() if r != sr)},
         "classes": folder.classes,
         "augment": augmenter.spec,
         "teachers": [t.describe() for t in loaded],
@@ -161,19 +202,30 @@ def dump(
         "seed": int(seed),
         "chunk_rows": int(chunk_rows or choose_chunk_rows(row_bytes, N)),
         "precision": precision,
+        "compile": bool(compile),
+        "channels_last": bool(channels_last),
         "device": dev.type,
     }
-    writer = CacheWriter(out, manifest, folder.ids, augmenter.param_specs, backend=backend)
+    writer = CacheWriter(out, manifest, folder.ids, augmenter.param_specs, backend=backend, resume=resume)
+    for note in writer.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not writer.todo.any() and writer.manifest.get("complete"):
+        writer.close()
+        return Path(out)
     source = ViewSource(folder, augmenter)
     hashes = id_hashes(folder.ids)
     R = manifest["chunk_rows"]
+    chunk_sizes = np.minimum(R, N - np.arange(writer.todo.shape[1]) * R)
     started = time.perf_counter()
-    bar = tqdm(total=epochs * N, unit="view", desc="dump", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=int((writer.todo * chunk_sizes).sum()), unit="view", desc="dump", disable=not progress,
+               dynamic_ncols=True)
     try:
         for epoch in range(epochs):
+            if not writer.todo[epoch].any():
+                continue  # written by an earlier run
             order = epoch_order(seed, epoch, hashes)
             seeds = view_seeds(seed, epoch, hashes)[order]
-            loader = DataLoader(DrawnViews(source, order, seeds), batch_size=batch_size, shuffle=False,
+            loader = DataLoader(DrawnViews(source, order, seeds), **_batching(writer.todo[epoch], R, N, batch_size),
                                 num_workers=num_workers, collate_fn=collate_views, pin_memory=dev.type == "cuda",
                                 persistent_workers=False, prefetch_factor=4 if num_workers else None)
             chunk: dict[str, list[np.ndarray]] = {}
@@ -204,24 +256,87 @@ def dump(
     return Path(out)
 
 
+class _TodoBatches:
+    """Batches of a resumed epoch: the uninterrupted run's batches (consecutive positions from 0)
+    cut down to the chunks still to write, so most batches hold the same views as they would have
+    (teachers on accelerators are not always bit-invariant to batch composition)."""
+
+    def __init__(self, todo: np.ndarray, rows: int, num_samples: int, batch_size: int):
+        self.need = np.repeat(todo, rows)[:num_samples]
+        self.batch_size = batch_size
+        starts = range(0, num_samples, batch_size)
+        self.count = sum(bool(self.need[a:a + batch_size].any()) for a in starts)
+
+    def __iter__(self):
+        B = self.batch_size
+        for a in range(0, len(self.need), B):
+            pos = np.flatnonzero(self.need[a:a + B])
+            if len(pos):
+                yield (pos + a).tolist()
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _batching(todo: np.ndarray, rows: int, num_samples: int, batch_size: int) -> dict:
+    """DataLoader batching over the positions of the chunks in ``todo`` (skipped views are never drawn)."""
+    if todo.all():
+        return {"batch_size": batch_size, "shuffle": False}
+    return {"batch_sampler": _TodoBatches(todo, rows, num_samples, batch_size)}
+
+
 def _run_batch(teachers, wave, dev, precision, k, kind, aggregation, weights, value_dtype, idx_dtype,
                members, folder, dataset_index) -> dict[str, np.ndarray]:
-    """Teachers back to back on one batch; top-k on the device; only top-k comes back to host."""
+    """Teachers back to back on one batch; top-k on the device; only top-k comes back to host.
+
+    Results are cast to their stored dtypes on the device; on CUDA they come back through pinned
+    host buffers with non-blocking copies and a single wait per batch (not one per array)."""
     x = wave.to(dev, non_blocking=True)
-    with torch.inference_mode(), autocast(dev, precision):
-        logits = [t.module(x).float() for t in teachers]
-    for t, z in zip(teachers, logits):
-        bad = ~torch.isfinite(z).reshape(z.shape[0], -1).all(dim=1)
-        if bool(bad.any()):
-            ids = [folder.ids[i] for i in np.asarray(dataset_index)[bad.cpu().numpy()]][:5]
+    with torch.inference_mode():
+        with autocast(dev, precision):
+            logits = [t.module(x).float() for t in teachers]
+        out = {"_bad": torch.stack([~torch.isfinite(z).reshape(z.shape[0], -1).all(dim=1) for z in logits])}
+        groups = [("ensemble", aggregate(logits, kind, aggregation, weights))]
+        if members:
+            groups += [(f"members/{t.name}", z) for t, z in zip(teachers, logits)]
+        for prefix, z in groups:
+            values, indices, stat = topk_targets(z, k, kind)
+            if value_dtype == "float16":
+                values = values.clamp(-65504.0, 65504.0)  # log(0) = -inf would otherwise not round-trip
+            out[f"{prefix}/values"] = values.to(getattr(torch, value_dtype))
+            out[f"{prefix}/indices"] = indices.to(torch.int32 if z.shape[-1] <= 2**31 else torch.int64)
+            out[f"{prefix}/stat"] = stat.float()
+        rows = _to_host(out, dev)
+    bad = rows.pop("_bad")
+    for t, row_bad in zip(teachers, bad):
+        if row_bad.any():
+            ids = [folder.ids[i] for i in np.asarray(dataset_index)[row_bad]][:5]
             raise LogitCacheError(f"teacher {t.name} produced NaN/Inf logits for sample(s) {', '.join(ids)}")
-    rows: dict[str, np.ndarray] = {}
-    groups = [("ensemble", aggregate(logits, kind, aggregation, weights))]
-    if members:
-        groups += [(f"members/{t.name}", z) for t, z in zip(teachers, logits)]
-    for prefix, z in groups:
-        values, indices, stat = topk_targets(z, k, kind)
-        rows[f"{prefix}/values"] = _to_storage(values, value_dtype)
-        rows[f"{prefix}/indices"] = indices.cpu().numpy().astype(idx_dtype)
-        rows[f"{prefix}/stat"] = stat.float().cpu().numpy()
+    for name in rows:
+        if name.endswith("/indices"):
+            rows[name] = rows[name].astype(idx_dtype)
     return rows
+
+
+_PINNED: dict[tuple, torch.Tensor] = {}  # reusable page-locked buffers, by (name, shape, dtype)
+
+
+def _to_host(tensors: dict[str, torch.Tensor], dev: torch.device) -> dict[str, np.ndarray]:
+    """numpy copies of device tensors: on CUDA non-blocking copies into pinned buffers, one wait."""
+    if dev.type != "cuda":
+        return {name: t.cpu().numpy() for name, t in tensors.items()}
+    if len(_PINNED) > 256:
+        _PINNED.clear()
+    staged = []
+    for name, t in tensors.items():
+        key = (name, tuple(t.shape), t.dtype)
+        buf = _PINNED.get(key)
+        if buf is None:
+            buf = _PINNED[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        staged.append((name, buf))
+    done = torch.cuda.Event()
+    done.record()  # on the current stream, after every copy above
+    done.synchronize()
+    # Copies out of the pinned buffers: the next batch reuses them while these rows wait for their chunk.
+    return {name: buf.numpy().copy() for name, buf in staged}

@@ -58,8 +58,24 @@ class DumpLock:
         since = f", since {owner['started']}" if owner.get("started") else ""
         return f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')}{since}"
 
+    def holder(self) -> str | None:
+        """The error a writer would get now if another process holds the lock, else None. Takes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return (f"{self.cache_path}: another dump is writing it (lock {self.path} held by "
+                    f"{self._who(self._owner(fd))})")
+        finally:
+            os.close(fd)
+
     def acquire(self) -> "DumpLock":
         host = socket.gethostname()
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # --out may name a folder not made yet
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -1,9 +1,13 @@
-"""Looking at a cache: what it holds (inspect), whether it is intact (verify), and whether its
-targets still match the teachers (fidelity). The CLI's inspect/verify/fidelity print these dicts.
+"""Looking at a cache: what it holds and costs (inspect), whether it is intact (verify), how well
+its targets match the teachers and what a smaller k or another value dtype would lose (fidelity),
+and whether a student trained from it matches the ensemble (compare). The CLI prints these dicts;
+:mod:`logitcache.html` draws them.
 
-    inspect_cache("run.zarr")["bytes_per_sample_epoch"]
+    inspect_cache("run.zarr", project_samples=2_000_000)["projection"]["bytes_on_disk"]
     verify_cache("run.zarr")["ok"]
-    fidelity("run.zarr", "data/train", ["teacher.pt2"], samples=64)["max_abs_logit_error"]
+    fidelity("run.zarr", "data/train", ["teacher.pt2"], samples=64)["per_k"]
+    compare("runs/kd", eval_data="data/eval", teachers=["teacher.pt2"])["eval"]["top1_agreement"]
+    write_cache_report("report.html", "run.zarr", "data/train", ["teacher.pt2"], run="runs/kd")
 
 Every function returns plain JSON-serialisable dicts (numbers, strings, lists), so ``--json``
 output is the dict itself and the key names are part of the interface (see the README).
@@ -22,8 +26,9 @@ from tqdm.auto import tqdm
 from logitcache.augment import Augmenter
 from logitcache.cache import TARGET_FIELDS, Cache, config_digest, open_cache
 from logitcache.data import AudioFolder, fingerprint
+from logitcache.dump import VALUE_DTYPES
 from logitcache.errors import LogitCacheError
-from logitcache.targets import aggregate, teacher_probs
+from logitcache.targets import aggregate, teacher_probs, topk_targets
 
 MAX_PROBLEMS = 100  # a wholly damaged cache would otherwise list one problem per chunk
 
@@ -36,7 +41,32 @@ def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def inspect_cache(path: str | Path) -> dict:
+def _epoch_bytes(cache: Cache, name: str) -> list[int] | None:
+    """Stored bytes of each epoch's chunks of a per-view array (None: the backend cannot tell)."""
+    store, out = cache.store, [0] * cache.epochs
+    try:
+        if store.name == "zarr":
+            folder = Path(store.path) / name
+            for f in folder.rglob("*"):
+                parts = f.relative_to(folder).parts
+                # chunk keys are c/<epoch>/<chunk>/... (zarr v3 default encoding)
+                if f.is_file() and len(parts) > 2 and parts[0] == "c" and parts[1].isdigit():
+                    out[int(parts[1])] += f.stat().st_size
+            return out
+        if store.name == "hdf5":
+            d = store.file[name]
+
+            def add(chunk) -> None:
+                out[chunk.chunk_offset[0] // d.chunks[0]] += chunk.size
+
+            d.id.chunk_iter(add)
+            return out
+    except (OSError, RuntimeError, AttributeError, IndexError, ValueError):  # old HDF5 without chunk_iter, odd files
+        return None
+    return None
+
+
+def inspect_cache(path: str | Path, project_samples: int | None = None, project_epochs: int | None = None) -> dict:
     """Manifest summary and per-array size table of a cache.
 
     ``bytes_on_disk`` is the whole cache as stored (all array chunks plus the small metadata and
@@ -46,8 +76,20 @@ def inspect_cache(path: str | Path) -> dict:
     Keys: path, backend, complete, samples, epochs, topk, classes (count), frames, output_kind,
     aggregation, members, teachers (names), value_dtype, index_dtype, chunk_rows, chunks_done,
     chunks_total, bytes_on_disk, bytes_arrays, bytes_uncompressed, bytes_per_sample_epoch,
-    audio_bytes, share_of_audio, arrays (name, shape, dtype, stored_bytes, raw_bytes, ratio).
+    audio_bytes, share_of_audio, arrays (name, shape, dtype, stored_bytes, raw_bytes, ratio),
+    targets_table (per target set, "ensemble" and each member: name, stored_bytes, raw_bytes,
+    ratio, bytes_per_view), epochs_table (per epoch: epoch, stored_bytes of its per-view arrays,
+    bytes_per_view, chunks_done; empty where the backend cannot split by epoch) and projection.
+
+    ``projection`` (None unless ``project_samples`` or ``project_epochs`` is given) scales this
+    cache's measured bytes to that many samples and epochs (each defaults to this cache's):
+    per-view arrays by views, ids by samples, metadata as is. Keys: samples, epochs, chunk_rows,
+    bytes_on_disk, bytes_per_sample_epoch, audio_bytes (scaled by samples), share_of_audio,
+    groups (ensemble, members, params, order_seeds, ids, other).
     """
+    for flag, v in (("--project-samples", project_samples), ("--project-epochs", project_epochs)):
+        if v is not None and v < 1:
+            raise LogitCacheError(f"{flag} {v}: must be at least 1")
     with open_cache(path) as cache:
         m = cache.manifest
         arrays = []
@@ -66,6 +108,40 @@ def inspect_cache(path: str | Path) -> dict:
         samples, epochs = cache.num_samples, cache.epochs
         on_disk = _disk_bytes(cache.path)
         audio = m["dataset"].get("audio_bytes")
+        views = max(samples * epochs, 1)
+        by_name = {a["name"]: a for a in arrays}
+        targets_table = []
+        for prefix in ["ensemble"] + [f"members/{n}" for n in cache.members]:
+            parts = [by_name[f"{prefix}/{f}"] for f in TARGET_FIELDS if f"{prefix}/{f}" in by_name]
+            stored, raw = sum(a["stored_bytes"] for a in parts), sum(a["raw_bytes"] for a in parts)
+            targets_table.append({"name": prefix.rpartition("/")[2], "stored_bytes": stored, "raw_bytes": raw,
+                                  "ratio": round(raw / stored, 3) if stored else None,
+                                  "bytes_per_view": stored / views})
+        per_view = [a["name"] for a in arrays if not a["name"].startswith("ids/") and a["name"] != "done"]
+        per_epoch = [_epoch_bytes(cache, n) for n in per_view]
+        epochs_table = []
+        if per_view and all(b is not None for b in per_epoch):
+            done_rows = cache.chunks_done().sum(1) if chunks_done is not None else [None] * epochs
+            for e in range(epochs):
+                b = sum(x[e] for x in per_epoch)
+                epochs_table.append({"epoch": e, "stored_bytes": b, "bytes_per_view": b / max(samples, 1),
+                                     "chunks_done": None if done_rows[e] is None else int(done_rows[e])})
+        projection = None
+        if project_samples is not None or project_epochs is not None:
+            from logitcache.cache import choose_chunk_rows
+            from logitcache.plan import measure, scale_arrays
+
+            N2, E2 = int(project_samples or samples), int(project_epochs or epochs)
+            row_bytes = (cache.frames or 1) * cache.topk * (np.dtype(m["value_dtype"]).itemsize
+                                                            + np.dtype(m["index_dtype"]).itemsize)
+            R2 = choose_chunk_rows(row_bytes, N2)
+            chunk_bytes, meta = measure(cache.store, cache.path)
+            p = scale_arrays(chunk_bytes, meta, epochs, samples, cache.chunk_rows, E2, N2, R2)
+            audio2 = audio * N2 / samples if audio else None
+            projection = {"samples": N2, "epochs": E2, "chunk_rows": R2, "bytes_on_disk": p["bytes_on_disk"],
+                          "bytes_per_sample_epoch": p["bytes_on_disk"] / (N2 * E2), "audio_bytes": audio2,
+                          "share_of_audio": p["bytes_on_disk"] / audio2 if audio2 else None,
+                          "groups": p["groups"]}
         return {
             "path": str(cache.path),
             "backend": m.get("backend"),
@@ -91,6 +167,9 @@ def inspect_cache(path: str | Path) -> dict:
             "audio_bytes": audio,
             "share_of_audio": on_disk / audio if audio else None,
             "arrays": arrays,
+            "targets_table": targets_table,
+            "epochs_table": epochs_table,
+            "projection": projection,
         }
 
 
@@ -375,6 +454,233 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
             "chunks_checked": chunks_checked, "rows_checked": rows_checked}
 
 
+# ---------------------------------------------------------------- fidelity report: per k', dtype, classes, members
+TAIL_BINS = [0.0] + [10.0 ** (e / 4) for e in range(-32, 1)]  # tail mass 0, 1e-8 .. 1, four bins a decade
+
+
+def k_grid(k: int) -> list[int]:
+    """The k' values a report looks at: every k' up to 16, then about two per octave, and k itself."""
+    steps = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024}
+    grid = set(range(1, min(k, 16) + 1)) | {s for s in steps if s <= k}
+    grid |= {2 ** e for e in range(11, 30) if 2 ** e <= k}
+    return sorted(grid | {k})
+
+
+def truncate_targets(values: torch.Tensor, indices: torch.Tensor, stat: torch.Tensor, k2: int, num_classes: int,
+                     kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The targets a top-``k2`` cache would have stored, from a top-k cache's row (k2 <= k).
+
+    softmax: the log-normaliser does not depend on k, so only the top entries are dropped.
+    sigmoid: the dropped entries join the tail, whose mean probability (``stat``) is recomputed
+    exactly from them and the old tail's mean (see targets.py).
+    """
+    k = values.shape[-1]
+    if k2 == k or kind == "multiclass":
+        return values[..., :k2], indices[..., :k2], stat
+    tail = torch.sigmoid(values[..., k2:].double()).sum(-1)
+    if k < num_classes:  # with k == C the stored stat is a placeholder 0, not a tail
+        tail = tail + (num_classes - k) * torch.sigmoid(stat.double())
+    mean = tail / (num_classes - k2)
+    return values[..., :k2], indices[..., :k2], (torch.log(mean) - torch.log1p(-mean)).float()
+
+
+def _dense_log_targets(values: torch.Tensor, indices: torch.Tensor, stat: torch.Tensor, num_classes: int,
+                       kind: str) -> torch.Tensor:
+    """Dense ``[R, C]`` float64 reconstruction of cache rows, as log-probabilities (softmax) or as
+    logits (sigmoid): :func:`teacher_probs` at T = 1 without its float32 rounding, so extreme
+    logits (p within 1e-8 of 0 or 1) keep finite, exact KLs."""
+    v, s, idx = values.double(), stat.double(), indices.long()
+    k = v.shape[-1]
+    if kind == "multiclass":
+        logp = v - s[..., None]
+        tail = (1.0 - logp.exp().sum(-1)).clamp_min(0.0) / max(num_classes - k, 1)
+        fill = torch.log(tail.clamp_min(1e-300))
+    else:
+        logp, fill = v, s
+    out = fill[..., None].expand(*v.shape[:-1], num_classes).clone()
+    return out.scatter_(-1, idx, logp)
+
+
+def _row_figures(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, stat: torch.Tensor,
+                 kind: str) -> dict[str, torch.Tensor]:
+    """Per-row figures of targets ``[R, k]`` against fresh logits ``[R, C]`` (float64 throughout).
+
+    kl: KL(fresh || reconstruction); for sigmoid the mean over classes of the Bernoulli KL.
+    covered: softmax, the stored top-k probability mass; sigmoid, the top-k's share of the summed
+    class probabilities. Both come from the cache alone. prob_err: max |p_fresh - p_reconstructed|.
+    """
+    C, k = z.shape[-1], values.shape[-1]
+    z = z.double()
+    v, s = values.double(), stat.double()
+    rec = _dense_log_targets(v, indices, s, C, kind)
+    if kind == "multiclass":
+        logp = F.log_softmax(z, dim=-1)
+        p, q = logp.exp(), rec.exp()
+        kl = (p * (logp - rec)).sum(-1)
+        covered = torch.exp(v - s[..., None]).sum(-1)
+    else:
+        p, q = torch.sigmoid(z), torch.sigmoid(rec)
+        kl = (p * (F.logsigmoid(z) - F.logsigmoid(rec))
+              + torch.sigmoid(-z) * (F.logsigmoid(-z) - F.logsigmoid(-rec))).mean(-1)
+        top = torch.sigmoid(v).sum(-1)
+        covered = top / (top + (C - k) * torch.sigmoid(s)) if k < C else torch.ones_like(top)
+    fresh_top = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, torch.topk(z, k, dim=-1).indices, True)
+    return {"kl": kl.clamp_min(0.0), "covered": covered.clamp(0.0, 1.0), "prob_err": (p - q).abs().max(-1).values,
+            "top1": (indices[..., 0].long() == z.argmax(-1)).double(),
+            "agree": fresh_top.gather(-1, indices.long()).double().mean(-1)}
+
+
+def _rounded(values: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Values as a cache of ``dtype`` stores them (fp16 saturates instead of overflowing)."""
+    v = values.float()
+    if dtype == "float16":
+        v = v.clamp(-65504.0, 65504.0)
+    return v.to(getattr(torch, dtype)).float()
+
+
+class _ReportAccumulator:
+    """Collects the fidelity report's figures batch by batch (rows = views, or view frames)."""
+
+    SIM_ROWS = 8192  # rows per batch the dtype simulation looks at (it builds dense [rows, C] tensors)
+
+    def __init__(self, kind: str, num_classes: int, k: int, members: list[str]):
+        self.kind, self.C, self.k, self.members = kind, num_classes, k, members
+        self.grid = k_grid(k)
+        self.sim_grid = sorted(set(k_grid(num_classes)) | {k})
+        self.per_k: dict[int, list[dict[str, torch.Tensor]]] = {k2: [] for k2 in self.grid}
+        self.sim: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = {}
+        self.class_mass = torch.zeros(num_classes, dtype=torch.float64)
+        self.class_covered = torch.zeros(num_classes, dtype=torch.float64)
+        self.class_in_topk = torch.zeros(num_classes, dtype=torch.float64)
+        self.rows = 0
+        M = len(members)
+        self.pair_agree = torch.zeros(M, M, dtype=torch.float64)
+        self.member_top1 = torch.zeros(M, dtype=torch.float64)
+        self.member_kl = torch.zeros(M, dtype=torch.float64)
+
+    def add(self, stored: dict[str, torch.Tensor], z: torch.Tensor, member_logits: list[torch.Tensor]) -> None:
+        C = self.C
+        z = z.double().reshape(-1, C)
+        v = stored["values"].float().reshape(z.shape[0], -1)
+        idx = stored["indices"].long().reshape(z.shape[0], -1)
+        stat = stored["stat"].float().reshape(-1)
+        for k2 in self.grid:
+            self.per_k[k2].append(_row_figures(z, *truncate_targets(v, idx, stat, k2, C, self.kind), self.kind))
+        # Which classes the stored top-k keeps, weighted by how much probability each holds.
+        p = F.softmax(z, -1) if self.kind == "multiclass" else torch.sigmoid(z)
+        kept = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, idx, True)
+        self.class_mass += p.sum(0)
+        self.class_covered += (p * kept).sum(0)
+        self.class_in_topk += kept.double().sum(0)
+        self.rows += z.shape[0]
+        # The value dtype: the fresh logits' own top-k' rounded as each dtype would store them.
+        zs = z[: self.SIM_ROWS].float()
+        for k2 in self.sim_grid:
+            exact, ind, st = topk_targets(zs, k2, self.kind)
+            for dtype in VALUE_DTYPES:
+                rv = _rounded(exact, dtype)
+                fig = _row_figures(zs, rv, ind, st, self.kind)
+                fig["logit_err"] = (rv - exact).abs().max(-1).values.double()
+                self.sim.setdefault((dtype, k2), []).append(fig)
+        # Members against each other and against the ensemble, on the same views.
+        tops = [m.reshape(-1, C).argmax(-1) for m in member_logits]
+        ens_top = z.argmax(-1)
+        for i, mi in enumerate(member_logits):
+            for j in range(len(member_logits)):
+                self.pair_agree[i, j] += float((tops[i] == tops[j]).double().sum())
+            self.member_top1[i] += float((tops[i] == ens_top).double().sum())
+            self.member_kl[i] += float(_divergence(mi.reshape(-1, C).double(), z, self.kind).sum())
+
+    def result(self, class_names: list[str], size_of) -> dict:
+        def mean(parts, key):
+            return float(torch.cat([x[key] for x in parts]).mean())
+
+        def worst(parts, key):
+            return float(torch.cat([x[key] for x in parts]).max())
+
+        per_k = []
+        for k2, parts in self.per_k.items():
+            per_k.append({"k": k2, "kl_mean": mean(parts, "kl"), "kl_max": worst(parts, "kl"),
+                          "top1_agreement": mean(parts, "top1"), "topk_agreement": mean(parts, "agree"),
+                          "covered_mass_mean": mean(parts, "covered"),
+                          "covered_mass_min": float(torch.cat([x["covered"] for x in parts]).min()),
+                          "tail_mass_mean": float((1 - torch.cat([x["covered"] for x in parts])).mean()),
+                          "prob_max_abs_error": worst(parts, "prob_err"),
+                          "prob_mean_max_abs_error": mean(parts, "prob_err"),
+                          "bytes_per_view": size_of(k2, None)})
+        dtype_effect: dict[str, list[dict]] = {d: [] for d in VALUE_DTYPES}
+        for (dtype, k2), parts in sorted(self.sim.items(), key=lambda x: (x[0][0], x[0][1])):
+            dtype_effect[dtype].append({"k": k2, "kl_mean": mean(parts, "kl"), "kl_max": worst(parts, "kl"),
+                                        "max_abs_logit_error": worst(parts, "logit_err"),
+                                        "prob_max_abs_error": worst(parts, "prob_err"),
+                                        "covered_mass_mean": mean(parts, "covered"),
+                                        "bytes_per_view": size_of(k2, dtype)})
+        tail = (1 - torch.cat([x["covered"] for x in self.per_k[self.k]])).clamp_min(0).numpy()
+        counts, _ = np.histogram(tail, bins=TAIL_BINS)
+        quant = np.quantile(tail, [0.5, 0.9, 0.99]) if len(tail) else [math.nan] * 3
+        n, M = max(self.rows, 1), len(self.members)
+        coverage = (self.class_covered / self.class_mass.clamp_min(1e-300)).tolist()
+        per_class = [{"class": name, "coverage": cov, "in_topk_rate": float(r / n), "mean_prob": float(mass / n)}
+                     for name, cov, r, mass in zip(class_names, coverage, self.class_in_topk, self.class_mass)]
+        pair = (self.pair_agree / n).tolist()
+        off = [pair[i][j] for i in range(M) for j in range(M) if i < j]
+        disagreement = {
+            "members": list(self.members),
+            "pairwise_top1_agreement": pair,
+            "mean_pairwise_disagreement": float(1 - np.mean(off)) if off else 0.0,
+            "diversity_kl": float(self.member_kl.sum() / (n * M)) if M else 0.0,
+            "member_vs_ensemble": {name: {"top1_agreement": float(self.member_top1[i] / n),
+                                          "kl_to_ensemble": float(self.member_kl[i] / n)}
+                                   for i, name in enumerate(self.members)},
+        }
+        return {"k_grid": self.grid, "per_k": per_k, "dtype_effect": dtype_effect,
+                "tail_mass": {"k": self.k, "edges": TAIL_BINS, "counts": counts.tolist(), "rows": int(len(tail)),
+                              "p50": float(quant[0]), "p90": float(quant[1]), "p99": float(quant[2]),
+                              "max": float(tail.max()) if len(tail) else math.nan},
+                "per_class": per_class, "disagreement": disagreement, "rows_checked": int(self.rows)}
+
+
+def _divergence(member: torch.Tensor, ensemble: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row KL(member || ensemble) from logits (sigmoid: mean Bernoulli KL over classes)."""
+    if kind == "multiclass":
+        lp, lq = F.log_softmax(member, -1), F.log_softmax(ensemble, -1)
+        return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
+    lp, lq = F.logsigmoid(member), F.logsigmoid(ensemble)
+    ln, lnq = F.logsigmoid(-member), F.logsigmoid(-ensemble)
+    return (lp.exp() * (lp - lq) + ln.exp() * (ln - lnq)).mean(-1).clamp_min(0)
+
+
+def _size_model(cache: Cache):
+    """``size_of(k', dtype)`` -> stored bytes per view of this cache's per-view arrays, had it kept
+    top-k' (and values of ``dtype``; None = as stored).
+
+    Measured on this cache: value and index arrays scale with k' at their measured bytes per
+    entry (values by the itemsize ratio for another dtype, an estimate), everything else per view
+    (seeds, order, params, stats) is kept as measured. Ids, done markers and metadata are left out:
+    they do not grow with views.
+    """
+    m = cache.manifest
+    views = max(cache.epochs * cache.num_samples, 1)
+    k, stored_dtype = cache.topk, m["value_dtype"]
+    vals = idxs = rest = 0
+    for name in cache.store.arrays():
+        b = int(cache.store.info(name)["stored_bytes"])
+        if name.startswith(("ids/", "done")):
+            continue
+        if name.endswith("/values"):
+            vals += b
+        elif name.endswith("/indices"):
+            idxs += b
+        else:
+            rest += b
+
+    def size_of(k2: int, dtype: str | None) -> float:
+        scale = np.dtype(dtype).itemsize / np.dtype(stored_dtype).itemsize if dtype else 1.0
+        return float((rest + (vals * scale + idxs) * k2 / k) / views)
+
+    return size_of
+
+
 # ---------------------------------------------------------------- fidelity
 def _compare(stored: dict[str, torch.Tensor], logits: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
     """Per-row figures of stored top-k targets vs freshly computed full logits ``[S, (T,) C]``.
@@ -434,6 +740,23 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
     --teacher at the same position; empty when members were not stored or the counts differ).
     KL is KL(fresh teacher || reconstruction from the cache): it includes the top-k
     truncation, so it is ~0 only when k == C.
+
+    The report part (rows = views, or view frames for frame-level teachers):
+
+    * ``per_k``: for each k' of ``k_grid`` (k' <= k, the cache truncated to its top k'): kl_mean,
+      kl_max, top1_agreement, topk_agreement (stored top-k' classes among the fresh top-k'),
+      covered_mass_mean/min (softmax: probability mass of the top-k'; sigmoid: the top-k' share
+      of the summed class probabilities), tail_mass_mean (1 - covered), prob_max_abs_error and
+      prob_mean_max_abs_error (|p_fresh - p_reconstructed|, max over classes), bytes_per_view.
+    * ``dtype_effect``: {float16, float32} -> the same per k' up to C, for the fresh logits' own
+      top-k' rounded to that dtype (what a dump with that --value-dtype would have stored),
+      plus max_abs_logit_error of the rounding.
+    * ``tail_mass``: histogram (``edges``, ``counts``) and quantiles of the per-row tail mass at k.
+    * ``per_class``: per class, coverage (share of its fresh probability that falls in the stored
+      top-k), in_topk_rate and mean_prob.
+    * ``disagreement``: the fresh members' pairwise_top1_agreement matrix,
+      mean_pairwise_disagreement, diversity_kl (mean KL(member || ensemble)) and
+      member_vs_ensemble.
     """
     from logitcache.dump import autocast, probe_teachers, resolve_device
     from logitcache.teachers import load_teacher, unique_names
@@ -486,6 +809,8 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         flat = done[which, 0] * N + done[which, 1] * R + (pick - (ends[which] - rows[which]))
         source = ViewSource(folder, augmenter)
         parts: dict[str, list] = {"ensemble": [], **{n: [] for n in member_of.values()}}
+        acc = _ReportAccumulator(kind, len(m["classes"]), cache.topk, [t.name for t in loaded])
+        size_of = _size_model(cache)
         bar = tqdm(total=len(flat), unit="view", desc="fidelity", disable=not progress, dynamic_ncols=True)
         try:
             for epoch in np.unique(flat // N):
@@ -503,6 +828,8 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
                         t = cache.targets(int(epoch), ids, member=member)
                         stored = {f: torch.from_numpy(np.asarray(getattr(t, f))) for f in TARGET_FIELDS}
                         parts[key].append(_compare(stored, z.cpu(), kind))
+                        if member is None:
+                            acc.add(stored, z.cpu(), [x.cpu() for x in logits])
                     bar.update(len(ids))
         finally:
             bar.close()
@@ -518,7 +845,253 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         "device": dev.type,
         **_summary(parts["ensemble"]),
         "members": {n: _summary(parts[n]) for n in member_of.values()},
+        "path": str(Path(path)),
+        "classes": len(m["classes"]),
+        "frames": m.get("frames"),
+        **acc.result(m["classes"], size_of),
     }
+
+
+# ---------------------------------------------------------------- compare: a trained student vs the ensemble
+def _label_score(scores: np.ndarray, labels: np.ndarray, kind: str) -> float | None:
+    """mAP (multilabel) or top-1 accuracy (multiclass) of clip scores ``[n, C]`` against ``labels``."""
+    from logitcache.train import average_precision
+
+    if kind == "multiclass":
+        return float((scores.argmax(1) == labels.argmax(1)).mean())
+    ap = average_precision(scores, labels)
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else None
+
+
+def _pseudo_labels(probs: np.ndarray, kind: str) -> np.ndarray:
+    """The ensemble's own hard decisions: its top-1 class, and (sigmoid) every class with p >= 0.5.
+
+    The top-1 class always counts, so an unsure ensemble (no p >= 0.5 anywhere) still names
+    positives and the AP stays defined."""
+    top1 = np.eye(probs.shape[1], dtype=np.float32)[probs.argmax(1)]
+    if kind == "multiclass":
+        return top1
+    return np.maximum(top1, (probs >= 0.5).astype(np.float32))
+
+
+def _map_vs(scores: np.ndarray, probs: np.ndarray, kind: str) -> float | None:
+    from logitcache.train import average_precision
+
+    ap = average_precision(scores, _pseudo_labels(probs, kind))
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else None
+
+
+def _student_figures(student: torch.Tensor, teacher_p: torch.Tensor,
+                     kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (top-1 agreement, KL(teacher || student)) of student logits against teacher
+    probabilities ``[R, C]`` (sigmoid: the mean Bernoulli KL over classes)."""
+    s, p = student.double(), teacher_p.double()
+    top1 = (s.argmax(-1) == p.argmax(-1)).double()
+    if kind == "multiclass":
+        logq = F.log_softmax(s, -1)
+        kl = (p * (torch.log(p.clamp_min(1e-300)) - logq)).sum(-1)
+    else:
+        pc = p.clamp(1e-300, 1 - 1e-16)
+        kl = (pc * (pc.log() - F.logsigmoid(s)) + (1 - pc) * (torch.log1p(-pc) - F.logsigmoid(-s))).mean(-1)
+    return top1, kl.clamp_min(0.0)
+
+
+def _clip_level(x: np.ndarray) -> np.ndarray:
+    """Frame-level rows ``[n, T, C]`` -> clip level by max over frames (how train.evaluate scores)."""
+    return x.max(axis=1) if x.ndim == 3 else x
+
+
+def _probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    return F.softmax(logits.float(), -1) if kind == "multiclass" else torch.sigmoid(logits.float())
+
+
+def compare(run: str | Path, cache: str | Path | None = None, data: str | Path | None = None, *,
+            eval_data: str | Path | None = None, teachers: list[str] | None = None,
+            teacher_weights: list[str | None] | None = None, samples: int = 256, seed: int = 0,
+            device: str = "auto", batch_size: int = 32, progress: bool = False) -> dict:
+    """Does the student match the ensemble? A trained run (``logitcache train``) against its cache.
+
+    ``views``: on a seeded sample of the cached training views the run trained on (replayed
+    exactly), the student against the ensemble rebuilt from the cache (no teacher needed):
+    top1_agreement, kl_mean (KL(rebuilt ensemble || student)), map_vs_ensemble (AP against the
+    ensemble's own decisions: its top-1 class, and for sigmoid every class with p >= 0.5),
+    student_vs_labels and ensemble_vs_labels (mAP, or top-1 accuracy for softmax, against the
+    views' mixed labels).
+
+    ``eval`` (with ``eval_data``, the held-out split, un-augmented clips): student_vs_labels;
+    with ``teachers`` they are re-run on the same clips and aggregated as the manifest says, adding
+    top1_agreement, kl_mean (KL(ensemble || student), exact: full logits), map_vs_ensemble,
+    ensemble_vs_labels and per_class (class, student_ap, ensemble_ap).
+
+    ``epochs``: the run's metrics.jsonl, one dict per epoch. ``cache`` and ``data`` default to the
+    run's own (config.json). Frame-level outputs are compared per frame and scored per clip (max
+    over frames).
+    """
+    import json
+
+    from logitcache.dump import autocast, probe_teachers, resolve_device
+    from logitcache.teachers import load_teacher, unique_names
+    from logitcache.train import load_student
+    from logitcache.views import ViewSource, check_compatible
+
+    run = Path(run)
+    if not (run / "config.json").is_file():
+        raise LogitCacheError(f"{run}: not a training run (no config.json; runs are made by 'logitcache train')")
+    if not (run / "checkpoint.pt").is_file():
+        raise LogitCacheError(f"{run}: no checkpoint.pt (the run did not finish an epoch)")
+    try:
+        config = json.loads((run / "config.json").read_text())
+        log = run / "metrics.jsonl"
+        epochs_log = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    except ValueError as e:
+        raise LogitCacheError(f"{run}: config.json or metrics.jsonl is not valid JSON ({e})") from None
+    if "student" not in config:
+        raise LogitCacheError(f"{run}/config.json: no 'student' entry")
+    if samples < 1 or batch_size < 1:
+        raise LogitCacheError("--samples and --batch-size must be at least 1")
+    teachers = list(teachers or [])
+    if teachers and eval_data is None:
+        raise LogitCacheError("--teacher needs --eval-data: the teachers are re-run on the held-out clips")
+    cache = cache or config.get("cache")
+    data = data or config.get("data")
+    if not cache or not data:
+        raise LogitCacheError(f"{run}: config.json names no cache/data; pass --cache and --data")
+    member = config.get("member")
+
+    with open_cache(cache) as c:
+        m = c.manifest
+        folder = AudioFolder(data)
+        check_compatible(c, folder)
+        kind, C = c.output_kind, len(c.classes)
+        augmenter = Augmenter.from_spec(m["augment"])
+        dev = resolve_device(device)
+        student = load_student(run, config["student"], C, augmenter.sample_rate, c.frames).to(dev)
+
+        # -- cached training views: a seeded sample of (epoch, position) from the epochs trained on
+        stored = [int(e) for e in config.get("stored_epochs", range(c.epochs)) if 0 <= int(e) < c.epochs]
+        if not stored:
+            raise LogitCacheError(f"{c.path}: none of the run's stored epochs {config.get('stored_epochs')} is in "
+                                  f"this cache")
+        N = c.num_samples
+        rng = np.random.default_rng(seed)
+        flat = np.sort(rng.choice(len(stored) * N, size=min(samples, len(stored) * N), replace=False))
+        source = ViewSource(folder, augmenter)
+        top1, kl, s_clip, p_clip, y_clip = [], [], [], [], []
+        bar = tqdm(total=len(flat), unit="view", desc="compare", disable=not progress, dynamic_ncols=True)
+        try:
+            for slot in np.unique(flat // N):
+                epoch = stored[int(slot)]
+                pos = flat[flat // N == slot] % N
+                for a in range(0, len(pos), batch_size):
+                    index = c.order(epoch)[pos[a:a + batch_size]]
+                    ids = [c.ids[i] for i in index]
+                    params = c.params(epoch, ids)
+                    rows = [{n: v[r] for n, v in params.items()} for r in range(len(ids))]
+                    wave = torch.stack([source.replay(i, p) for i, p in zip(index, rows)]).to(dev)
+                    with torch.inference_mode(), autocast(dev, "fp32"):
+                        zs = student(wave).float().cpu()
+                    t = c.targets(epoch, ids, member=member)
+                    q = teacher_probs(torch.from_numpy(np.asarray(t.values)).float(),
+                                      torch.from_numpy(np.asarray(t.indices).astype(np.int64)),
+                                      torch.from_numpy(np.asarray(t.stat)).float(), C, kind)
+                    a1, k1 = _student_figures(zs.reshape(-1, C), q.reshape(-1, C), kind)
+                    top1.append(a1)
+                    kl.append(k1)
+                    s_clip.append(_clip_level(zs.numpy()))
+                    p_clip.append(_clip_level(q.numpy()))
+                    y_clip.append(np.stack([source.labels(i, p) for i, p in zip(index, rows)]))
+                    bar.update(len(ids))
+        finally:
+            bar.close()
+        s_all, p_all, y_all = np.concatenate(s_clip), np.concatenate(p_clip), np.concatenate(y_clip)
+        views = {"views": int(len(flat)), "epochs": sorted({stored[int(x)] for x in np.unique(flat // N)}),
+                 "top1_agreement": float(torch.cat(top1).mean()), "kl_mean": float(torch.cat(kl).mean()),
+                 "map_vs_ensemble": _map_vs(s_all, p_all, kind),
+                 "student_vs_labels": _label_score(s_all, y_all, kind),
+                 "ensemble_vs_labels": _label_score(p_all, y_all, kind)}
+
+        # -- held-out clips, un-augmented; teachers re-run on them when given
+        evaluation = None
+        if eval_data is not None:
+            held = AudioFolder(eval_data)
+            if held.classes != c.classes:
+                raise LogitCacheError(f"{eval_data}: class list differs from the one cache {c.path} was "
+                                      f"dumped with")
+            loaded = []
+            if teachers:
+                files = list(teacher_weights or []) + [None] * (len(teachers) - len(teacher_weights or []))
+                loaded = [load_teacher(t, w, dev) for t, w in zip(teachers, files)]
+                unique_names(loaded)
+                n_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev)
+                if n_classes != C or frames != c.frames:
+                    raise LogitCacheError(f"teachers output C={n_classes} but cache {c.path} holds C={C}")
+            s_list, e_list = [], []
+            for a in range(0, len(held), batch_size):
+                x = torch.stack([augmenter.fit_clip(held.load(i, augmenter.sample_rate))
+                                 for i in range(a, min(a + batch_size, len(held)))]).to(dev)
+                with torch.inference_mode():
+                    s_list.append(student(x).float().cpu())
+                    if loaded:
+                        with autocast(dev, m.get("precision", "fp32")):
+                            z = [t.module(x).float() for t in loaded]
+                        e_list.append(aggregate(z, kind, m["aggregation"], m.get("weights")).cpu())
+            zs = torch.cat(s_list)
+            s_eval = _clip_level(zs.numpy())
+            evaluation = {"data": str(eval_data), "clips": len(held), "student_vs_labels": _label_score(
+                s_eval, held.labels, kind), "teachers": [t.name for t in loaded]}
+            if loaded:
+                from logitcache.train import average_precision
+
+                ze = torch.cat(e_list)
+                pe = _probs(ze, kind)
+                a1, k1 = _student_figures(zs.reshape(-1, C), pe.reshape(-1, C), kind)
+                e_clip = _clip_level(pe.numpy())
+                s_ap = average_precision(s_eval, held.labels) if kind == "multilabel" else None
+                e_ap = average_precision(e_clip, held.labels) if kind == "multilabel" else None
+                evaluation.update({
+                    "top1_agreement": float(a1.mean()), "kl_mean": float(k1.mean()),
+                    "map_vs_ensemble": _map_vs(s_eval, e_clip, kind),
+                    "ensemble_vs_labels": _label_score(e_clip, held.labels, kind),
+                    "per_class": [] if s_ap is None else [
+                        {"class": name, "student_ap": None if np.isnan(sa) else float(sa),
+                         "ensemble_ap": None if np.isnan(ea) else float(ea)}
+                        for name, sa, ea in zip(c.classes, s_ap, e_ap)]})
+        return {
+            "run": str(run),
+            "student": config["student"],
+            "cache": str(c.path),
+            "data": str(data),
+            "output_kind": kind,
+            "metric": "mAP" if kind == "multilabel" else "top1",
+            "targets": "ensemble" if member is None else f"member {member}",
+            "cache_matches_run": config.get("cache_config_digest") == m.get("config_digest"),
+            "checkpoint_epoch": epochs_log[-1].get("epoch") if epochs_log else None,
+            "epochs": epochs_log,
+            "views": views,
+            "eval": evaluation,
+        }
+
+
+def write_cache_report(out_html: str | Path, cache: str | Path, data: str | Path, teachers: list[str], *,
+                       run: str | Path | None = None, eval_data: str | Path | None = None, samples: int = 64,
+                       compare_samples: int = 256, seed: int = 0, device: str = "auto",
+                       teacher_weights: list[str | None] | None = None, progress: bool = False) -> dict:
+    """One HTML report of a cache: inspect, fidelity (teachers re-run on ``samples`` stored views)
+    and, given a training ``run``, compare. Returns ``{"html", "inspect", "fidelity", "compare"}``."""
+    from logitcache.html import write_report
+
+    info = inspect_cache(cache)
+    fid = fidelity(cache, data, teachers, samples=samples, seed=seed, device=device,
+                   teacher_weights=teacher_weights, progress=progress)
+    cmp = None
+    if run is not None:
+        cmp = compare(run, cache, data, eval_data=eval_data, teachers=teachers if eval_data else None,
+                      teacher_weights=teacher_weights, samples=compare_samples, seed=seed, device=device,
+                      progress=progress)
+    path = write_report(out_html, inspect=info, fidelity=fid, compare=cmp,
+                        title=f"logitcache report: {Path(cache).name}",
+                        subtitle=f"{Path(cache).resolve()} ·")
+    return {"html": str(path), "inspect": info, "fidelity": fid, "compare": cmp}
 
 
 # ---------------------------------------------------------------- text helpers for the CLI
@@ -567,4 +1140,5 @@ def _cell(x) -> str:
     return str(x)
 
 
-__all__ = ["fidelity", "format_table", "human_bytes", "inspect_cache", "verify_cache"]
+__all__ = ["compare", "fidelity", "format_table", "human_bytes", "inspect_cache", "k_grid", "truncate_targets",
+           "verify_cache", "write_cache_report"]

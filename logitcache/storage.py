@@ -32,6 +32,11 @@ class ArrayStore:
                      compress: bool = True) -> None: ...
     def write(self, name: str, key: tuple, data: np.ndarray) -> None: ...
     def read(self, name: str, key: tuple = ()) -> np.ndarray: ...
+
+    def read_many(self, names: list[str], key: tuple = ()) -> list[np.ndarray]:
+        """The same ``key`` of several arrays (backends may overlap the reads)."""
+        return [self.read(n, key) for n in names]
+
     def resize(self, name: str, shape: tuple[int, ...]) -> None: ...
     def info(self, name: str) -> dict: ...  # shape, dtype, chunks, stored_bytes
     def arrays(self) -> list[str]: ...
@@ -77,10 +82,16 @@ class ZarrStore(ArrayStore):
             self._arrays[name] = arr
         return self._arrays[name]
 
-    def create_array(self, name, shape, dtype, chunks, compress=True):
-        from zarr.codecs import BloscCodec, Crc32cCodec
+    # Compressor of compressible arrays: "blosc-lz4" (default, picked by benchmarks/bench_store.py),
+    # "zstd" or "none". Readers need nothing: the codec is in each array's metadata.
+    codec = "blosc-lz4"
 
-        codecs = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")] if compress else []
+    def create_array(self, name, shape, dtype, chunks, compress=True):
+        from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+        named = {"blosc-lz4": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+                 "zstd": lambda: [ZstdCodec(level=3)], "none": list}
+        codecs = named[self.codec]() if compress else []
         self._arrays[name] = self.group.create_array(
             name, shape=tuple(shape), dtype=dtype, chunks=tuple(chunks),
             compressors=codecs + [Crc32cCodec()], fill_value=0,
@@ -93,6 +104,23 @@ class ZarrStore(ArrayStore):
 
     def read(self, name, key=()):
         return np.asarray(self._array(name)[key if key != () else ...])
+
+    def read_many(self, names, key=()):
+        # One trip through zarr's event loop for all arrays, not one per array: its per-call
+        # overhead (~1-2 ms) dominated block reads, and the chunks then decode concurrently.
+        try:
+            import asyncio
+
+            from zarr.core.sync import sync
+
+            arrays = [self._array(n)._async_array for n in names]
+        except (ImportError, AttributeError):  # a zarr without these internals: one call each
+            return [self.read(n, key) for n in names]
+
+        async def gather():
+            return await asyncio.gather(*[a.getitem(key if key != () else ...) for a in arrays])
+
+        return [np.asarray(x) for x in sync(gather())]
 
     def resize(self, name, shape):
         self._array(name).resize(tuple(shape))
@@ -148,11 +176,16 @@ class Hdf5Store(ArrayStore):
         with open(path, "rb") as f:
             return f.read(8) == _HDF5_SIGNATURE
 
+    # "lzf" (default, picked by benchmarks/bench_store.py), "gzip" or "none": filters built into
+    # h5py, so readers need no plugin.
+    codec = "lzf"
+
     def create_array(self, name, shape, dtype, chunks, compress=True):
-        # lzf is built into h5py (no plugin needed to read); fletcher32 is the per-chunk checksum.
+        # fletcher32 is the per-chunk checksum.
+        compression = {"lzf": "lzf", "gzip": "gzip", "none": None}[self.codec] if compress else None
         self.file.create_dataset(
             name, shape=tuple(shape), dtype=dtype, chunks=tuple(chunks), fletcher32=True,
-            shuffle=compress, compression="lzf" if compress else None, maxshape=(None,) + tuple(shape[1:]),
+            shuffle=compression is not None, compression=compression, maxshape=(None,) + tuple(shape[1:]),
         )
 
     def write(self, name, key, data):
@@ -166,7 +199,8 @@ class Hdf5Store(ArrayStore):
 
     def info(self, name):
         d = self.file[name]
-        return {"shape": tuple(d.shape), "dtype": str(d.dtype), "chunks": tuple(d.chunks),
+        # A contiguous dataset (not one logitcache writes, but a file may hold one) is one chunk.
+        return {"shape": tuple(d.shape), "dtype": str(d.dtype), "chunks": tuple(d.chunks or d.shape),
                 "stored_bytes": int(d.id.get_storage_size())}
 
     def arrays(self):

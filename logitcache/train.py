@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -156,13 +157,19 @@ def train(
     folder = AudioFolder(data)
     check_compatible(c, folder)
     stored = usable_epochs(c, allow_partial)
+    if not c.complete:
+        print(f"note: {cache}: the dump did not finish; training on its {len(stored)} complete epoch(s) only "
+              f"(stored epochs {', '.join(map(str, stored))})", file=sys.stderr)
     if member is not None and member not in c.members:
         raise LogitCacheError(f"{cache}: unknown member {member!r} (members: {', '.join(c.members) or 'none stored'})")
     epochs = int(epochs or len(stored))
     if epochs > len(stored) and progress:
         tqdm.write(f"training {epochs} epochs over {len(stored)} stored epoch(s): epoch i replays stored epoch "
                    f"i mod {len(stored)}")
-    augmenter = Augmenter.from_spec(c.manifest["augment"])
+    try:
+        augmenter = Augmenter.from_spec(c.manifest["augment"])
+    except LogitCacheError as e:  # name the cache: the spec came from it, not from the user
+        raise LogitCacheError(f"{cache}: {e}") from None
     eval_folder = AudioFolder(eval_data) if eval_data else None
     if eval_folder is not None and eval_folder.classes != c.classes:
         raise LogitCacheError(f"{eval_data}: class list differs from the cache's")

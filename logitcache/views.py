@@ -84,20 +84,91 @@ def row_params(block: dict[str, np.ndarray], row: int) -> dict[str, np.ndarray]:
     return {k[len("params/"):]: v[row] for k, v in block.items() if k.startswith("params/")}
 
 
+def batch_labels(folder: AudioFolder, index: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+    """``ViewSource.labels`` of many rows at once (``params``: name -> rows), the same float32 math."""
+    y = folder.labels[np.asarray(index, dtype=np.int64)]
+    partner = params.get("mixup.partner")
+    if partner is not None:
+        mixed = np.flatnonzero(np.asarray(partner) >= 0)
+        if len(mixed):
+            lam = np.asarray(params["mixup.lam"], dtype=np.float32)[mixed, None]
+            y[mixed] = lam * y[mixed] + (np.float32(1) - lam) * folder.labels[np.asarray(partner)[mixed]]
+    return y
+
+
+class ChunkReader:
+    """Rows of one stored epoch, read as whole chunks (one store call per array per chunk), in the
+    order they will be needed, with ``ahead`` chunks read in a background thread while the
+    caller works on the current one (decoding and augmenting audio, in a DataLoader worker)."""
+
+    def __init__(self, cache: Cache, epoch: int, chunks: list[int], member: str | None = None, ahead: int = 1):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cache, self.epoch, self.member = cache, int(epoch), member
+        self.chunks, self.ahead = list(chunks), int(ahead)
+        self._next = 0  # index in self.chunks of the next chunk to submit
+        self._pending: dict[int, object] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="logitcache-read") if self.ahead > 0 else None
+        self._current: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def _read(self, chunk: int) -> dict[str, np.ndarray]:
+        R, N = self.cache.chunk_rows, self.cache.num_samples
+        return self.cache.read_block(self.epoch, chunk * R, min((chunk + 1) * R, N), member=self.member)
+
+    def chunk(self, chunk: int) -> dict[str, np.ndarray]:
+        if self._current is not None and self._current[0] == chunk:
+            return self._current[1]
+        if chunk not in self._pending and self._pool is not None:
+            # Out of the planned order (or the first call): restart the plan at ``chunk``.
+            self._next = self.chunks.index(chunk) if chunk in self.chunks else len(self.chunks)
+        future = self._pending.pop(chunk, None)
+        if self._pool is not None:
+            while self._next < len(self.chunks) and len(self._pending) < self.ahead:
+                c = self.chunks[self._next]
+                self._next += 1
+                if c != chunk and c not in self._pending:
+                    self._pending[c] = self._pool.submit(self._read, c)
+        block = future.result() if future is not None else self._read(chunk)
+        self._current = (chunk, block)
+        return block
+
+    def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows ``start:stop`` of stored order (slices of the chunk blocks; concatenated only
+        where the range crosses a chunk edge)."""
+        R = self.cache.chunk_rows
+        parts = []
+        for c in range(start // R, (stop - 1) // R + 1):
+            block = self.chunk(c)
+            lo, hi = max(start, c * R) - c * R, min(stop, (c + 1) * R) - c * R
+            parts.append({k: v[lo:hi] for k, v in block.items()})
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for f in self._pending.values():
+                f.cancel()
+            self._pool.shutdown(wait=True)
+            self._pending.clear()
+
+
 class CacheStream(IterableDataset):
     """Training batches of one stored epoch, in stored order: replayed views + stored targets.
 
     The stream is cut into batches of ``batch_size`` consecutive positions; DataLoader worker w
     makes batches w, w+W, ... and DataLoader hands them back round-robin, so the batch sequence
     is the same for any worker count. Each worker reads whole chunks (one store call per array
-    per chunk) and slices batches from memory. ``ranks`` picks a chunk-aligned share of
-    positions for data-parallel training.
+    per chunk, the next chunk read ahead in a thread while it replays audio) and slices batches
+    from memory; targets, orders and labels are handed over as whole-batch arrays. ``start`` and
+    ``stop`` pick a share of positions (e.g. chunk-aligned, for data-parallel training).
     """
 
     def __init__(self, cache_path: str | Path, data_dir: str | Path, epoch: int, batch_size: int,
-                 member: str | None = None, start: int = 0, stop: int | None = None):
+                 member: str | None = None, start: int = 0, stop: int | None = None, read_ahead: int = 1):
         self.cache_path, self.data_dir = str(cache_path), str(data_dir)
         self.epoch, self.batch_size, self.member = int(epoch), int(batch_size), member
+        self.read_ahead = int(read_ahead)
         cache = open_cache(self.cache_path)
         self.stop = cache.num_samples if stop is None else int(stop)
         self.start = int(start)
@@ -106,6 +177,10 @@ class CacheStream(IterableDataset):
     def __len__(self) -> int:
         return -(-(self.stop - self.start) // self.batch_size)
 
+    def _span(self, b: int) -> tuple[int, int]:
+        a = self.start + b * self.batch_size
+        return a, min(a + self.batch_size, self.stop)
+
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -113,38 +188,30 @@ class CacheStream(IterableDataset):
         folder = AudioFolder(self.data_dir)
         source = ViewSource(folder, Augmenter.from_spec(cache.manifest["augment"]))
         R = cache.chunk_rows
-        block, block_chunk = None, -1
+        mine = range(worker, len(self), workers)
+        chunks = sorted({c for b in mine for c in range(self._span(b)[0] // R, (self._span(b)[1] - 1) // R + 1)})
+        reader = ChunkReader(cache, self.epoch, chunks, member=self.member, ahead=self.read_ahead)
         try:
-            for b in range(worker, len(self), workers):
-                a = self.start + b * self.batch_size
-                z = min(a + self.batch_size, self.stop)
-                parts = []
-                for chunk in range(a // R, (z - 1) // R + 1):
-                    if chunk != block_chunk:
-                        block = cache.read_block(self.epoch, chunk * R, min((chunk + 1) * R, cache.num_samples),
-                                                 member=self.member)
-                        block_chunk = chunk
-                    lo, hi = max(a, chunk * R) - chunk * R, min(z, (chunk + 1) * R) - chunk * R
-                    parts.append({k: v[lo:hi] for k, v in block.items()})
-                rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-                yield self._batch(source, rows)
+            for b in mine:
+                yield self._batch(source, reader.rows(*self._span(b)))
         finally:
+            reader.close()
             cache.close()
 
     @staticmethod
     def _batch(source: ViewSource, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        waves, labels = [], []
-        for r, index in enumerate(rows["order"]):
-            params = row_params(rows, r)
-            waves.append(source.replay(index, params))
-            labels.append(source.labels(index, params))
+        params = {k[len("params/"):]: v for k, v in rows.items() if k.startswith("params/")}
+        order = rows["order"]
+        # Replay is per sample by design (bit-identical views in any batch); everything else is
+        # whole-batch array work.
+        waves = [source.replay(index, {k: v[r] for k, v in params.items()}) for r, index in enumerate(order.tolist())]
         return {
             "wave": torch.stack(waves),
-            "labels": torch.from_numpy(np.stack(labels)),
-            "values": torch.from_numpy(rows["values"]),
+            "labels": torch.from_numpy(batch_labels(source.folder, order, params)),
+            "values": torch.from_numpy(np.ascontiguousarray(rows["values"])),
             "indices": torch.from_numpy(rows["indices"].astype(np.int64)),
-            "stat": torch.from_numpy(rows["stat"]),
-            "order": torch.from_numpy(rows["order"]),
+            "stat": torch.from_numpy(np.ascontiguousarray(rows["stat"])),
+            "order": torch.from_numpy(np.ascontiguousarray(order)),
         }
 
 

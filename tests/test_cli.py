@@ -121,7 +121,8 @@ def test_fidelity_json_and_text(cli_cache, dataset):
                "--teacher", "toy_teachers:toy_c", "--samples", 4)
     assert text.exit_code == 0  # another teacher is reported, not refused
     assert "teachers match the manifest: NO" in text.stdout and "warning: teacher toy_c" in text.stderr
-    assert [ln.split()[0] for ln in text.stdout.splitlines()[3:]] == ["ensemble", "toy_a", "toy_b"]
+    assert [ln.split()[0] for ln in text.stdout.splitlines()[3:6]] == ["ensemble", "toy_a", "toy_b"]
+    assert text.stdout.splitlines()[6] == ""  # the per-k' report follows (tested in test_report)
 
 
 def test_train_through_cli(cli_cache, dataset, tmp_path):

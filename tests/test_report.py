@@ -1,4 +1,4 @@
-"""inspect / verify / fidelity: numbers equal direct computation, damage is found and named."""
+"""inspect / verify / fidelity / compare: numbers equal direct computation, damage is found and named."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import torch
+from click.testing import CliRunner
 
 import logitcache
+from logitcache.cli.main import main
+from logitcache.data import AudioFolder
 from logitcache.report import fidelity, format_table, human_bytes, inspect_cache, verify_cache
 from logitcache.storage import open_store
-from conftest import C, N_CLIPS
+from conftest import C, N_CLIPS, assert_one_line_error
 
 TEACHERS = ["toy_teachers:toy_a", "toy_teachers:toy_b"]
 N = N_CLIPS
@@ -229,6 +233,10 @@ def test_fidelity_frame_level_multilabel_topk_float16(dumper, dataset):
     assert 0 < r["kl_mean"] <= r["kl_max"] < 0.5
     # one member: the ensemble is that member (logit(sigmoid(z)) == z up to rounding)
     assert r["members"]["toy_frames"] == pytest.approx({k: r[k] for k in r["members"]["toy_frames"]}, rel=1e-3)
+    # the report counts frame rows: 12 views x 6 frames
+    assert r["rows_checked"] == 72 and sum(r["tail_mass"]["counts"]) == 72 and r["k_grid"] == [1, 2, 3, 4]
+    assert _by_k(r["per_k"])[4]["kl_mean"] == pytest.approx(r["kl_mean"], rel=1e-3)
+    assert r["disagreement"]["members"] == ["toy_frames"] and r["disagreement"]["mean_pairwise_disagreement"] == 0
 
 
 def test_fidelity_refuses_another_dataset(strong_cache, tmp_path):
@@ -245,3 +253,232 @@ def test_text_helpers():
     table = format_table([["a", 1, 0.5], ["bbb", 10, None]], ["name", "n", "x"]).splitlines()
     assert table[0].split() == ["name", "n", "x"] and set(table[1]) <= {"-", " "}
     assert table[2] == "a      1  0.5" and table[3] == "bbb   10  -"
+
+
+# ---------------------------------------------------------------- fidelity report: checked by hand
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _by_k(rows: list[dict]) -> dict[int, dict]:
+    return {r["k"]: r for r in rows}
+
+
+def test_fidelity_report_per_k_equals_hand_computation(strong_cache, dataset, strong_views):
+    """k = C softmax float32 cache, every view checked: the truncated cache's tail mass and KL, the
+    members' disagreement and the per-class figures, all recomputed here from the teachers' logits."""
+    from conftest import teacher_logits
+
+    r = fidelity(strong_cache, dataset, TEACHERS, samples=10_000, device="cpu")
+    assert r["samples_checked"] == r["rows_checked"] == 2 * N and r["k_grid"] == list(range(1, C + 1))
+    za = np.concatenate([teacher_logits("toy_a", strong_views[e]) for e in (0, 1)]).astype(np.float64)
+    zb = np.concatenate([teacher_logits("toy_b", strong_views[e]) for e in (0, 1)]).astype(np.float64)
+    pa, pb = _softmax(za), _softmax(zb)
+    p = (pa + pb) / 2  # mean_prob aggregation
+    desc = -np.sort(-p, axis=1)
+    per_k = _by_k(r["per_k"])
+    for k2 in range(1, C + 1):
+        tail = 1 - desc[:, :k2].sum(1)
+        q = np.where(p >= desc[:, k2 - 1:k2], p, (tail / max(C - k2, 1))[:, None])  # top-k' kept, tail spread
+        kl = (p * np.log(p / q)).sum(1)
+        assert per_k[k2]["tail_mass_mean"] == pytest.approx(tail.mean(), rel=1e-5, abs=1e-7), k2
+        assert per_k[k2]["covered_mass_min"] == pytest.approx(1 - tail.max(), rel=1e-5), k2
+        assert per_k[k2]["kl_mean"] == pytest.approx(kl.mean(), rel=1e-4, abs=1e-7), k2
+        assert per_k[k2]["top1_agreement"] == 1 and per_k[k2]["topk_agreement"] == 1
+    assert per_k[C]["kl_mean"] == pytest.approx(0, abs=1e-7) and per_k[C]["tail_mass_mean"] < 1e-6
+    assert per_k[1]["kl_mean"] > per_k[C // 2]["kl_mean"] > per_k[C]["kl_mean"]
+    # the histogram holds every row, all of them in the lowest bins at k = C
+    assert sum(r["tail_mass"]["counts"]) == 2 * N and r["tail_mass"]["max"] < 1e-6
+    # members, re-run: pairwise top-1 agreement and KL(member || ensemble)
+    d = r["disagreement"]
+    agree = float((za.argmax(1) == zb.argmax(1)).mean())
+    np.testing.assert_allclose(d["pairwise_top1_agreement"], [[1, agree], [agree, 1]])
+    assert d["mean_pairwise_disagreement"] == pytest.approx(1 - agree)
+    kl_a = (pa * np.log(pa / p)).sum(1).mean()
+    assert d["member_vs_ensemble"]["toy_a"]["kl_to_ensemble"] == pytest.approx(kl_a, rel=1e-4)
+    b_top1 = float((zb.argmax(1) == p.argmax(1)).mean())
+    assert d["member_vs_ensemble"]["toy_b"]["top1_agreement"] == pytest.approx(b_top1)
+    # every class is inside a k = C top-k; mean probabilities as computed here
+    assert [c["coverage"] for c in r["per_class"]] == pytest.approx([1.0] * C)
+    assert [c["mean_prob"] for c in r["per_class"]] == pytest.approx(p.mean(0).tolist(), rel=1e-5)
+    # value dtype: float32 loses nothing at k = C, float16 rounding costs a little
+    fp16, fp32 = _by_k(r["dtype_effect"]["float16"]), _by_k(r["dtype_effect"]["float32"])
+    assert fp32[C]["max_abs_logit_error"] == 0 and fp32[C]["kl_mean"] == pytest.approx(0, abs=1e-7)
+    z = np.log(p)
+    assert 0 < fp16[C]["max_abs_logit_error"] <= np.abs(z).max() * 2**-11
+    assert fp16[C]["kl_mean"] > fp32[C]["kl_mean"]
+    assert fp16[3]["kl_mean"] == pytest.approx(fp32[3]["kl_mean"], rel=0.05)  # truncation dominates rounding
+    # sizes: values and indices scale with k', the rest per view stays
+    arrays = {a["name"]: a["stored_bytes"] for a in inspect_cache(strong_cache)["arrays"]}
+    topk_bytes = sum(b for n, b in arrays.items() if n.endswith(("/values", "/indices")))
+    assert per_k[C]["bytes_per_view"] - per_k[C // 2]["bytes_per_view"] == pytest.approx(topk_bytes / 2 / (2 * N))
+    assert fp16[C]["bytes_per_view"] < fp32[C]["bytes_per_view"] == pytest.approx(per_k[C]["bytes_per_view"])
+    json.dumps(r)
+
+
+def test_truncating_a_sigmoid_cache_gives_the_smaller_dump(dumper, dataset):
+    """A k = C multilabel cache truncated to k' = 4 holds what a top-4 dump of the same views holds,
+    tail statistic included, and the two reports agree at k' = 4."""
+    from logitcache.report import truncate_targets
+
+    full = dumper(epochs=1, output_kind="multilabel", augment="ced")
+    four = dumper(epochs=1, output_kind="multilabel", augment="ced", topk=4)
+    a, b = logitcache.open_cache(full).targets(0), logitcache.open_cache(four).targets(0)
+    v, i, s = truncate_targets(*(torch.from_numpy(np.asarray(x)) for x in (a.values, a.indices, a.stat)), 4, C,
+                               "multilabel")
+    assert np.array_equal(v.numpy(), b.values) and np.array_equal(i.numpy(), b.indices)
+    np.testing.assert_allclose(s.numpy(), b.stat, rtol=1e-5, atol=1e-6)
+    rf = fidelity(full, dataset, TEACHERS, samples=12, device="cpu")
+    r4 = fidelity(four, dataset, TEACHERS, samples=12, device="cpu")
+    f4, only = _by_k(rf["per_k"])[4], _by_k(r4["per_k"])[4]
+    for key in ("kl_mean", "prob_max_abs_error", "covered_mass_mean", "tail_mass_mean"):
+        assert f4[key] == pytest.approx(only[key], rel=1e-4), key
+    assert _by_k(rf["per_k"])[C]["prob_max_abs_error"] < 1e-6  # k = C: the sigmoid probabilities are exact
+    # per class: share of the fresh probability inside the stored top-4, by hand
+    from conftest import stream_views, teacher_logits
+
+    wave = stream_views(four, dataset, 0)
+    pa = 1 / (1 + np.exp(-teacher_logits("toy_a", wave).astype(np.float64)))
+    pb = 1 / (1 + np.exp(-teacher_logits("toy_b", wave).astype(np.float64)))
+    p = (pa + pb) / 2
+    r_all = fidelity(four, dataset, TEACHERS, samples=10_000, device="cpu")
+    kept = np.argsort(-p, axis=1)[:, :4]
+    mask = np.zeros_like(p, dtype=bool)
+    np.put_along_axis(mask, kept, True, axis=1)
+    coverage = (p * mask).sum(0) / p.sum(0)
+    assert [c["coverage"] for c in r_all["per_class"]] == pytest.approx(coverage.tolist(), rel=1e-5)
+    assert [c["in_topk_rate"] for c in r_all["per_class"]] == pytest.approx(mask.mean(0).tolist())
+
+
+def test_inspect_size_tables_and_projection(strong_cache, h5_cache):
+    info = inspect_cache(strong_cache, project_samples=N, project_epochs=2)
+    arrays = {a["name"]: a for a in info["arrays"]}
+    for t in info["targets_table"]:
+        prefix = "ensemble" if t["name"] == "ensemble" else f"members/{t['name']}"
+        assert t["stored_bytes"] == sum(arrays[f"{prefix}/{f}"]["stored_bytes"]
+                                        for f in ("values", "indices", "stat"))
+        assert t["bytes_per_view"] == pytest.approx(t["stored_bytes"] / (2 * N))
+    assert [t["name"] for t in info["targets_table"]] == ["ensemble", "toy_a", "toy_b"]
+    # per epoch: the chunk files of the per-view arrays (their zarr.json files belong to no epoch)
+    per_view = [n for n in arrays if not n.startswith("ids/") and n != "done"]
+    meta = sum((strong_cache / n / "zarr.json").stat().st_size for n in per_view)
+    per_view_bytes = sum(arrays[n]["stored_bytes"] for n in per_view)
+    assert sum(e["stored_bytes"] for e in info["epochs_table"]) == per_view_bytes - meta
+    assert [e["chunks_done"] for e in info["epochs_table"]] == [1, 1]
+    # projecting to the cache's own size and chunking gives its own size back ...
+    p = info["projection"]
+    assert p["chunk_rows"] == info["chunk_rows"]
+    assert p["bytes_on_disk"] == pytest.approx(info["bytes_on_disk"], abs=2)
+    # ... and to 3x the samples, 5x the epochs: per-view bytes x15, ids x3, done markers by the
+    # chunk count (a dump of 3N samples picks its own chunk rows), the rest as is
+    big = inspect_cache(strong_cache, project_samples=3 * N, project_epochs=10)["projection"]
+    ids = sum(arrays[n]["stored_bytes"] - (strong_cache / n / "zarr.json").stat().st_size for n in arrays
+              if n.startswith("ids/"))
+    per_view_chunks = sum(e["stored_bytes"] for e in info["epochs_table"])
+    done = arrays["done"]["stored_bytes"] - (strong_cache / "done" / "zarr.json").stat().st_size
+    fixed = info["bytes_on_disk"] - per_view_chunks - ids - done
+    chunks = 10 * -(-3 * N // big["chunk_rows"]) / (2 * -(-N // info["chunk_rows"]))
+    assert big["bytes_on_disk"] == pytest.approx(15 * per_view_chunks + 3 * ids + chunks * done + fixed, abs=8)
+    assert big["share_of_audio"] == pytest.approx(big["bytes_on_disk"] / (3 * info["audio_bytes"]))
+    assert inspect_cache(strong_cache)["projection"] is None
+    # HDF5 splits by epoch too (chunk by chunk)
+    h5 = inspect_cache(h5_cache)
+    h5_arrays = {a["name"]: a["stored_bytes"] for a in h5["arrays"]}
+    assert sum(e["stored_bytes"] for e in h5["epochs_table"]) == sum(
+        b for n, b in h5_arrays.items() if not n.startswith("ids/") and n != "done")
+    with pytest.raises(logitcache.LogitCacheError, match="--project-samples 0: must be at least 1"):
+        inspect_cache(strong_cache, project_samples=0)
+
+
+# ---------------------------------------------------------------- compare
+@pytest.fixture(scope="module")
+def trained_run(dumper, dataset, tmp_path_factory):
+    """A student trained one epoch on a sigmoid top-4 cache, evaluated on a small held-out split."""
+    from logitcache.synth import make_dataset
+    from logitcache.train import train
+
+    root = tmp_path_factory.mktemp("run")
+    held = make_dataset(root / "eval", 10, sample_rate=16000, clip_seconds=1.0, seed=9)
+    cache = dumper(epochs=1, output_kind="multilabel", augment="ced", topk=4)
+    train(cache, dataset, "cnn_tiny", root / "run", epochs=2, batch_size=8, eval_data=held, device="cpu",
+          progress=False)
+    return root / "run", cache, held
+
+
+def test_compare_student_against_ensemble_by_hand(trained_run, dataset):
+    from conftest import teacher_logits
+    from logitcache.augment import Augmenter
+    from logitcache.report import compare
+    from logitcache.train import average_precision, load_student
+
+    run, cache, held = trained_run
+    r = compare(run, eval_data=held, teachers=TEACHERS, samples=10_000, device="cpu")
+    log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert r["epochs"] == log and r["checkpoint_epoch"] == 1 and r["cache_matches_run"]
+    assert r["cache"] == str(cache) and r["targets"] == "ensemble"
+    # the held-out student mAP is what training logged after its last epoch (same checkpoint, same clips)
+    assert r["eval"]["student_vs_labels"] == pytest.approx(log[-1]["eval_mAP"], rel=1e-6)
+
+    c = logitcache.open_cache(cache)
+    aug = Augmenter.from_spec(c.manifest["augment"])
+    student = load_student(run, "cnn_tiny", C, aug.sample_rate)
+    folder = AudioFolder(held)
+    clips = torch.stack([aug.fit_clip(folder.load(i, aug.sample_rate)) for i in range(len(folder))])
+    with torch.no_grad():
+        zs = student(clips).double().numpy()
+    pe = sum(1 / (1 + np.exp(-teacher_logits(t, clips).astype(np.float64))) for t in ("toy_a", "toy_b")) / 2
+    ps = 1 / (1 + np.exp(-zs))
+    kl = (pe * np.log(pe / ps) + (1 - pe) * np.log((1 - pe) / (1 - ps))).mean(1).mean()
+    e = r["eval"]
+    assert e["clips"] == 10 and e["teachers"] == ["toy_a", "toy_b"]
+    assert e["top1_agreement"] == pytest.approx(float((zs.argmax(1) == pe.argmax(1)).mean()))
+    assert e["kl_mean"] == pytest.approx(kl, rel=1e-4)
+    assert e["ensemble_vs_labels"] == pytest.approx(np.nanmean(average_precision(pe, folder.labels)), rel=1e-5)
+    decided = (pe >= 0.5) | (pe == pe.max(1, keepdims=True))  # p >= 0.5, and always the ensemble's top-1
+    assert e["map_vs_ensemble"] == pytest.approx(np.nanmean(average_precision(zs, decided.astype(np.float32))),
+                                                 rel=1e-5)
+    # cached training views, every one: the student against the stored top-1
+    v = r["views"]
+    assert v["views"] == N and v["epochs"] == [0]
+    from conftest import stream_views
+
+    with torch.no_grad():
+        zv = student(stream_views(cache, dataset, 0)).numpy()  # dataset order
+    stored = c.targets(0, c.ids).indices[:, 0]
+    assert v["top1_agreement"] == pytest.approx(float((zv.argmax(1) == stored).mean()))
+    assert 0 < v["kl_mean"] < 1 and 0 <= v["student_vs_labels"] <= 1
+
+
+def test_compare_refuses_what_is_not_a_run(trained_run, tmp_path):
+    from logitcache.report import compare
+
+    run, cache, held = trained_run
+    with pytest.raises(logitcache.LogitCacheError) as e:
+        compare(tmp_path)
+    assert_one_line_error(e, "not a training run", "config.json")
+    with pytest.raises(logitcache.LogitCacheError) as e:
+        compare(run, teachers=TEACHERS)
+    assert_one_line_error(e, "--teacher needs --eval-data")
+
+
+def test_compare_and_inspect_through_the_cli(trained_run, tmp_path):
+    run, cache, held = trained_run
+    out = tmp_path / "c.html"
+    result = CliRunner().invoke(main, ["compare", str(run), "--eval-data", str(held), "--samples", "8",
+                                       "--device", "cpu", "--html", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["views"]["views"] == 8 and r["eval"]["clips"] == 10 and "top1_agreement" not in r["eval"]
+    assert out.read_text().count("data:image/png;base64,") == 1  # learning curve (no teachers: no per-class AP)
+    text = CliRunner().invoke(main, ["compare", str(run), "--samples", "8", "--device", "cpu"])
+    assert text.exit_code == 0 and text.stdout.splitlines()[0].startswith(f"{run}: student cnn_tiny")
+    assert "cached training views" in text.stdout and "held-out clips" not in text.stdout
+    bad = CliRunner().invoke(main, ["compare", str(tmp_path)])
+    assert bad.exit_code == 1 and bad.stderr.startswith(f"error: {tmp_path}: not a training run")
+
+    text = CliRunner().invoke(main, ["inspect", str(cache), "--project-samples", "2000000",
+                                     "--project-epochs", "8"])
+    assert text.exit_code == 0
+    assert "targets" in text.stdout and "ensemble" in text.stdout and "chunks written" in text.stdout
+    assert "projected: " in text.stdout and "for 8 epochs x 2000000 samples" in text.stdout

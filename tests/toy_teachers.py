@@ -84,3 +84,27 @@ def toy_40k() -> ToyTeacher:
 
 def toy_70k() -> ToyTeacher:
     return ToyTeacher(9, num_classes=70_000, scale=3.0)
+
+
+class SilenceNaN(ToyTeacher):
+    """toy_a, except ``fill`` (NaN or Inf) logits for an all-zero input row: the dump must stop at
+    exactly that sample, so a test can place it mid-epoch by silencing one clip."""
+
+    fill = float("nan")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        silent = x.abs().amax(dim=-1) == 0
+        return torch.where(silent[:, None], torch.full_like(out, self.fill), out)
+
+
+class SilenceInf(SilenceNaN):
+    fill = float("inf")
+
+
+def toy_nan_on_silence() -> ToyTeacher:
+    return SilenceNaN(1, scale=3.0)
+
+
+def toy_inf_on_silence() -> ToyTeacher:
+    return SilenceInf(1, scale=3.0)

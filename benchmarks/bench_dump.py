@@ -1,0 +1,144 @@
+"""Dump cost vs. the teachers' forward passes alone, over the same augmented batches.
+
+For 1 and 3 teachers (zoo models with AudioSet-sized heads, C = 527, exported to .pt2 as a
+user's teachers would be), k = 20, batch 32, on this machine's device:
+
+  forward   the teachers' forward passes alone over the epoch's augmented batches, made
+            beforehand and held in memory (no decoding, no augmenting, no top-k, no writing)
+  dump      logitcache.dump of the same epoch (same order, seeds, batches): decoding and
+            augmenting in DataLoader workers, teachers back to back, top-k on the device, a
+            background writer writing whole chunks. Timed from the start of its loop to the
+            manifest being final ("dump_seconds"); "wall" adds its setup (teacher loading,
+            probing, layout) which does not grow with N.
+
+Rounds are interleaved (forward, dump w=0, dump w=1, ... then again) and medians reported, as
+the machine is shared. Goal: dump / forward <= 1.05 with teachers costing >= 20 ms per batch.
+
+    python benchmarks/bench_dump.py            # ~3 min on 2 cores
+    python benchmarks/bench_dump.py --quick    # ~1 min
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def premade_batches(data: Path, clip: float, batch_size: int, seed: int = 0) -> tuple[list[torch.Tensor], float]:
+    """Epoch 0's augmented batches exactly as dump draws them; and the serial ms to make one."""
+    from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
+    from logitcache.data import AudioFolder, _load_audio
+    from logitcache.views import DrawnViews, ViewSource, collate_views
+
+    folder = AudioFolder(data)
+    aug = Augmenter(load_ops_spec("ced"), C.SAMPLE_RATE, clip)
+    h = id_hashes(folder.ids)
+    order = epoch_order(seed, 0, h)
+    views = DrawnViews(ViewSource(folder, aug), order, view_seeds(seed, 0, h)[order])
+    _load_audio.cache_clear()
+    t0 = time.perf_counter()
+    batches = [b[0] for b in DataLoader(views, batch_size=batch_size, collate_fn=collate_views)]
+    return batches, (time.perf_counter() - t0) / len(batches)
+
+
+def forward_only(teachers, batches, dev) -> float:
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for x in batches:
+            x = x.to(dev, non_blocking=True)
+            for t in teachers:
+                t.module(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def run_dump(data, paths, out: Path, clip, batch_size, k, workers, dev) -> tuple[float, float]:
+    import logitcache
+    from logitcache.cache import open_cache
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    logitcache.dump(data, paths, out, topk=k, augment="ced", batch_size=batch_size, device=dev.type,
+                    num_workers=workers, sample_rate=C.SAMPLE_RATE, clip_seconds=clip, progress=False)
+    wall = time.perf_counter() - t0
+    loop = float(open_cache(out).manifest["dump_seconds"])
+    shutil.rmtree(out, ignore_errors=True)
+    return loop, wall
+
+
+def main() -> None:
+    p = C.parser(__doc__)
+    p.add_argument("--clips", type=int, default=None, help="clips in the epoch (default 640; --quick 192)")
+    p.add_argument("--clip-seconds", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--topk", type=int, default=20)
+    p.add_argument("--classes", type=int, default=527)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick 2)")
+    p.add_argument("--workers", default="0,1,auto", help="DataLoader worker counts to compare (auto = the default)")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from logitcache.dump import default_workers, resolve_device
+    from logitcache.teachers import load_teacher
+
+    clips = args.clips or (192 if args.quick else 640)
+    rounds = args.rounds or (2 if args.quick else 3)
+    dev = resolve_device(args.device)
+    auto = default_workers(dev)
+    settings = []
+    for w in args.workers.split(","):
+        n = auto if w == "auto" else int(w)
+        label = f"w={n}" + (" (default)" if n == auto else "")
+        if all(s[1] != n for s in settings):
+            settings.append((label, n))
+    wd = C.workdir(args.workdir)
+    data = C.make_data(wd / f"data_{clips}x{args.clip_seconds:g}s_C{args.classes}", clips, args.clip_seconds,
+                       args.classes)
+    print(f"# bench_dump: {clips} clips of {args.clip_seconds:g} s, C={args.classes}, k={args.topk}, "
+          f"batch {args.batch_size}, 'ced' augmentation, device {dev.type}")
+    print(f"# machine: {C.machine()}; load average {os.getloadavg()[0]:.1f} at start")
+    rows, ratios = [], {}
+    for names in (C.TEACHERS_1, C.TEACHERS_3):
+        paths = C.export_teachers(wd / "teachers", names, args.classes, args.clip_seconds)
+        teachers = [load_teacher(q, None, dev) for q in paths]
+        batches, make_s = premade_batches(data, args.clip_seconds, args.batch_size)
+        forward_only(teachers, batches[:2], dev)  # warm-up
+        fwd, dumps = [], {n: [] for _, n in settings}
+        for r in range(rounds):
+            fwd.append(forward_only(teachers, batches, dev))
+            for _, n in settings:
+                dumps[n].append(run_dump(data, paths, wd / "bench.zarr", args.clip_seconds, args.batch_size,
+                                         args.topk, n, dev))
+        f = C.median(fwd)
+        nb = len(batches)
+        for label, n in settings:
+            loop, wall = C.median([d[0] for d in dumps[n]]), C.median([d[1] for d in dumps[n]])
+            rows.append([len(names), label, round(1e3 * f / nb, 1), round(1e3 * make_s, 1), round(1e3 * loop / nb, 1),
+                         round(loop / f, 3), round(wall / f, 2), round(clips / loop)])
+            ratios[(len(names), n)] = loop / f
+        print(f"#   {len(names)} teacher(s) {', '.join(names)} done; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print()
+    print(C.table(["teachers", "workers", "forward ms/batch", "views ms/batch (serial)", "dump ms/batch",
+                   "dump / forward", "wall / forward", "dump views/s"], rows))
+    print()
+    best = {m: min(v for (mm, _), v in ratios.items() if mm == m) for m in (1, 3)}
+    at_auto = {m: ratios[(m, auto)] for m in (1, 3) if (m, auto) in ratios}
+    print("ratios: dump/forward (goal <= 1.05) " +
+          ", ".join(f"{m} teacher(s): {at_auto.get(m, float('nan')):.3f} at the default w={auto} "
+                    f"(best {best[m]:.3f})" for m in (1, 3)))
+
+
+if __name__ == "__main__":
+    main()
