@@ -40,7 +40,44 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
     return (f"{os.cpu_count()} cores ({cpu}), {dev}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} intra-op thread(s)")
+            f"{torch.get_num_threads()} intra-op thread(s); free cores now {free_cores(os.cpu_count() or 1)} "
+            f"of {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers, once joined)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def default_threads(workers: int) -> int:
+    """Intra-op threads for the main process: the cores the workers leave free (at least 1). On a
+    shared 2-core box, 2 OpenMP threads next to other jobs were 2-7x slower than 1 (barrier waits)."""
+    return max(1, (os.cpu_count() or 1) - workers)
+
+
+def _spin(n: int = 3_000_000) -> float:
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i
+    return time.perf_counter() - t0
+
+
+def free_cores(n: int = 2) -> float:
+    """Cores this benchmark can actually get now: n busy loops at once vs one alone (n = free
+    cores when idle, less when other jobs share the machine)."""
+    import multiprocessing as mp
+
+    alone = min(_spin() for _ in range(2))
+    ctx = mp.get_context("fork")
+    with ctx.Pool(n) as pool:
+        t0 = time.perf_counter()
+        pool.map(_spin, [3_000_000] * n)
+        together = time.perf_counter() - t0
+    return round(n * alone / together, 2)
 
 
 def median(xs) -> float:

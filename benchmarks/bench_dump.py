@@ -5,6 +5,8 @@ user's teachers would be), k = 20, batch 32, on this machine's device:
 
   forward   the teachers' forward passes alone over the epoch's augmented batches, made
             beforehand and held in memory (no decoding, no augmenting, no top-k, no writing)
+  views     making those batches (decode, resample, augment) serially in one process: the
+            CPU work the DataLoader workers must hide behind the teachers
   dump      logitcache.dump of the same epoch (same order, seeds, batches): decoding and
             augmenting in DataLoader workers, teachers back to back, top-k on the device, a
             background writer writing whole chunks. Timed from the start of its loop to the
@@ -12,7 +14,12 @@ user's teachers would be), k = 20, batch 32, on this machine's device:
             probing, layout) which does not grow with N.
 
 Rounds are interleaved (forward, dump w=0, dump w=1, ... then again) and medians reported, as
-the machine is shared. Goal: dump / forward <= 1.05 with teachers costing >= 20 ms per batch.
+the machine is shared. "CPU" compares the dump's CPU seconds (main process + workers, setup
+included) with forward + views: near 1 means the pipeline adds little work of its own, and
+the wall-clock ratio then depends on whether a core is free for the workers. "own ms/batch"
+(w=0 only, where nothing overlaps) is dump - forward - views: the pipeline's own work (top-k,
+ensemble, host copies, chunk assembly, writing) per batch. The main process
+runs cores - workers intra-op threads (--threads to change). Goal: dump / forward <= 1.05 with teachers costing >= 20 ms per batch.
 
     python benchmarks/bench_dump.py            # ~3 min on 2 cores
     python benchmarks/bench_dump.py --quick    # ~1 min
@@ -51,30 +58,32 @@ def premade_batches(data: Path, clip: float, batch_size: int, seed: int = 0) -> 
     return batches, (time.perf_counter() - t0) / len(batches)
 
 
-def forward_only(teachers, batches, dev) -> float:
+def forward_only(teachers, batches, dev) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of the teachers' forward passes over ``batches``."""
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        c0, t0 = C.cpu_seconds(), time.perf_counter()
         for x in batches:
             x = x.to(dev, non_blocking=True)
             for t in teachers:
                 t.module(x)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, C.cpu_seconds() - c0
 
 
-def run_dump(data, paths, out: Path, clip, batch_size, k, workers, dev) -> tuple[float, float]:
+def run_dump(data, paths, out: Path, clip, batch_size, k, workers, dev) -> tuple[float, float, float]:
+    """(loop seconds, wall seconds, CPU seconds of the whole call incl. workers) of one dump."""
     import logitcache
     from logitcache.cache import open_cache
 
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
+    c0, t0 = C.cpu_seconds(), time.perf_counter()
     logitcache.dump(data, paths, out, topk=k, augment="ced", batch_size=batch_size, device=dev.type,
                     num_workers=workers, sample_rate=C.SAMPLE_RATE, clip_seconds=clip, progress=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, C.cpu_seconds() - c0
     loop = float(open_cache(out).manifest["dump_seconds"])
     shutil.rmtree(out, ignore_errors=True)
-    return loop, wall
+    return loop, wall, cpu
 
 
 def main() -> None:
@@ -88,10 +97,10 @@ def main() -> None:
     p.add_argument("--workers", default="0,1,auto", help="DataLoader worker counts to compare (auto = the default)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from logitcache.dump import default_workers, resolve_device
     from logitcache.teachers import load_teacher
+
+    torch.set_num_threads(args.threads or C.default_threads(default_workers(resolve_device(args.device))))
 
     clips = args.clips or (192 if args.quick else 640)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -108,36 +117,46 @@ def main() -> None:
                        args.classes)
     print(f"# bench_dump: {clips} clips of {args.clip_seconds:g} s, C={args.classes}, k={args.topk}, "
           f"batch {args.batch_size}, 'ced' augmentation, device {dev.type}")
-    print(f"# machine: {C.machine()}; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"# machine: {C.machine()}")
     rows, ratios = [], {}
     for names in (C.TEACHERS_1, C.TEACHERS_3):
         paths = C.export_teachers(wd / "teachers", names, args.classes, args.clip_seconds)
         teachers = [load_teacher(q, None, dev) for q in paths]
         batches, make_s = premade_batches(data, args.clip_seconds, args.batch_size)
         forward_only(teachers, batches[:2], dev)  # warm-up
-        fwd, dumps = [], {n: [] for _, n in settings}
+        fwd, fwd_cpu, dumps = [], [], {n: [] for _, n in settings}
         for r in range(rounds):
-            fwd.append(forward_only(teachers, batches, dev))
+            w, c = forward_only(teachers, batches, dev)
+            fwd.append(w)
+            fwd_cpu.append(c)
             for _, n in settings:
                 dumps[n].append(run_dump(data, paths, wd / "bench.zarr", args.clip_seconds, args.batch_size,
                                          args.topk, n, dev))
-        f = C.median(fwd)
+        f, fc = C.median(fwd), C.median(fwd_cpu)
         nb = len(batches)
         for label, n in settings:
-            loop, wall = C.median([d[0] for d in dumps[n]]), C.median([d[1] for d in dumps[n]])
+            loop, wall, cpu = (C.median([d[i] for d in dumps[n]]) for i in range(3))
+            own = (loop / nb - f / nb - make_s) if n == 0 else float("nan")
             rows.append([len(names), label, round(1e3 * f / nb, 1), round(1e3 * make_s, 1), round(1e3 * loop / nb, 1),
-                         round(loop / f, 3), round(wall / f, 2), round(clips / loop)])
+                         round(loop / f, 3), round(1e3 * own, 1) if n == 0 else "", round(wall / f, 2),
+                         round(cpu / (fc + make_s * nb), 2), round(clips / loop)])
             ratios[(len(names), n)] = loop / f
+            if n == 0:
+                ratios[(len(names), "own")] = own / (f / nb)
         print(f"#   {len(names)} teacher(s) {', '.join(names)} done; load average {os.getloadavg()[0]:.1f}", flush=True)
     print()
     print(C.table(["teachers", "workers", "forward ms/batch", "views ms/batch (serial)", "dump ms/batch",
-                   "dump / forward", "wall / forward", "dump views/s"], rows))
+                   "dump / forward", "own ms/batch", "wall / forward", "CPU: dump / (forward + views)",
+                   "dump views/s"], rows))
     print()
-    best = {m: min(v for (mm, _), v in ratios.items() if mm == m) for m in (1, 3)}
+    best = {m: min(v for (mm, w), v in ratios.items() if mm == m and w != "own") for m in (1, 3)}
     at_auto = {m: ratios[(m, auto)] for m in (1, 3) if (m, auto) in ratios}
+    own = {m: ratios.get((m, "own"), float("nan")) for m in (1, 3)}
     print("ratios: dump/forward (goal <= 1.05) " +
           ", ".join(f"{m} teacher(s): {at_auto.get(m, float('nan')):.3f} at the default w={auto} "
-                    f"(best {best[m]:.3f})" for m in (1, 3)))
+                    f"(best {best[m]:.3f})" for m in (1, 3)) +
+          "; the dump's own work (w=0: dump - forward - views) / forward: " +
+          ", ".join(f"{m} teacher(s) {own[m]:.3f}" for m in (1, 3)))
 
 
 if __name__ == "__main__":

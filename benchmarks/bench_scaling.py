@@ -15,8 +15,9 @@ k = 20 of 527, 1 epoch, ensemble only, zarr + blosc-lz4, default chunking):
 
 The last line gives, per sweep and cost, the growth exponent between the sweep's ends:
 log(cost ratio) / log(size ratio), where size is rows x epochs for the N and epochs sweeps and
-the raw bytes per row for k, members and T. 1.0 = linear; below 1 = fixed costs (per chunk,
-per row, per batch) being amortised; above 1 would be super-linear. Open time should stay flat
+the target elements per row, (1 + members) x T x k, for the k, members and T sweeps. 1.0 =
+linear; below 1 = fixed costs (per chunk, per row, per batch, per class) being amortised;
+above 1 would be super-linear. Open time should stay flat
 (exponent ~0). Each point is the median of --repeats runs; the main process uses 1 intra-op
 thread unless --threads says otherwise (tiny tensor ops on a shared 2-core box).
 
@@ -137,7 +138,7 @@ def main() -> None:
     }
     print(f"# bench_scaling: synthetic rows through CacheWriter (no teachers run), zarr + blosc-lz4, C=527; "
           f"base N={base_n:,}, k=20, 1 epoch, ensemble only")
-    print(f"# machine: {C.machine()}; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"# machine: {C.machine()}")
     table, summary = [], []
     for sweep, points in sweeps.items():
         results = []
@@ -145,9 +146,9 @@ def main() -> None:
             r = one(wd, repeats=repeats, **kw)
             k, m, T = kw.get("k", 20), kw.get("members", 0), kw.get("frames") or 1
             host = dump_host_us_per_row(k, max(m, 1), kw.get("frames"))
-            # the sweep's size: samples x epochs (N, epochs) or raw bytes per row (k, members, T)
-            per_row = (1 + m) * T * (k * 4 + 4) + 8 + 20 + 4
-            size = kw["n"] * kw.get("epochs", 1) if sweep in ("N", "epochs") else per_row
+            # the sweep's size: samples x epochs (N, epochs) or target elements per row,
+            # (ensemble + members) x T x k (k, members, T)
+            size = kw["n"] * kw.get("epochs", 1) if sweep in ("N", "epochs") else (1 + m) * T * k
             r.update(host_us=host, size=size, total_write=r["write_us"] * kw["n"] * kw.get("epochs", 1),
                      total_seq=r["seq_us"] * kw["n"] * kw.get("epochs", 1))
             results.append(r)

@@ -52,8 +52,8 @@ def seq_read(cache, epoch: int = 0) -> float:
     return N / (time.perf_counter() - t0)
 
 
-def make_memmap(cache, folder: Path) -> dict[str, np.memmap]:
-    """The same arrays as raw .npy files (one epoch), opened as memmaps."""
+def make_memmap(cache, folder: Path) -> dict[str, Path]:
+    """The same arrays as raw .npy files (one epoch)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in training_arrays(cache):
@@ -63,8 +63,12 @@ def make_memmap(cache, folder: Path) -> dict[str, np.memmap]:
         mm[:] = data
         mm.flush()
         del mm
-        out[name] = np.load(path, mmap_mode="r")
+        out[name] = path
     return out
+
+
+def open_memmaps(paths: dict[str, Path]) -> dict[str, np.memmap]:
+    return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
 
 
 def seq_read_memmap(mms: dict[str, np.memmap], R: int) -> float:
@@ -130,16 +134,48 @@ def measure(path: Path, rows, n: int, backend: str, codec: str, chunk_rows: int 
     random_read(lru, batches)  # warm-up pass fills the chunk LRU
     res["rand_lru"] = random_read(lru, batches)
     if memmap_ref:
-        mms = make_memmap(lru, wd / "memmap")
+        files = make_memmap(lru, wd / "memmap")
+        mms = open_memmaps(files)
         seq_read_memmap(mms, res["chunk_rows"])
         res["mm_seq_warm"] = C.median([seq_read_memmap(mms, res["chunk_rows"]) for _ in range(3)])
-        C.evict(wd / "memmap")
-        res["mm_seq_cold"] = seq_read_memmap(mms, res["chunk_rows"])
         res["mm_rand"] = random_read_memmap(mms, pos)
+        del mms  # unmapped, so that the eviction below takes
+        C.evict(wd / "memmap")
+        res["mm_seq_cold"] = seq_read_memmap(open_memmaps(files), res["chunk_rows"])
         shutil.rmtree(wd / "memmap")
     lru.close()
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return res
+
+
+def zarr_settings(rows, n: int, wd: Path, random_batches: int, rounds: int = 2) -> dict[str, list]:
+    """zarr-python settings, interleaved rounds: async concurrency, and the zarrs (Rust) codec
+    pipeline when it is installed (it is not a dependency: pip install zarrs to include it)."""
+    import zarr
+
+    settings = [("async.concurrency=1", {"async.concurrency": 1}),
+                ("async.concurrency=10 (default)", {"async.concurrency": 10}),
+                ("async.concurrency=64", {"async.concurrency": 64}),
+                ("zarrs codec pipeline", {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})]
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        settings = settings[:-1]
+    runs = {label: [] for label, _ in settings}
+    for _ in range(rounds):
+        for label, cfg in settings:
+            with zarr.config.set(cfg):
+                runs[label].append(measure(wd / "bench.zarr", rows, n, "zarr", "blosc-lz4", None, wd,
+                                           random_batches // 4, memmap_ref=False))
+            print(f"#   zarr {label} done", flush=True)
+    zv = [[label] + [C.median([r[k] for r in rs]) for k in ("write", "seq_warm", "seq_cold", "rand_nolru")]
+          for label, rs in runs.items()]
+    if len(settings) < 4:
+        zv.append(["zarrs codec pipeline", "not installed (pip install zarrs)", "", "", ""])
+    print()
+    print(C.table(["zarr setting (blosc-lz4)", "write rows/s", "seq rows/s warm", "seq rows/s cold",
+                   "random no LRU"], zv))
+    return {row[0]: row[1:] for row in zv if not isinstance(row[1], str)}
 
 
 def main() -> None:
@@ -150,6 +186,8 @@ def main() -> None:
     p.add_argument("--random-batches", type=int, default=200)
     p.add_argument("--no-variants", action="store_true",
                    help="skip the chunk-size, value-dtype and zarr-settings tables")
+    p.add_argument("--only-zarr-settings", action="store_true",
+                   help="only the zarr-settings table (async concurrency, zarrs codec pipeline)")
     args = p.parse_args()
     n = args.samples or (200_000 if args.quick else 1_000_000)
     wd = C.workdir(args.workdir)
@@ -161,10 +199,19 @@ def main() -> None:
           f"{rows.index_dtype} indices), 'ced' params; synthetic rows written with CacheWriter (no teachers run)")
     print(f"# raw payload {raw['payload']} B/sample-epoch (k x (value + index) + seed + params); full raw row "
           f"{sum(raw.values())} B (+ tail statistic + stored order)")
-    print(f"# machine: {C.machine()}; zarr {zarr.__version__}; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"# machine: {C.machine()}; zarr {zarr.__version__}")
 
     configs = [("zarr", "none"), ("zarr", "blosc-lz4"), ("zarr", "zstd"), ("hdf5", "none"), ("hdf5", "lzf"),
                ("hdf5", "gzip")]
+    if args.only_zarr_settings:
+        z = zarr_settings(rows, n, wd, args.random_batches)
+        base = z["async.concurrency=10 (default)"]
+        names = ("write", "seq warm", "seq cold", "random no LRU")
+        print()
+        print("ratios: vs the default (async.concurrency=10): " + "; ".join(
+            f"{label}: " + ", ".join(f"{k} {v / b:.2f}" for k, v, b in zip(names, vals, base))
+            for label, vals in z.items() if not label.endswith("(default)")))
+        return
     table, results = [], {}
     for backend, codec in configs:
         path = wd / ("bench.zarr" if backend == "zarr" else "bench.h5")
@@ -183,8 +230,8 @@ def main() -> None:
     if not args.no_variants:
         # chunk size and value dtype, for the default codecs
         var = []
-        for backend, R, dtype in [("zarr", 4096, "float16"), ("zarr", 65536, "float16"),
-                                  ("hdf5", 4096, "float16"), ("hdf5", 65536, "float16"),
+        for backend, R, dtype in [("zarr", 16384, "float16"), ("zarr", 131072, "float16"),
+                                  ("hdf5", 16384, "float16"), ("hdf5", 131072, "float16"),
                                   ("zarr", None, "float32"), ("hdf5", None, "float32")]:
             rr = rows if dtype == "float16" else C.SyntheticRows(args.topk, args.classes, value_dtype=dtype)
             path = wd / ("bench.zarr" if backend == "zarr" else "bench.h5")
@@ -196,26 +243,7 @@ def main() -> None:
         print()
         print(C.table(["backend", "codec", "chunk rows", "values", "write rows/s", "seq rows/s warm",
                        "seq rows/s cold", "random no LRU", "random LRU", "B/row"], var))
-        # zarr-python settings: async concurrency, and the zarrs (Rust) codec pipeline if installed
-        zv = []
-        for label, cfg in [("async.concurrency=1", {"async.concurrency": 1}),
-                           ("async.concurrency=10 (default)", {"async.concurrency": 10}),
-                           ("async.concurrency=64", {"async.concurrency": 64}),
-                           ("zarrs codec pipeline", {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})]:
-            if "codec_pipeline.path" in cfg:
-                try:
-                    import zarrs  # noqa: F401
-                except ImportError:
-                    zv.append([label, "not installed (pip install zarrs)", "", "", ""])
-                    continue
-            with zarr.config.set(cfg):
-                r = measure(wd / "bench.zarr", rows, n, "zarr", "blosc-lz4", None, wd, args.random_batches // 4,
-                            memmap_ref=False)
-            zv.append([label, r["write"], r["seq_warm"], r["seq_cold"], r["rand_nolru"]])
-            print(f"#   zarr {label} done", flush=True)
-        print()
-        print(C.table(["zarr setting (blosc-lz4)", "write rows/s", "seq rows/s warm", "seq rows/s cold",
-                       "random no LRU"], zv))
+        zarr_settings(rows, n, wd, args.random_batches)
 
     d = results[("zarr", "blosc-lz4")]
     h = results[("hdf5", "lzf")]

@@ -14,7 +14,8 @@ with its views made in DataLoader workers exactly as ``logitcache train`` makes 
 
 plus the parts alone on batches held in memory: the teachers' forward, the student step. Time
 per step is measured from the 2nd step on (the first waits for workers to start), rounds are
-interleaved and medians reported. Goals: cache / labels <= 1.05; the speed-up online / cache
+interleaved and medians reported. The main process runs cores - workers intra-op threads
+(--threads to change). Goals: cache / labels <= 1.05; the speed-up online / cache
 >= 0.9 x the ideal (teachers' forward + labels step) / (labels step).
 
     python benchmarks/bench_train.py            # ~4 min on 2 cores
@@ -72,15 +73,18 @@ def student(classes):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
-def timed_steps(batches, step) -> float:
-    """Seconds per step, from the end of the first step to the end of the last."""
-    n, t0 = 0, None
+def timed_steps(batches, step) -> tuple[float, float]:
+    """(wall seconds per step from the end of the first step to the end of the last, CPU seconds
+    per step of the whole loop: main process + DataLoader workers, which are joined at its end)."""
+    n, t0, c0 = 0, None, C.cpu_seconds()
     for b in batches:
         step(b)
         n += 1
         if t0 is None:
             t0 = time.perf_counter()
-    return (time.perf_counter() - t0) / max(n - 1, 1)
+    wall = (time.perf_counter() - t0) / max(n - 1, 1)
+    del batches
+    return wall, (C.cpu_seconds() - c0) / max(n, 1)
 
 
 def run_cache(cache, data, classes, bs, workers) -> float:
@@ -135,18 +139,17 @@ def main() -> None:
     p.add_argument("--clip-seconds", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--classes", type=int, default=527)
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; --quick 2)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers for all three pipelines (default: min(2, cores-1))")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import logitcache
     from logitcache.teachers import load_teacher
 
     clips = args.clips or (192 if args.quick else 640)
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or (2 if args.quick else 5)
     workers = args.workers if args.workers is not None else max(0, min(2, (os.cpu_count() or 1) - 1))
+    torch.set_num_threads(args.threads or C.default_threads(workers))
     bs, clip = args.batch_size, args.clip_seconds
     wd = C.workdir(args.workdir)
     data = C.make_data(wd / f"data_{clips}x{clip:g}s_C{args.classes}", clips, clip, args.classes)
@@ -157,7 +160,7 @@ def main() -> None:
                     clip_seconds=clip, progress=False)
     print(f"# bench_train: {clips} clips of {clip:g} s, C={args.classes}, batch {bs}, student {C.STUDENT}, "
           f"teachers {', '.join(C.TEACHERS_3)} (k=20 cache, 'ced'), {workers} DataLoader worker(s) per pipeline")
-    print(f"# machine: {C.machine()}; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"# machine: {C.machine()}")
 
     teachers = [load_teacher(q) for q in paths]
     views = LabelledViews(data, clip)
@@ -178,34 +181,41 @@ def main() -> None:
         return (time.perf_counter() - t0) / (len(held) - 1)
 
     res = {k: [] for k in ("cache", "labels", "online", "teachers", "student")}
+    cpu = {k: [] for k in ("cache", "labels", "online")}
     for r in range(rounds):
-        res["labels"].append(run_labels(views, args.classes, bs, workers))
-        res["cache"].append(run_cache(cache, data, args.classes, bs, workers))
-        res["online"].append(run_online(views, teachers, args.classes, bs, workers))
+        for name, run in (("labels", lambda: run_labels(views, args.classes, bs, workers)),
+                          ("cache", lambda: run_cache(cache, data, args.classes, bs, workers)),
+                          ("online", lambda: run_online(views, teachers, args.classes, bs, workers))):
+            wall, c = run()
+            res[name].append(wall)
+            cpu[name].append(c)
         res["teachers"].append(teacher_alone())
         res["student"].append(student_alone())
         print(f"#   round {r + 1}/{rounds} done; load average {os.getloadavg()[0]:.1f}", flush=True)
     m = {k: C.median(v) for k, v in res.items()}
+    mc = {k: C.median(v) for k, v in cpu.items()}
     ideal = (m["teachers"] + m["labels"]) / m["labels"]
     speedup = m["online"] / m["cache"]
     ideal_parts = (m["teachers"] + m["student"]) / m["student"]
-    rows = [
-        ["labels: views (workers) + student step, hard labels", round(1e3 * m["labels"], 1), 1.0],
-        ["cache: replay + stream targets (workers) + KD step", round(1e3 * m["cache"], 1),
-         round(m["cache"] / m["labels"], 3)],
-        ["online: views (workers) + 3 teachers + KD step", round(1e3 * m["online"], 1),
-         round(m["online"] / m["labels"], 3)],
-        ["teachers' forward alone (batches in memory)", round(1e3 * m["teachers"], 1),
-         round(m["teachers"] / m["labels"], 3)],
-        ["student step alone (batches in memory)", round(1e3 * m["student"], 1),
-         round(m["student"] / m["labels"], 3)],
-    ]
+
+    def row(label, key, with_cpu=True):
+        cells = [label, round(1e3 * m[key], 1), round(m[key] / m["labels"], 3)]
+        if with_cpu:
+            return cells + [round(1e3 * mc[key], 1), round(mc[key] / mc["labels"], 3)]
+        return cells + ["", ""]
+
+    rows = [row("labels: views (workers) + student step, hard labels", "labels"),
+            row("cache: replay + stream targets (workers) + KD step", "cache"),
+            row("online: views (workers) + 3 teachers + KD step", "online"),
+            row("teachers' forward alone (batches in memory)", "teachers", False),
+            row("student step alone (batches in memory)", "student", False)]
     print()
-    print(C.table(["pipeline", "ms/step", "/ labels"], rows))
+    print(C.table(["pipeline", "ms/step", "/ labels", "CPU ms/step (incl. workers)", "CPU / labels"], rows))
     print()
-    print(f"ratios: cache/labels {m['cache'] / m['labels']:.3f} (goal <= 1.05); online/cache speed-up "
-          f"{speedup:.2f}x vs ideal (teachers + labels step)/(labels step) {ideal:.2f}x = {speedup / ideal:.2f} of ideal "
-          f"(goal >= 0.9); [ideal from the parts alone, (teachers + student step)/(student step): {ideal_parts:.2f}x]")
+    print(f"ratios: cache/labels {m['cache'] / m['labels']:.3f} (goal <= 1.05; CPU {mc['cache'] / mc['labels']:.3f}); "
+          f"online/cache speed-up {speedup:.2f}x vs ideal (teachers + labels step)/(labels step) {ideal:.2f}x = "
+          f"{speedup / ideal:.2f} of ideal (goal >= 0.9); [ideal from the parts alone, (teachers + student step)/"
+          f"(student step): {ideal_parts:.2f}x, {speedup / ideal_parts:.2f} of it]")
 
 
 if __name__ == "__main__":

@@ -156,10 +156,13 @@ def _weights_files(paths: tuple[str, ...], n_teachers: int) -> list[str | None]:
 @click.option("--resume", is_flag=True,
               help="Continue an unfinished dump at --out (same settings), or extend a complete one to a larger "
                    "--epochs; creates --out if it is missing.")
+@click.option("--distributed/--no-distributed", default=None,
+              help="One rank of a torch.distributed job (torchrun): each rank writes its own chunks of one "
+                   "zarr cache. [default: on when WORLD_SIZE > 1]")
 @_json_option
 def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
          ensemble_weights, weights_files, members, value_dtype, sample_rate, clip_seconds, backend, precision,
-         compile_, channels_last, workers, chunk_rows, resume, as_json):
+         compile_, channels_last, workers, chunk_rows, resume, distributed, as_json):
     """Run the teachers on augmented views and write a cache.
 
     Each of EPOCHS passes draws one augmented view per sample (parameters stored, so the view
@@ -173,8 +176,11 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
     Example:
       logitcache dump --data data/train --teacher a.pt2 --teacher b.pt2 \\
           --out run.zarr --epochs 8 --topk 20 --augment ced
+      torchrun --nproc_per_node=8 -m logitcache dump --data data/train --teacher a.pt2 \\
+          --out run.zarr --epochs 8        # 8 GPUs, one zarr cache, identical bytes
     """
     import logitcache
+    from logitcache.distributed import current_rank
     from logitcache.report import human_bytes, inspect_cache
 
     with _quiet_stdout(as_json):
@@ -185,7 +191,9 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
             teacher_weights=_weights_files(weights_files, len(teachers)) or None, members=members,
             value_dtype=value_dtype, backend=backend, sample_rate=sample_rate, clip_seconds=clip_seconds,
             precision=precision, compile=compile_, channels_last=channels_last, num_workers=workers,
-            chunk_rows=chunk_rows, resume=resume, progress=True)
+            chunk_rows=chunk_rows, resume=resume, progress=True, distributed=distributed)
+        if current_rank() != 0:
+            return  # rank 0 reports for the job
         info = inspect_cache(path)
     if as_json:
         _print_json(info)
@@ -218,9 +226,16 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers replaying views.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--allow-partial", is_flag=True, help="Train on the complete epochs of an unfinished cache.")
+@click.option("--distributed/--no-distributed", default=None,
+              help="One rank of a DDP job (torchrun); --batch-size is then the global batch, split over the "
+                   "ranks. [default: on when WORLD_SIZE > 1]")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its checkpoint.pt, at the exact next batch of the stored order.")
+@click.option("--checkpoint-every", type=int, default=None, metavar="STEPS",
+              help="Also write checkpoint.pt every STEPS steps (default: after each epoch only).")
 @_json_option
 def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, temperature, alpha, member,
-          eval_data, device, precision, workers, seed, allow_partial, as_json):
+          eval_data, device, precision, workers, seed, allow_partial, distributed, resume, checkpoint_every, as_json):
     """Train a student from a cache (teachers are never loaded).
 
     Views are replayed from the stored augmentation parameters, targets stream from the cache
@@ -230,14 +245,20 @@ def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, tempe
     Example:
       logitcache train --cache run.zarr --data data/train --student cnn_tiny \\
           --out runs/kd --epochs 8 --temperature 2 --eval-data data/eval
+      torchrun --nproc_per_node=4 -m logitcache train --cache run.zarr --data data/train \\
+          --student cnn_tiny --out runs/ddp --batch-size 256    # 64 per rank
     """
+    from logitcache.distributed import current_rank
     from logitcache.train import train as run_train
 
     with _quiet_stdout(as_json):
         metrics = run_train(cache, data, student, out, epochs=epochs, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, temperature=temperature, alpha=alpha, member=member,
                             eval_data=eval_data, device=device, precision=precision, num_workers=workers,
-                            seed=seed, allow_partial=allow_partial, progress=True)
+                            seed=seed, allow_partial=allow_partial, progress=True, distributed=distributed,
+                            resume=resume, checkpoint_every=checkpoint_every)
+    if current_rank() != 0:
+        return  # rank 0 reports for the job
     if as_json:
         _print_json(metrics)
         return
@@ -578,6 +599,35 @@ def compare(run, cache, data, eval_data, teachers, weights_files, samples, seed,
         click.echo()
         click.echo(format_table([[x.get("epoch"), x.get("train_loss"), x.get(key)] for x in r["epochs"]],
                                 ["epoch", "train loss", f"held-out {metric}"]))
+
+
+# ---------------------------------------------------------------- copy
+@main.command()
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="DST")
+@click.option("--no-verify", is_flag=True, help="Skip reading the copy back through its checksums.")
+@_json_option
+def copy(src, dst, no_verify, as_json):
+    """Copy a finished cache between local disk and object storage, then verify the copy.
+
+    Either side may be a local path or an fsspec URL (s3://bucket/run.zarr; zarr caches only
+    there). Credentials and endpoints come from the usual environment (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible stores) or ~/.aws.
+
+    \b
+    Example:
+      logitcache copy run.zarr s3://bucket/kd/run.zarr
+      logitcache train --cache s3://bucket/kd/run.zarr --data data/train --student cnn_tiny --out runs/kd
+    """
+    from logitcache.copy import copy_cache
+    from logitcache.report import human_bytes
+
+    r = copy_cache(src, dst, verify=not no_verify)
+    if as_json:
+        _print_json(r)
+        return
+    click.echo(f"{r['dst']}: {r['files']} files, {human_bytes(r['bytes'])} copied in {r['seconds']} s"
+               f"{', verified' if r['verified'] else ' (not verified)'}")
 
 
 # ---------------------------------------------------------------- demo

@@ -39,7 +39,7 @@ import numpy as np
 from logitcache import __version__
 from logitcache.errors import LogitCacheError
 from logitcache.lock import DumpLock
-from logitcache.storage import ArrayStore, backend_for_new, open_store
+from logitcache.storage import ArrayStore, backend_for_new, cache_location, is_url, location_exists, open_store
 
 FORMAT_VERSION = 1
 TARGET_FIELDS = ("values", "indices", "stat")
@@ -100,11 +100,11 @@ def config_differences(stored: dict, new: dict) -> list[str]:
 def existing_manifest(path: str | Path, check_lock: bool = True) -> dict | None:
     """The manifest of the cache at ``path``; None if nothing is there; an error if it is not a cache
     (or, with ``check_lock``, if another dump holds its lock: an HDF5 file being written cannot be read)."""
-    path = Path(path)
-    held = DumpLock(path).holder() if check_lock else None
+    path = cache_location(path)
+    held = DumpLock(path).holder() if check_lock and not is_url(path) else None
     if held:
         raise LogitCacheError(held)
-    if not path.exists():
+    if not location_exists(path):
         return None
     try:
         store = open_store(path, "r")
@@ -196,6 +196,13 @@ def _target_prefix(member: str | None) -> str:
 
 
 # ---------------------------------------------------------------- writer
+class _NoLock:
+    note = None
+
+    def release(self) -> None:
+        pass
+
+
 class CacheWriter:
     """Creates a cache (or, with ``resume``, reopens one) and writes whole chunks from a background
     thread (bounded queue).
@@ -209,11 +216,12 @@ class CacheWriter:
     def __init__(self, path: str | Path, manifest: dict, ids: list[str], param_specs: dict,
                  backend: str | None = None, queue_size: int = 4, resume: bool = False):
         cls = backend_for_new(path, backend)
-        self.path = Path(path)
-        self.lock = DumpLock(self.path).acquire()
+        self.path = cache_location(path)
+        # Object stores have no file locks: there, one dump per cache at a time is up to the user.
+        self.lock = _NoLock() if is_url(self.path) else DumpLock(self.path).acquire()
         self.notes: list[str] = [self.lock.note] if self.lock.note else []
         try:
-            if self.path.exists():
+            if location_exists(self.path):
                 if not resume:
                     raise LogitCacheError(existing_cache_message(
                         self.path, existing_manifest(self.path, check_lock=False) or {}, manifest["epochs"]))
@@ -229,11 +237,38 @@ class CacheWriter:
         self._thread = threading.Thread(target=self._run, name="logitcache-writer", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def attach(cls, path: str | Path, queue_size: int = 4) -> "CacheWriter":
+        """A writer for a non-zero rank of a distributed dump: opens the cache rank 0 created (or
+        reopened) and writes chunks only. It takes no lock and never writes the manifest or
+        resizes: rank 0 holds the lock for the whole job and owns all metadata (a zarr metadata
+        document has one writer, or updates are lost)."""
+        self = cls.__new__(cls)
+        self.path = cache_location(path)
+        self.lock = _NoLock()
+        self.notes = []
+        self.store = open_store(self.path, "r+")
+        if self.store.name != "zarr":
+            self.store.close()
+            raise LogitCacheError(f"{self.path}: a {self.store.name} cache allows one writer; dump it with one rank, "
+                                  f"or to a .zarr cache for several ranks")
+        self.manifest = self.store.read_manifest()
+        self.todo = ~self.store.read("done").astype(bool)
+        self._queue = queue.Queue(maxsize=queue_size)
+        self._error = None
+        self._min_free = _min_free_bytes()
+        self._thread = threading.Thread(target=self._run, name="logitcache-writer", daemon=True)
+        self._thread.start()
+        return self
+
     def _create(self, cls, manifest: dict, ids: list[str], param_specs: dict) -> None:
         self.manifest = dict(manifest)
         self.manifest.update(format="logitcache", format_version=FORMAT_VERSION, tool_version=__version__,
                              backend=cls.name, complete=False, created=_now())
         self.manifest["config_digest"] = config_digest(self.manifest)
+        if is_url(self.path):
+            self._create_in_place(cls, ids, param_specs)
+            return
         tmp = self.path.with_name(self.path.name + ".creating")
         _remove(tmp)  # left by a dump killed while creating; we hold the lock, so it is no one's
         try:
@@ -249,6 +284,18 @@ class CacheWriter:
             _remove(tmp)
             raise _write_failed(self.path, e) from e
         self.store = cls(self.path, "r+")
+        self.todo = np.ones((self.manifest["epochs"], self._n_chunks()), bool)
+
+    def _create_in_place(self, cls, ids: list[str], param_specs: dict) -> None:
+        """On object storage, where a folder cannot be renamed: the layout first, the manifest
+        last, so a dump killed in between leaves no cache that claims to be one."""
+        try:
+            self.store = cls(self.path, "w")
+            self._create_layout(ids, param_specs)
+            _test_kill("layout")
+            self.store.write_manifest(self.manifest)
+        except (OSError, RuntimeError) as e:
+            raise _write_failed(self.path, e) from e
         self.todo = np.ones((self.manifest["epochs"], self._n_chunks()), bool)
 
     def _reopen(self, manifest: dict, backend: str | None) -> None:
@@ -307,7 +354,7 @@ class CacheWriter:
                     store.resize(name, (epochs, *shape[1:]))
                     _test_kill("resize")
             store.flush()
-            if store.name == "zarr":  # temp files of chunk writes that a kill cut short
+            if store.name == "zarr" and not is_url(self.path):  # temp files of chunk writes that a kill cut short
                 for leftover in self.path.rglob("*.partial"):
                     leftover.unlink()
         except (OSError, RuntimeError) as e:
@@ -371,6 +418,8 @@ class CacheWriter:
         """Stop cleanly before the disk is full. A zarr chunk write that fails leaves only a temp
         file, but HDF5 hit by ENOSPC in the middle of a metadata flush leaves a file it cannot
         reopen (measured on a full tmpfs), so both stop while there is still room."""
+        if is_url(self.path):
+            return  # object storage: no local disk to fill
         need = max(self._min_free, 2 * sum(v.nbytes for v in block.values()))
         st = os.statvfs(self.path.parent)
         free = st.f_bavail * st.f_frsize
@@ -385,11 +434,16 @@ class CacheWriter:
                 raise _write_failed(self.path, e) from e
             raise e
 
+    def drain(self) -> None:
+        """Wait until every queued chunk (and its done marker) is written."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
     def finish(self, **manifest_updates) -> None:
         """Wait for queued chunks, then record manifest updates (e.g. ``complete=True``)."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_if_failed()
+        self.drain()
         _test_kill("finish")
         self.manifest.update(manifest_updates)
         try:
@@ -426,7 +480,7 @@ class Cache:
     """
 
     def __init__(self, path: str | Path, chunk_cache_bytes: int = 256 << 20):
-        self.path = Path(path)
+        self.path = cache_location(path)
         self.chunk_cache_bytes = int(chunk_cache_bytes)
         self._chunk_cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
         self._chunk_cache_used = 0

@@ -22,7 +22,10 @@ from tqdm.auto import tqdm
 from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
 from logitcache.cache import CacheWriter, choose_chunk_rows, existing_cache_message, existing_manifest
 from logitcache.data import AudioFolder
+from logitcache.distributed import deal_chunks
+from logitcache.distributed import setup as dist_setup
 from logitcache.errors import LogitCacheError, one_line_worker_errors
+from logitcache.storage import backend_for_new, cache_location
 from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype, topk_targets
 from logitcache.teachers import Teacher, load_teacher, unique_names
 from logitcache.views import DrawnViews, ViewSource, collate_views
@@ -132,6 +135,7 @@ def dump(
     chunk_rows: int | None = None,
     resume: bool = False,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> Path:
     """Dump a cache of ``epochs`` augmented views per sample of the data folder ``data``.
 
@@ -139,6 +143,11 @@ def dump(
     written, nothing else), a complete one is extended to ``epochs`` if that is more, and a
     missing one is created; the settings must match the cache's. Returns the cache path. See the
     README for every option; the CLI maps onto this 1:1.
+
+    With ``distributed`` (default: when WORLD_SIZE > 1, as under torchrun) every rank of the
+    torch.distributed job calls this with the same arguments: rank 0 creates or reopens the cache
+    and holds its lock, each rank draws, runs and writes only the chunks dealt to it (see
+    :mod:`logitcache.distributed`), and rank 0 marks the cache complete once all are written.
     """
     if output_kind not in KINDS:
         raise LogitCacheError(f"--output-kind {output_kind!r}: choose one of {', '.join(KINDS)}")
@@ -152,9 +161,11 @@ def dump(
         raise LogitCacheError("at least one --teacher is needed")
     if ensemble_weights and len(ensemble_weights) != len(teachers):
         raise LogitCacheError(f"{len(ensemble_weights)} ensemble weights for {len(teachers)} teachers")
-    stored = existing_manifest(out)  # None when out does not exist yet
-    if stored is not None and not resume:
-        raise LogitCacheError(existing_cache_message(out, stored, epochs))
+    ctx, device = dist_setup(distributed, device)
+    if ctx.active and backend_for_new(out, backend).name != "zarr":  # checked by content again on attach
+        raise LogitCacheError(f"{out}: HDF5 allows one writer, so {ctx.world} ranks cannot dump to it; "
+                              f"dump to a .zarr cache, or with one rank")
+    stored = _stored_manifest(ctx, out, resume, epochs)  # None when out does not exist yet
     if stored is not None and chunk_rows is None:
         chunk_rows = stored.get("chunk_rows")  # a layout choice, not content: keep the cache's
 
@@ -206,19 +217,20 @@ def dump(
         "channels_last": bool(channels_last),
         "device": dev.type,
     }
-    writer = CacheWriter(out, manifest, folder.ids, augmenter.param_specs, backend=backend, resume=resume)
+    writer = _open_writer(ctx, out, manifest, folder.ids, augmenter.param_specs, backend, resume)
     for note in writer.notes:
         print(f"note: {note}", file=sys.stderr)
     if not writer.todo.any() and writer.manifest.get("complete"):
         writer.close()
-        return Path(out)
+        return cache_location(out)
     source = ViewSource(folder, augmenter)
     hashes = id_hashes(folder.ids)
     R = manifest["chunk_rows"]
     chunk_sizes = np.minimum(R, N - np.arange(writer.todo.shape[1]) * R)
     started = time.perf_counter()
-    bar = tqdm(total=int((writer.todo * chunk_sizes).sum()), unit="view", desc="dump", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=int((writer.todo * chunk_sizes).sum()), unit="view",
+               desc=f"dump (rank 0 of {ctx.world})" if ctx.active else "dump",
+               disable=not progress or ctx.rank != 0, dynamic_ncols=True)  # one bar per job, not per rank
     try:
         for epoch in range(epochs):
             if not writer.todo[epoch].any():
@@ -246,14 +258,64 @@ def dump(
                         chunk = {}
                     a = b
                 bar.update(len(pos))
-        writer.finish(complete=True, dump_seconds=round(time.perf_counter() - started, 3))
-    except BaseException:
+        writer.drain()
+        ctx.final_sync()  # every rank's chunks are durable before rank 0 calls the cache complete
+        if ctx.rank == 0:
+            if ctx.active and not writer.store.read("done").astype(bool).all():
+                raise LogitCacheError(f"{out}: some chunks were not written by any rank; re-run with --resume")
+            writer.finish(complete=True, dump_seconds=round(time.perf_counter() - started, 3))
+    except BaseException as e:
         writer.abort()
+        ctx.report_failure(e)  # the other ranks wait in final_sync: tell them, or they hang
         raise
     finally:
         bar.close()
     writer.close()
-    return Path(out)
+    return cache_location(out)
+
+
+def _stored_manifest(ctx, out, resume: bool, epochs: int) -> dict | None:
+    """The manifest of the cache at ``out`` (None if there is none), read by rank 0 only: it is
+    about to take the lock, and another rank looking would trip over it. Every rank gets the
+    answer, or the error."""
+    stored, error = None, None
+    if ctx.rank == 0:
+        try:
+            stored = existing_manifest(out)
+            if stored is not None and not resume:
+                raise LogitCacheError(existing_cache_message(out, stored, epochs))
+        except LogitCacheError as e:
+            error = e
+    ctx.agree(error)
+    return ctx.broadcast(stored)
+
+
+def _open_writer(ctx, out, manifest, ids, param_specs, backend, resume) -> CacheWriter:
+    """Rank 0 creates/reopens the cache (layout, manifest, lock); then the other ranks attach to
+    it. ``todo`` becomes this rank's share of the chunks still to write."""
+    if not ctx.active:
+        return CacheWriter(out, manifest, ids, param_specs, backend=backend, resume=resume)
+    writer, error = None, None
+    if ctx.rank == 0:
+        try:
+            writer = CacheWriter(out, manifest, ids, param_specs, backend=backend, resume=resume)
+        except Exception as e:
+            error = e
+    ctx.agree(error)
+    if ctx.rank != 0:
+        try:
+            writer = CacheWriter.attach(out)
+        except Exception as e:
+            error = e
+    try:
+        ctx.agree(error)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    todo = ctx.broadcast(writer.todo if ctx.rank == 0 else None)
+    writer.todo = deal_chunks(todo, ctx.rank, ctx.world)
+    return writer
 
 
 class _TodoBatches:

@@ -28,14 +28,19 @@ from logitcache.cache import TARGET_FIELDS, Cache, config_digest, open_cache
 from logitcache.data import AudioFolder, fingerprint
 from logitcache.dump import VALUE_DTYPES
 from logitcache.errors import LogitCacheError
+from logitcache.storage import cache_location, is_url, url_fs
 from logitcache.targets import aggregate, teacher_probs, topk_targets
 
 MAX_PROBLEMS = 100  # a wholly damaged cache would otherwise list one problem per chunk
 
 
 # ---------------------------------------------------------------- inspect
-def _disk_bytes(path: Path) -> int:
+def _disk_bytes(path: Path | str) -> int:
     """Bytes of every file of the cache (a zarr folder or one HDF5 file), metadata included."""
+    if is_url(path):
+        fs, root = url_fs(str(path))
+        fs.invalidate_cache()
+        return int(sum(v.get("size") or 0 for v in fs.find(root, detail=True).values()))
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -46,12 +51,11 @@ def _epoch_bytes(cache: Cache, name: str) -> list[int] | None:
     store, out = cache.store, [0] * cache.epochs
     try:
         if store.name == "zarr":
-            folder = Path(store.path) / name
-            for f in folder.rglob("*"):
-                parts = f.relative_to(folder).parts
+            for rel, size in store.file_sizes(name).items():
+                parts = rel[len(name) + 1:].split("/")
                 # chunk keys are c/<epoch>/<chunk>/... (zarr v3 default encoding)
-                if f.is_file() and len(parts) > 2 and parts[0] == "c" and parts[1].isdigit():
-                    out[int(parts[1])] += f.stat().st_size
+                if len(parts) > 2 and parts[0] == "c" and parts[1].isdigit():
+                    out[int(parts[1])] += size
             return out
         if store.name == "hdf5":
             d = store.file[name]
@@ -217,8 +221,7 @@ def _chunk_stored(cache: Cache, name: str, coords: tuple[int, ...]) -> bool | No
     """
     store = cache.store
     if store.name == "zarr":
-        arr = store._array(name)
-        return (Path(store.path) / name / arr.metadata.encode_chunk_key(coords)).is_file()
+        return store.chunk_stored(name, coords)
     if store.name == "hdf5":
         d = store.file[name]
         offset = tuple(c * s for c, s in zip(coords, d.chunks))
@@ -845,7 +848,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         "device": dev.type,
         **_summary(parts["ensemble"]),
         "members": {n: _summary(parts[n]) for n in member_of.values()},
-        "path": str(Path(path)),
+        "path": str(cache_location(path)),
         "classes": len(m["classes"]),
         "frames": m.get("frames"),
         **acc.result(m["classes"], size_of),
@@ -1089,8 +1092,8 @@ def write_cache_report(out_html: str | Path, cache: str | Path, data: str | Path
                       teacher_weights=teacher_weights, samples=compare_samples, seed=seed, device=device,
                       progress=progress)
     path = write_report(out_html, inspect=info, fidelity=fid, compare=cmp,
-                        title=f"logitcache report: {Path(cache).name}",
-                        subtitle=f"{Path(cache).resolve()} ·")
+                        title=f"logitcache report: {str(cache).rstrip('/').rpartition('/')[2]}",
+                        subtitle=f"{cache if is_url(cache) else Path(cache).resolve()} ·")
     return {"html": str(path), "inspect": info, "fidelity": fid, "compare": cmp}
 
 

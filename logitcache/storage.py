@@ -22,6 +22,52 @@ MANIFEST_KEY = "logitcache"
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
+def is_url(path) -> bool:
+    """An fsspec URL (``s3://bucket/run.zarr``, ``gs://…``, ``memory://…``) rather than a local path."""
+    return "://" in str(path)
+
+
+def cache_location(path: str | Path) -> str | Path:
+    """A local cache path as a Path; a URL as a string (``Path`` would fold ``s3://`` into ``s3:/``)."""
+    return str(path).rstrip("/") if is_url(path) else Path(path)
+
+
+def url_fs(url: str):
+    """(fsspec filesystem, path inside it) for ``url``; credentials and endpoints come from the
+    usual environment and config files of that filesystem (for S3: AWS_* variables, ~/.aws)."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise LogitCacheError(f"{url}: no filesystem for this URL ({_line(e)}; for s3:// install s3fs)") from None
+
+
+def location_exists(path: str | Path) -> bool:
+    if not is_url(path):
+        return Path(path).exists()
+    fs, root = url_fs(str(path))
+    fs.invalidate_cache()  # another fsspec instance (zarr's) may have written since we last listed
+    return bool(fs.exists(root))
+
+
+def stored_files(path: str | Path, prefix: str = "") -> dict[str, int]:
+    """Bytes of every file (object) of a zarr cache under ``prefix``, by path relative to the cache."""
+    if is_url(path):
+        fs, root = url_fs(str(path))
+        fs.invalidate_cache()
+        base = f"{root}/{prefix}".rstrip("/")
+        found = fs.find(base, detail=True) if fs.exists(base) else {}
+        return {k[len(root) + 1:]: int(v.get("size") or 0) for k, v in found.items() if v.get("type") != "directory"}
+    path = Path(path)
+    base = path / prefix if prefix else path
+    return {f.relative_to(path).as_posix(): f.stat().st_size for f in base.rglob("*") if f.is_file()}
+
+
+def _line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
 class ArrayStore:
     """Interface every backend implements. ``key`` is any numpy basic-indexing tuple."""
 
@@ -64,15 +110,36 @@ class ZarrStore(ArrayStore):
     def __init__(self, path: str | Path, mode: str = "r"):
         import zarr
 
-        self.path = Path(path)
+        self.path = cache_location(path)
         self._zarr = zarr
         self.mode = mode
-        self.group = zarr.open_group(str(self.path), mode={"w": "w-", "r": "r", "r+": "r+"}[mode])
+        zmode = {"w": "w-", "r": "r", "r+": "r+"}[mode]
+        if is_url(self.path):
+            from zarr.storage import FsspecStore
+
+            url_fs(self.path)  # a one-line error when no fsspec filesystem serves the URL
+            store = FsspecStore.from_url(self.path, read_only=mode == "r")
+            self.group = zarr.open_group(store, mode=zmode)
+        else:
+            self.group = zarr.open_group(str(self.path), mode=zmode)
         self._arrays: dict = {}
 
     @staticmethod
-    def detect(path: Path) -> bool:
+    def detect(path) -> bool:
+        if is_url(path):
+            fs, root = url_fs(str(path))
+            return bool(fs.exists(f"{root}/zarr.json"))
         return (path / "zarr.json").is_file()
+
+    def file_sizes(self, prefix: str = "") -> dict[str, int]:
+        return stored_files(self.path, prefix)
+
+    def chunk_stored(self, name: str, coords: tuple[int, ...]) -> bool:
+        key = f"{name}/{self._array(name).metadata.encode_chunk_key(coords)}"
+        if is_url(self.path):
+            fs, root = url_fs(self.path)
+            return bool(fs.exists(f"{root}/{key}"))
+        return (self.path / key).is_file()
 
     def _array(self, name: str):
         if name not in self._arrays:
@@ -127,8 +194,7 @@ class ZarrStore(ArrayStore):
 
     def info(self, name):
         arr = self._array(name)
-        folder = self.path / name
-        stored = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        stored = sum(self.file_sizes(name).values())
         return {"shape": tuple(arr.shape), "dtype": str(arr.dtype), "chunks": tuple(arr.chunks), "stored_bytes": stored}
 
     def arrays(self):
@@ -147,8 +213,12 @@ class ZarrStore(ArrayStore):
         self._arrays.clear()
 
     @staticmethod
-    def remove(path: Path) -> None:
-        shutil.rmtree(path)
+    def remove(path) -> None:
+        if is_url(path):
+            fs, root = url_fs(str(path))
+            fs.rm(root, recursive=True)
+        else:
+            shutil.rmtree(path)
 
 
 @register_backend
@@ -170,8 +240,8 @@ class Hdf5Store(ArrayStore):
             raise LogitCacheError(f"{self.path}: locked by another writer (HDF5 allows one)") from None
 
     @staticmethod
-    def detect(path: Path) -> bool:
-        if not path.is_file():
+    def detect(path) -> bool:
+        if is_url(path) or not path.is_file():
             return False
         with open(path, "rb") as f:
             return f.read(8) == _HDF5_SIGNATURE
@@ -238,18 +308,19 @@ class Hdf5Store(ArrayStore):
 
 def backend_for_new(path: str | Path, backend: str | None = None) -> type[ArrayStore]:
     """The backend for a new cache: ``backend`` if given, else by suffix, else zarr."""
-    if backend:
-        if backend not in BACKENDS:
-            raise LogitCacheError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-        return BACKENDS[backend]
+    if backend and backend not in BACKENDS:
+        raise LogitCacheError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     suffix = Path(str(path)).suffix.lower()
-    return next((b for b in BACKENDS.values() if suffix in b.suffixes), ZarrStore)
+    cls = BACKENDS[backend] if backend else next((b for b in BACKENDS.values() if suffix in b.suffixes), ZarrStore)
+    if is_url(path) and cls is not ZarrStore:
+        raise LogitCacheError(f"{path}: object storage holds zarr caches only; use a .zarr URL")
+    return cls
 
 
 def open_store(path: str | Path, mode: str = "r") -> ArrayStore:
     """Open an existing cache, with the backend detected from the cache's own bytes."""
-    path = Path(path)
-    if not path.exists():
+    path = cache_location(path)
+    if not location_exists(path):
         raise LogitCacheError(f"{path}: cache not found")
     for cls in BACKENDS.values():
         if cls.detect(path):

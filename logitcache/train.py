@@ -8,6 +8,7 @@ targets at a train-time temperature, plus an optional hard-label term weighted b
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 import sys
@@ -22,6 +23,8 @@ from tqdm.auto import tqdm
 from logitcache.augment import Augmenter
 from logitcache.cache import Cache, open_cache
 from logitcache.data import AudioFolder
+from logitcache.distributed import setup as dist_setup
+from logitcache.distributed import shard_bounds
 from logitcache.dump import autocast, resolve_device
 from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.targets import hard_label_loss, kd_loss
@@ -144,10 +147,24 @@ def train(
     max_steps: int | None = None,
     record_steps: bool = False,
     progress: bool = True,
+    distributed: bool | None = None,
+    resume: bool = False,
+    checkpoint_every: int | None = None,
 ) -> dict:
     """Train ``student`` on the cache's targets; writes checkpoint.pt and metrics.jsonl to ``out``.
 
     Returns the last epoch's metrics (plus ``step_losses`` when ``record_steps``).
+
+    checkpoint.pt is written after every epoch, and every ``checkpoint_every`` steps. It holds the
+    reader's position (stored epoch, batches done), so ``resume`` continues at the exact next
+    batch of the stored order, as if never stopped (same global batch and number of ranks needed).
+
+    With ``distributed`` (default: when WORLD_SIZE > 1, as under torchrun) this is one rank of
+    a DistributedDataParallel job: ``batch_size`` is the global batch (each of W ranks takes
+    ``batch_size / W``), each rank streams its own contiguous, chunk-aligned share of every
+    stored epoch, every rank takes the same number of steps (the smallest share's; the rest of
+    the longer shares is skipped that epoch), and only rank 0 writes the run folder. Losses in
+    the metrics are averaged over ranks.
     """
     if not 0.0 <= alpha <= 1.0:
         raise LogitCacheError(f"--alpha {alpha}: must be in [0, 1]")
@@ -174,59 +191,135 @@ def train(
     if eval_folder is not None and eval_folder.classes != c.classes:
         raise LogitCacheError(f"{eval_data}: class list differs from the cache's")
     kind = c.output_kind
+    ctx, device = dist_setup(distributed, device)
     dev = resolve_device(device)
+    if batch_size < 1 or batch_size % ctx.world:
+        raise LogitCacheError(f"--batch-size {batch_size}: must be a positive multiple of the {ctx.world} ranks "
+                              f"(it is the global batch)")
+    rank_batch = batch_size // ctx.world
+    start, stop = shard_bounds(c.num_samples, c.chunk_rows, ctx.rank, ctx.world)
+    # Equal step counts on every rank, or DDP's gradient all-reduce waits forever on the longest share.
+    steps_per_epoch = min(-(-(b - a) // rank_batch)
+                          for a, b in (shard_bounds(c.num_samples, c.chunk_rows, r, ctx.world) for r in range(ctx.world)))
+    if steps_per_epoch == 0:
+        raise LogitCacheError(f"{cache}: {-(-c.num_samples // c.chunk_rows)} chunk(s) per epoch cannot be shared by "
+                              f"{ctx.world} ranks; use fewer ranks (or dump with a smaller --chunk-rows)")
     model = build_student(student, len(c.classes), augmenter.sample_rate, c.frames, seed).to(dev)
-    steps_per_epoch = -(-c.num_samples // batch_size)
+    net = model
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     optimizer, schedule = make_optimizer(model, lr, weight_decay, min(epochs * steps_per_epoch, max_steps or 1 << 62))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    lead = ctx.rank == 0  # writes the run folder and shows progress
+    progress = progress and lead
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     config = {"cache": str(cache), "data": str(data), "student": student, "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "temperature": temperature, "alpha": alpha, "member": member, "seed": seed,
               "cache_config_digest": c.manifest.get("config_digest"), "stored_epochs": stored}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    log = open(out / "metrics.jsonl", "w")
+    if ctx.active:
+        config.update(ranks=ctx.world, rank_batch_size=rank_batch)
+    position = {"epoch": 0, "batch": 0, "steps": 0}  # where the next batch comes from
+    if resume and (out / "checkpoint.pt").exists():
+        position = _restore(out / "checkpoint.pt", config, model, optimizer, schedule)
+    if lead:
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    log = open(out / "metrics.jsonl", "a" if position["steps"] else "w") if lead else None
     step_losses: list[float] = []
     metrics: dict = {}
-    steps = 0
+    steps = position["steps"]
+
+    def save(epoch: int, at: dict) -> None:
+        if lead:  # written aside, then renamed: a kill while saving leaves the previous checkpoint
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "epoch": epoch, "position": at,
+                        "config": config}, out / "checkpoint.pt.tmp")
+            (out / "checkpoint.pt.tmp").replace(out / "checkpoint.pt")
+
     model.train()
     try:
-        for epoch in range(epochs):
+        for epoch in range(position["epoch"], epochs):
             stored_epoch = stored[epoch % len(stored)]
-            stream = CacheStream(cache, data, stored_epoch, batch_size, member=member)
+            skip = position["batch"] if epoch == position["epoch"] else 0  # batches done before a resume
+            stream = CacheStream(cache, data, stored_epoch, rank_batch, member=member,
+                                 start=start + skip * rank_batch, stop=stop)
             loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
                                 prefetch_factor=4 if num_workers else None)
-            started, seen, total = time.perf_counter(), 0, 0.0
-            bar = tqdm(one_line_worker_errors(loader), total=len(stream), unit="batch", desc=f"train {epoch + 1}/{epochs}",
-                       disable=not progress, dynamic_ncols=True)
-            for batch in bar:
-                loss = distill_step(model, optimizer, batch, kind, dev, temperature, alpha, precision)
+            started, seen, total, done = time.perf_counter(), 0, 0.0, skip
+            batches = itertools.islice(one_line_worker_errors(loader), steps_per_epoch - skip)
+            bar = tqdm(batches, total=steps_per_epoch, initial=skip, unit="batch",
+                       desc=f"train {epoch + 1}/{epochs}", disable=not progress, dynamic_ncols=True)
+            for done, batch in enumerate(bar, start=skip + 1):
+                loss = distill_step(net, optimizer, batch, kind, dev, temperature, alpha, precision)
                 schedule.step()
                 seen += len(batch["wave"])
                 total += loss * len(batch["wave"])
                 steps += 1
                 if record_steps:
-                    step_losses.append(loss)
+                    step_losses.append(_rank_mean(ctx, loss, dev))
                 bar.set_postfix(loss=f"{loss:.4f}")
+                if checkpoint_every and steps % checkpoint_every == 0 and done < steps_per_epoch:
+                    save(epoch, {"epoch": epoch, "batch": done, "steps": steps})
                 if max_steps and steps >= max_steps:
                     break
             seconds = time.perf_counter() - started
+            if ctx.active:  # the job's figures, not this rank's
+                total, seen = _rank_sum(ctx, [total, seen], dev)
+                seen = int(seen)
             metrics = {"epoch": epoch, "stored_epoch": stored_epoch, "train_loss": total / max(seen, 1),
                        "samples": seen, "seconds": round(seconds, 3), "samples_per_s": round(seen / seconds, 1)}
-            if eval_folder is not None:
+            if eval_folder is not None and lead:
                 metrics.update({f"eval_{k}": v for k, v in evaluate(model, eval_folder, augmenter, kind, dev).items()})
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "epoch": epoch,
-                        "config": config}, out / "checkpoint.pt")
+            if lead:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            save(epoch, {"epoch": epoch + 1, "batch": 0, "steps": steps} if done >= steps_per_epoch
+                 else {"epoch": epoch, "batch": done, "steps": steps})
             if max_steps and steps >= max_steps:
                 break
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         c.close()
     if record_steps:
         metrics["step_losses"] = step_losses
     return metrics
+
+
+# What a resumed run must share with the checkpoint: a position counts per-rank batches.
+_RESUME_KEYS = ("student", "batch_size", "epochs", "cache_config_digest", "stored_epochs", "ranks")
+
+
+def _restore(path: Path, config: dict, model, optimizer, schedule) -> dict:
+    """Load a checkpoint into model, optimiser and schedule; returns the reader position saved."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LogitCacheError(f"{path}: cannot be loaded ({str(e).splitlines()[0][:160]})") from None
+    if "position" not in ckpt:
+        raise LogitCacheError(f"{path}: written by a logitcache without resumable checkpoints; start a new --out")
+    old = ckpt.get("config", {})
+    diffs = [f"{k} ({old.get(k)!r} there, {config.get(k)!r} now)" for k in _RESUME_KEYS if old.get(k) != config.get(k)]
+    if diffs:
+        raise LogitCacheError(f"{path}: cannot resume: the run differs in {'; '.join(diffs)}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    return dict(ckpt["position"])
+
+
+def _rank_sum(ctx, values: list[float], dev: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _rank_mean(ctx, value: float, dev: torch.device) -> float:
+    return value if not ctx.active else _rank_sum(ctx, [value], dev)[0] / ctx.world
 
 
 def load_student(run_dir: str | Path, student: str, num_classes: int, sample_rate: int,

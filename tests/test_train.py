@@ -136,3 +136,38 @@ def test_training_refuses_another_dataset(dumper, dataset, tmp_path):
     with pytest.raises(LogitCacheError) as e:
         train(dumper(), other, "cnn_tiny", tmp_path / "run", progress=False)
     assert_one_line_error(e, "does not match")
+
+
+def test_resumed_training_continues_at_the_exact_batch(dumper, dataset, tmp_path, monkeypatch):
+    """A run stopped mid-epoch and resumed from its last checkpoint ends with the same weights, step
+    losses and log as one that never stopped: the checkpoint holds the reader's position."""
+    import logitcache.train as train_mod
+
+    cache = dumper()
+    kw = dict(epochs=3, batch_size=8, seed=0, record_steps=True, progress=False, checkpoint_every=2)
+    whole = train(cache, dataset, "cnn_tiny", tmp_path / "whole", **kw)
+    real_step, calls = train_mod.distill_step, []
+
+    def dies_at_step_6(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # after 5 steps; the checkpoint of step 4 is the latest
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_mod, "distill_step", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(cache, dataset, "cnn_tiny", tmp_path / "cut", **kw)
+    monkeypatch.setattr(train_mod, "distill_step", real_step)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["position"] == \
+        {"epoch": 1, "batch": 1, "steps": 4}
+    resumed = train(cache, dataset, "cnn_tiny", tmp_path / "cut", resume=True, **kw)
+    np.testing.assert_array_equal(resumed["step_losses"], whole["step_losses"][4:])
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in log] == [0, 1, 2] and log[-1]["train_loss"] == whole["train_loss"]
+
+    with pytest.raises(LogitCacheError) as e:  # a position counts batches: the batch size must match
+        train(cache, dataset, "cnn_tiny", tmp_path / "cut", resume=True, **{**kw, "batch_size": 4})
+    assert_one_line_error(e, "checkpoint.pt", "cannot resume", "batch_size")
