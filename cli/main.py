@@ -6,6 +6,8 @@
     logitcache fidelity run.zarr --data data/train --teacher a.pt2 --teacher b.pt2 --html report.html
     logitcache plan --samples 2000000 --epochs 8 --topk 32 --classes 527
     logitcache compare runs/kd --eval-data data/eval --teacher a.pt2 --teacher b.pt2
+    logitcache copy run.zarr s3://bucket/run.zarr
+    torchrun --nproc_per_node=8 -m logitcache dump ...   (or train: see README, Scaling out)
 
 Human output is plain aligned text on stdout; ``--json`` prints exactly one JSON object on
 stdout and nothing else (progress bars and chatter go to stderr). User errors print one

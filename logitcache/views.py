@@ -189,7 +189,7 @@ class CacheStream(IterableDataset):
         source = ViewSource(folder, Augmenter.from_spec(cache.manifest["augment"]))
         R = cache.chunk_rows
         mine = range(worker, len(self), workers)
-        chunks = sorted({c for b in mine for c in range(self._span(b)[0] // R, (self._span(b)[1] - 1) // R + 1)})
+        chunks = self._chunks_of(mine, R)
         reader = ChunkReader(cache, self.epoch, chunks, member=self.member, ahead=self.read_ahead)
         try:
             for b in mine:
@@ -197,6 +197,14 @@ class CacheStream(IterableDataset):
         finally:
             reader.close()
             cache.close()
+
+    def _chunks_of(self, batches: range, R: int) -> list[int]:
+        """The chunks that ``batches`` touch, in order (array work: a 2M-row epoch has 60k batches)."""
+        first = self.start + np.arange(batches.start, batches.stop, batches.step, dtype=np.int64) * self.batch_size
+        last = np.minimum(first + self.batch_size, self.stop) - 1
+        if self.batch_size <= R:  # a batch touches at most two neighbouring chunks
+            return np.unique(np.concatenate([first // R, last // R])).tolist()
+        return sorted({c for a, z in zip((first // R).tolist(), (last // R).tolist()) for c in range(a, z + 1)})
 
     @staticmethod
     def _batch(source: ViewSource, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
