@@ -13,15 +13,16 @@ user's teachers would be), k = 20, batch 32, on this machine's device:
             manifest being final ("dump_seconds"); "wall" adds its setup (teacher loading,
             probing, layout) which does not grow with N.
 
-Rounds are interleaved (forward, dump w=0, dump w=1, ... then again) and medians reported, as
-the machine is shared. "CPU" compares the dump's CPU seconds (main process + workers, setup
+Rounds are interleaved (forward, dump w=0, dump w=1, ..., forward again, then the next round);
+each dump is divided by the mean of the two forward passes around it and the median of these
+paired ratios is reported, as the shared machine's load drifts (ms columns: medians). "CPU" compares the dump's CPU seconds (main process + workers, setup
 included) with forward + views: near 1 means the pipeline adds little work of its own, and
 the wall-clock ratio then depends on whether a core is free for the workers. "own ms/batch"
 (w=0 only, where nothing overlaps) is dump - forward - views: the pipeline's own work (top-k,
 ensemble, host copies, chunk assembly, writing) per batch. The main process
 runs cores - workers intra-op threads (--threads to change). Goal: dump / forward <= 1.05 with teachers costing >= 20 ms per batch.
 
-    python benchmarks/bench_dump.py            # ~3 min on 2 cores
+    python benchmarks/bench_dump.py            # ~3 min on 2 idle cores (longer when shared)
     python benchmarks/bench_dump.py --quick    # ~1 min
 """
 
@@ -77,6 +78,7 @@ def run_dump(data, paths, out: Path, clip, batch_size, k, workers, dev) -> tuple
     from logitcache.cache import open_cache
 
     shutil.rmtree(out, ignore_errors=True)
+    time.sleep(1.0)  # let the previous run's workers exit first
     c0, t0 = C.cpu_seconds(), time.perf_counter()
     logitcache.dump(data, paths, out, topk=k, augment="ced", batch_size=batch_size, device=dev.type,
                     num_workers=workers, sample_rate=C.SAMPLE_RATE, clip_seconds=clip, progress=False)
@@ -88,12 +90,12 @@ def run_dump(data, paths, out: Path, clip, batch_size, k, workers, dev) -> tuple
 
 def main() -> None:
     p = C.parser(__doc__)
-    p.add_argument("--clips", type=int, default=None, help="clips in the epoch (default 640; --quick 192)")
+    p.add_argument("--clips", type=int, default=None, help="clips in the epoch (default 1920; --quick 256)")
     p.add_argument("--clip-seconds", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--topk", type=int, default=20)
     p.add_argument("--classes", type=int, default=527)
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 4; --quick 2)")
     p.add_argument("--workers", default="0,1,auto", help="DataLoader worker counts to compare (auto = the default)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -102,8 +104,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads or C.default_threads(default_workers(resolve_device(args.device))))
 
-    clips = args.clips or (192 if args.quick else 640)
-    rounds = args.rounds or (2 if args.quick else 3)
+    clips = args.clips or (256 if args.quick else 1920)
+    rounds = args.rounds or (2 if args.quick else 4)
     dev = resolve_device(args.device)
     auto = default_workers(dev)
     settings = []
@@ -122,25 +124,34 @@ def main() -> None:
     for names in (C.TEACHERS_1, C.TEACHERS_3):
         paths = C.export_teachers(wd / "teachers", names, args.classes, args.clip_seconds)
         teachers = [load_teacher(q, None, dev) for q in paths]
-        batches, make_s = premade_batches(data, args.clip_seconds, args.batch_size)
+        batches, _ = premade_batches(data, args.clip_seconds, args.batch_size)
         forward_only(teachers, batches[:2], dev)  # warm-up
-        fwd, fwd_cpu, dumps = [], [], {n: [] for _, n in settings}
-        for r in range(rounds):
-            w, c = forward_only(teachers, batches, dev)
-            fwd.append(w)
-            fwd_cpu.append(c)
-            for _, n in settings:
-                dumps[n].append(run_dump(data, paths, wd / "bench.zarr", args.clip_seconds, args.batch_size,
-                                         args.topk, n, dev))
-        f, fc = C.median(fwd), C.median(fwd_cpu)
         nb = len(batches)
+        fwd, fwd_cpu, views, dumps = [], [], [], {n: [] for _, n in settings}
+        for r in range(rounds):
+            # forward before and after the dumps of the round: each dump is compared with the
+            # forward measured around it (paired), since the machine's load drifts
+            views.append(premade_batches(data, args.clip_seconds, args.batch_size)[1])
+            before = forward_only(teachers, batches, dev)
+            order = settings if r % 2 == 0 else settings[::-1]  # alternate: no worker count always goes first
+            ds = {n: run_dump(data, paths, wd / "bench.zarr", args.clip_seconds, args.batch_size, args.topk, n, dev)
+                  for _, n in order}
+            after = forward_only(teachers, batches, dev)
+            fwd.append((before[0] + after[0]) / 2)
+            fwd_cpu.append((before[1] + after[1]) / 2)
+            for n, d in ds.items():
+                dumps[n].append(d)
+        f, fc, make_s = C.median(fwd), C.median(fwd_cpu), C.median(views)
         for label, n in settings:
             loop, wall, cpu = (C.median([d[i] for d in dumps[n]]) for i in range(3))
-            own = (loop / nb - f / nb - make_s) if n == 0 else float("nan")
+            ratio = C.median([d[0] / fr for d, fr in zip(dumps[n], fwd)])
+            own = C.median([(d[0] - fr) / nb - v for d, fr, v in zip(dumps[n], fwd, views)]) if n == 0 else 0.0
             rows.append([len(names), label, round(1e3 * f / nb, 1), round(1e3 * make_s, 1), round(1e3 * loop / nb, 1),
-                         round(loop / f, 3), round(1e3 * own, 1) if n == 0 else "", round(wall / f, 2),
-                         round(cpu / (fc + make_s * nb), 2), round(clips / loop)])
-            ratios[(len(names), n)] = loop / f
+                         round(ratio, 3), round(1e3 * own, 1) if n == 0 else "",
+                         round(C.median([d[1] / fr for d, fr in zip(dumps[n], fwd)]), 2),
+                         round(C.median([d[2] / (fc_ + v * nb) for d, fc_, v in zip(dumps[n], fwd_cpu, views)]), 2),
+                         round(clips / loop)])
+            ratios[(len(names), n)] = ratio
             if n == 0:
                 ratios[(len(names), "own")] = own / (f / nb)
         print(f"#   {len(names)} teacher(s) {', '.join(names)} done; load average {os.getloadavg()[0]:.1f}", flush=True)

@@ -14,7 +14,8 @@ with its views made in DataLoader workers exactly as ``logitcache train`` makes 
 
 plus the parts alone on batches held in memory: the teachers' forward, the student step. Time
 per step is measured from the 2nd step on (the first waits for workers to start), rounds are
-interleaved and medians reported. The main process runs cores - workers intra-op threads
+interleaved (labels and cache swap order every round), ratios are taken within each round and
+their medians reported (ms: medians). The main process runs cores - workers intra-op threads
 (--threads to change). Goals: cache / labels <= 1.05; the speed-up online / cache
 >= 0.9 x the ideal (teachers' forward + labels step) / (labels step).
 
@@ -139,7 +140,7 @@ def main() -> None:
     p.add_argument("--clip-seconds", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--classes", type=int, default=527)
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; --quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 8; --quick 2)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers for all three pipelines (default: min(2, cores-1))")
     args = p.parse_args()
@@ -147,7 +148,7 @@ def main() -> None:
     from logitcache.teachers import load_teacher
 
     clips = args.clips or (192 if args.quick else 640)
-    rounds = args.rounds or (2 if args.quick else 5)
+    rounds = args.rounds or (2 if args.quick else 8)
     workers = args.workers if args.workers is not None else max(0, min(2, (os.cpu_count() or 1) - 1))
     torch.set_num_threads(args.threads or C.default_threads(workers))
     bs, clip = args.batch_size, args.clip_seconds
@@ -183,9 +184,15 @@ def main() -> None:
     res = {k: [] for k in ("cache", "labels", "online", "teachers", "student")}
     cpu = {k: [] for k in ("cache", "labels", "online")}
     for r in range(rounds):
-        for name, run in (("labels", lambda: run_labels(views, args.classes, bs, workers)),
-                          ("cache", lambda: run_cache(cache, data, args.classes, bs, workers)),
-                          ("online", lambda: run_online(views, teachers, args.classes, bs, workers))):
+        pipelines = [("labels", lambda: run_labels(views, args.classes, bs, workers)),
+                     ("cache", lambda: run_cache(cache, data, args.classes, bs, workers))]
+        # labels and cache swap places every round, with a pause before each run: the second of
+        # two back-to-back runs was measured up to 10-15 % slower here (the first one's worker
+        # still exiting)
+        pipelines = (pipelines if r % 2 == 0 else pipelines[::-1]) + [
+            ("online", lambda: run_online(views, teachers, args.classes, bs, workers))]
+        for name, run in pipelines:
+            time.sleep(1.0)  # let the previous run's worker exit first
             wall, c = run()
             res[name].append(wall)
             cpu[name].append(c)
@@ -194,14 +201,17 @@ def main() -> None:
         print(f"#   round {r + 1}/{rounds} done; load average {os.getloadavg()[0]:.1f}", flush=True)
     m = {k: C.median(v) for k, v in res.items()}
     mc = {k: C.median(v) for k, v in cpu.items()}
-    ideal = (m["teachers"] + m["labels"]) / m["labels"]
-    speedup = m["online"] / m["cache"]
-    ideal_parts = (m["teachers"] + m["student"]) / m["student"]
+    # ratios paired within each round (the shared machine's load drifts between rounds), then medians
+    paired = {k: C.median([a / b for a, b in zip(v, res["labels"])]) for k, v in res.items()}
+    paired_cpu = {k: C.median([a / b for a, b in zip(v, cpu["labels"])]) for k, v in cpu.items()}
+    ideal = C.median([(t + lab) / lab for t, lab in zip(res["teachers"], res["labels"])])
+    speedup = C.median([o / c for o, c in zip(res["online"], res["cache"])])
+    ideal_parts = C.median([(t + st) / st for t, st in zip(res["teachers"], res["student"])])
 
     def row(label, key, with_cpu=True):
-        cells = [label, round(1e3 * m[key], 1), round(m[key] / m["labels"], 3)]
+        cells = [label, round(1e3 * m[key], 1), round(paired[key], 3)]
         if with_cpu:
-            return cells + [round(1e3 * mc[key], 1), round(mc[key] / mc["labels"], 3)]
+            return cells + [round(1e3 * mc[key], 1), round(paired_cpu[key], 3)]
         return cells + ["", ""]
 
     rows = [row("labels: views (workers) + student step, hard labels", "labels"),
@@ -212,7 +222,7 @@ def main() -> None:
     print()
     print(C.table(["pipeline", "ms/step", "/ labels", "CPU ms/step (incl. workers)", "CPU / labels"], rows))
     print()
-    print(f"ratios: cache/labels {m['cache'] / m['labels']:.3f} (goal <= 1.05; CPU {mc['cache'] / mc['labels']:.3f}); "
+    print(f"ratios: cache/labels {paired['cache']:.3f} (goal <= 1.05; CPU {paired_cpu['cache']:.3f}); "
           f"online/cache speed-up {speedup:.2f}x vs ideal (teachers + labels step)/(labels step) {ideal:.2f}x = "
           f"{speedup / ideal:.2f} of ideal (goal >= 0.9); [ideal from the parts alone, (teachers + student step)/"
           f"(student step): {ideal_parts:.2f}x, {speedup / ideal_parts:.2f} of it]")

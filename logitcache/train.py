@@ -243,7 +243,7 @@ def train(
         for epoch in range(position["epoch"], epochs):
             stored_epoch = stored[epoch % len(stored)]
             skip = position["batch"] if epoch == position["epoch"] else 0  # batches done before a resume
-            stream = CacheStream(cache, data, stored_epoch, rank_batch, member=member,
+            stream = CacheStream(cache, folder, stored_epoch, rank_batch, member=member,
                                  start=start + skip * rank_batch, stop=stop)
             loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
                                 prefetch_factor=4 if num_workers else None)

@@ -1,0 +1,84 @@
+"""The fast paths of issue 3 return exactly what the plain paths do (no timings asserted here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import logitcache
+from logitcache.augment import Augmenter
+from logitcache.cache import choose_chunk_rows
+from logitcache.data import AudioFolder
+from logitcache.views import CacheStream, ViewSource, batch_labels, row_params
+
+
+@pytest.fixture(scope="module")
+def chunked(dumper):
+    """The strong cache again, in chunks of 5 rows (24 clips: 5 chunks, the last one partial)."""
+    return dumper(chunk_rows=5)
+
+
+@pytest.mark.parametrize("budget", [0, 200, 256 << 20])
+def test_random_access_equals_full_read_for_any_chunk_cache(chunked, budget):
+    cache = logitcache.open_cache(chunked, chunk_cache_bytes=budget)
+    rng = np.random.default_rng(0)
+    for epoch in range(cache.epochs):
+        full = cache.targets(epoch)
+        pos_of = cache.positions(epoch)
+        for n in (0, 1, 3, 24, 40):
+            ids = [cache.ids[i] for i in rng.integers(0, len(cache.ids), n)]  # repeats allowed
+            for member in (None, "toy_b"):
+                t = cache.targets(epoch, ids, member=member)
+                ref = full if member is None else cache.targets(epoch, member=member)
+                pos = pos_of[cache.dataset_index(ids)]
+                for got, want in zip((t.values, t.indices, t.stat), (ref.values, ref.indices, ref.stat)):
+                    assert got.dtype == want.dtype and np.array_equal(got, want[pos])
+        params = cache.params(epoch, cache.ids[::-1])
+        block = cache.read_block(epoch, 0, cache.num_samples)
+        pos = pos_of[cache.dataset_index(cache.ids[::-1])]
+        for name, rows in params.items():
+            assert np.array_equal(rows, block[f"params/{name}"][pos])
+
+
+@pytest.mark.parametrize("read_ahead", [0, 1, 3])
+def test_stream_with_read_ahead_equals_block_reads(chunked, dataset, read_ahead):
+    cache = logitcache.open_cache(chunked)
+    block = cache.read_block(1, 0, cache.num_samples)
+    batches = list(CacheStream(chunked, dataset, 1, batch_size=7, read_ahead=read_ahead))
+    assert np.array_equal(torch.cat([b["order"] for b in batches]).numpy(), block["order"])
+    assert np.array_equal(torch.cat([b["values"] for b in batches]).numpy(), block["values"])
+    assert np.array_equal(torch.cat([b["stat"] for b in batches]).numpy(), block["stat"])
+    part = list(CacheStream(chunked, dataset, 1, batch_size=4, start=3, stop=17, read_ahead=read_ahead))
+    assert np.array_equal(torch.cat([b["order"] for b in part]).numpy(), block["order"][3:17])
+
+
+def test_batch_labels_equal_per_row_labels(strong_cache, dataset):
+    cache = logitcache.open_cache(strong_cache)
+    source = ViewSource(AudioFolder(dataset), Augmenter.from_spec(cache.manifest["augment"]))
+    for epoch in range(cache.epochs):
+        block = cache.read_block(epoch, 0, cache.num_samples)
+        assert (block["params/mixup.partner"] >= 0).any()  # the mixed branch is exercised
+        per_row = np.stack([source.labels(i, row_params(block, r)) for r, i in enumerate(block["order"])])
+        params = {k[len("params/"):]: v for k, v in block.items() if k.startswith("params/")}
+        got = batch_labels(source.folder, block["order"], params)
+        assert got.dtype == per_row.dtype and np.array_equal(got, per_row)
+
+
+def test_channels_last_flag_is_recorded_and_changes_nothing_here(dumper):
+    plain, cl = dumper(epochs=1), dumper(epochs=1, channels_last=True)
+    a, b = logitcache.open_cache(plain), logitcache.open_cache(cl)
+    assert b.manifest["channels_last"] is True and a.manifest["channels_last"] is False
+    assert a.manifest["compile"] is False
+    for m in (None, "toy_a"):
+        ta, tb = a.targets(0, member=m), b.targets(0, member=m)
+        assert np.array_equal(ta.values, tb.values) and np.array_equal(ta.indices, tb.indices)
+
+
+def test_chunk_rows_are_powers_of_two_within_bounds():
+    for row_bytes in (1, 20, 80, 400, 20_000, 10**7):
+        for n in (1, 100, 10**6, 10**8):
+            r = choose_chunk_rows(row_bytes, n)
+            assert 1 <= r <= min(n, 1 << 17)
+            assert r == n or (r & (r - 1) == 0 and r >= 64)
+    assert choose_chunk_rows(20 * 4, 10**6) == 1 << 16  # clip-level top-20 of 527: the benchmarked default
