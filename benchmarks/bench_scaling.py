@@ -21,8 +21,8 @@ above 1 would be super-linear. Open time should stay flat
 (exponent ~0). Each point is the median of --repeats runs; the main process uses 1 intra-op
 thread unless --threads says otherwise (tiny tensor ops on a shared 2-core box).
 
-    python benchmarks/bench_scaling.py            # ~4 min on 2 cores
-    python benchmarks/bench_scaling.py --quick    # ~1 min (N up to 300k, T up to 100)
+    python benchmarks/bench_scaling.py            # ~1-2 min on 2 cores
+    python benchmarks/bench_scaling.py --quick    # ~30 s (N up to 300k, T up to 100)
 """
 
 from __future__ import annotations

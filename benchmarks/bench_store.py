@@ -21,7 +21,7 @@ each backend and codec:
 
 Goals: seq >= 0.5 x memmap and >= 1M rows/s; B/row <= raw payload; open < 50 ms at 1M.
 
-    python benchmarks/bench_store.py            # ~4 min on 2 cores
+    python benchmarks/bench_store.py            # ~3-5 min on 2 cores
     python benchmarks/bench_store.py --quick    # ~1 min
 """
 

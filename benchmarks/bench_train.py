@@ -19,8 +19,8 @@ their medians reported (ms: medians). The main process runs cores - workers intr
 (--threads to change). Goals: cache / labels <= 1.05; the speed-up online / cache
 >= 0.9 x the ideal (teachers' forward + labels step) / (labels step).
 
-    python benchmarks/bench_train.py            # ~4 min on 2 cores
-    python benchmarks/bench_train.py --quick    # ~1.5 min
+    python benchmarks/bench_train.py            # ~2 min on 2 cores
+    python benchmarks/bench_train.py --quick    # ~1 min
 """
 
 from __future__ import annotations

@@ -110,6 +110,7 @@ def table(rows: list[list], headers: list[str]) -> str:
 
 
 def human_bytes(n: float | None) -> str:
+    """1536 -> '1.5 KiB' (binary units)."""
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -28,6 +28,7 @@ from logitcache.cache import TARGET_FIELDS, Cache, config_digest, open_cache
 from logitcache.data import AudioFolder, fingerprint
 from logitcache.dump import VALUE_DTYPES
 from logitcache.errors import LogitCacheError
+from logitcache.html import human_bytes  # noqa: F401  (the CLI's text tables use it from here)
 from logitcache.storage import cache_location, is_url, url_fs
 from logitcache.targets import aggregate, teacher_probs, topk_targets
 
@@ -1098,17 +1099,6 @@ def write_cache_report(out_html: str | Path, cache: str | Path, data: str | Path
 
 
 # ---------------------------------------------------------------- text helpers for the CLI
-def human_bytes(n: float | None) -> str:
-    """1536 -> '1.5 KiB' (binary units)."""
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def format_table(rows: list[list], headers: list[str] | None = None) -> str:
     """Plain-text table with aligned columns; numbers are right-aligned."""
     cells = [[_cell(x) for x in r] for r in rows]
