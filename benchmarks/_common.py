@@ -30,10 +30,16 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def workdir(arg: str | None) -> Path:
+    """``--workdir`` (kept), else a temporary folder removed when the benchmark exits."""
     if arg:
         Path(arg).mkdir(parents=True, exist_ok=True)
         return Path(arg)
-    return Path(tempfile.mkdtemp(prefix="logitcache-bench-"))
+    import atexit
+    import shutil
+
+    path = Path(tempfile.mkdtemp(prefix="logitcache-bench-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def machine() -> str:
