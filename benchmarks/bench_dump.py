@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -141,7 +140,7 @@ def main() -> None:
             fwd_cpu.append((before[1] + after[1]) / 2)
             for n, d in ds.items():
                 dumps[n].append(d)
-        f, fc, make_s = C.median(fwd), C.median(fwd_cpu), C.median(views)
+        f, make_s = C.median(fwd), C.median(views)
         for label, n in settings:
             loop, wall, cpu = (C.median([d[i] for d in dumps[n]]) for i in range(3))
             ratio = C.median([d[0] / fr for d, fr in zip(dumps[n], fwd)])

@@ -79,7 +79,7 @@ def test_sampled_projection_matches_writing_the_whole_config(monkeypatch):
 
 def test_plan_arithmetic_by_hand():
     """Uncompressed bytes, per-view scaling, the audio share and the PCM conversion, computed by hand."""
-    N, E, k, M, T = 300_000, 4, 8, 1, None
+    N, E, k, M = 300_000, 4, 8, 1
     p = plan_cache(N, E, k, 600, members=M, value_dtype="float32", augment="none", audio_hours=2.5,
                    sample_rate=16000)
     assert p["index_dtype"] == "uint16"

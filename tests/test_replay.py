@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 import logitcache
 from logitcache.views import CacheStream
-from conftest import CLIP, SR, C, dense, raw_clip, replayed, teacher_logits
+from conftest import CLIP, SR, C, dense, raw_clip, teacher_logits
 
 
 def _stream_rows(path, data, epoch, batch_size, workers=0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
