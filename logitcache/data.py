@@ -88,7 +88,8 @@ class AudioFolder:
                 seen.add(sample_id)
                 rows.append((sample_id, [c.strip() for c in (r["labels"] or "").split(";") if c.strip()]))
         except csv.Error as e:  # e.g. a field over csv's limit (131072 characters): no id is that long
-            raise LogitCacheError(f"{path}: line {reader.line_num}: {e}") from None
+            # DictReader.line_num lags by the row that failed; its csv reader's counts it
+            raise LogitCacheError(f"{path}: line {reader.reader.line_num}: {e}") from None
         if not rows:
             raise LogitCacheError(f"{path}: no rows")
         return rows
@@ -188,9 +189,11 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S
 
 
 def _audio_error(path: str, e: Exception) -> LogitCacheError:
-    if isinstance(e, FileNotFoundError) or not Path(path).exists():
+    if isinstance(e, FileNotFoundError) or not os.path.exists(path):
         return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: audio file not found (listed in labels.csv)")
-    return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: cannot decode audio ({str(e).splitlines()[0]})")
+    # an OSError's and libsndfile's texts repeat the path: keep the reason, short
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+    return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: cannot decode audio ({shorten(reason, PATH_LIMIT)})")
 
 
 def _stat_regular(path: str) -> os.stat_result:
