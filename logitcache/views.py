@@ -66,7 +66,8 @@ class SourceContent:
             i = int(index[bad[0]])
             now, was = int(crc[bad[0]]), int(self.crc[i])
             raise LogitCacheError(f"data changed since the dump started: {shorten(folder.ids[i])} "
-                                  f"(crc {now:08x} now, {was:08x} in the cache); restore it or dump to a new --out")
+                                  f"(crc {now:08x} now, {was:08x} in the cache); restore it or dump to a "
+                                  f"new --out")
 
 
 class ViewSource:
