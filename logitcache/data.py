@@ -192,8 +192,11 @@ def _audio_error(path: str, e: Exception) -> LogitCacheError:
     if isinstance(e, FileNotFoundError) or not os.path.exists(path):
         return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: audio file not found (listed in labels.csv)")
     # an OSError's and libsndfile's texts repeat the path: keep the reason, short
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
-    return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: cannot decode audio ({shorten(reason, PATH_LIMIT)})")
+    if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+    else:
+        reason = shorten((str(e).splitlines() or [type(e).__name__])[0], PATH_LIMIT)
+    return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: cannot decode audio ({reason})")
 
 
 def _stat_regular(path: str) -> os.stat_result:

@@ -63,7 +63,8 @@ def pristine(dataset, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cache(pristine, tmp_path_factory) -> Path:
     """One epoch of 'strong' views (mixup included), 3 chunks of 8 rows."""
-    return Path(logitcache.dump(pristine, TEACHERS, tmp_path_factory.mktemp("trust") / "c.zarr", epochs=1, **KW))
+    out = tmp_path_factory.mktemp("trust") / "c.zarr"
+    return Path(logitcache.dump(pristine, TEACHERS, out, epochs=1, **KW))
 
 
 @pytest.fixture
@@ -195,7 +196,8 @@ def test_a_field_over_the_csv_limit_names_the_line(data):
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("{sample_rate: 16000}", "not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+    ("{sample_rate: 16000}",
+     "not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
     ("[16000]", "must be a JSON object"),
     ('{"sample_rate": "16k"}', 'sample_rate must be a positive whole number of Hz (got "16k")'),
     ('{"sample_rate": 0}', "sample_rate must be a positive whole number of Hz (got 0)"),
@@ -224,8 +226,9 @@ def test_cli_bad_labels_csv_encoding_is_one_line(data, tmp_path):
     r = CliRunner().invoke(main, ["dump", "--data", str(data), "--teacher", TEACHERS[0], "--out",
                                   str(tmp_path / "c.zarr")])
     assert r.exit_code == 1 and "Traceback" not in r.output
-    assert r.stderr.strip().splitlines()[-1] == f"error: {data / 'labels.csv'}: not UTF-8 text (byte 16, line 2: " \
-                                                "invalid continuation byte)"
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == f"error: {data / 'labels.csv'}: not UTF-8 text (byte 16, line 2: " \
+                   "invalid continuation byte)"
 
 
 # ---------------------------------------------------------------- 4. long ids make short errors
@@ -254,7 +257,8 @@ def test_multiclass_dump_over_multi_label_rows_warns(pristine, tmp_path, capfd):
     logitcache.dump(pristine, TEACHERS, tmp_path / "mc.zarr", epochs=1, **kw)
     warnings = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("warning: ")]
     assert warnings == [f"warning: --output-kind multiclass, but {len(multi)} of {len(folder)} rows of "
-                        f"{pristine / 'labels.csv'} carry two or more labels (first: {folder.ids[multi[0]]!r}); "
+                        f"{pristine / 'labels.csv'} carry two or more labels "
+                        f"(first: {folder.ids[multi[0]]!r}); "
                         f"use --output-kind multilabel if a clip can hold several classes"]
     logitcache.dump(pristine, TEACHERS, tmp_path / "ml.zarr", epochs=1, **{**kw, "output_kind": "multilabel"})
     assert "warning: " not in capfd.readouterr().err
@@ -278,8 +282,16 @@ def test_load_audio_reads_each_file_once(pristine, monkeypatch):
     path = str(pristine / folder.ids[i])
     opened, given = [], []
     real_open, real_read = builtins.open, soundfile.read
-    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
-    monkeypatch.setattr(soundfile, "read", lambda f, *a, **k: (given.append(f), real_read(f, *a, **k))[1])
+    def counting_open(f, *a, **k):
+        opened.append(str(f))
+        return real_open(f, *a, **k)
+
+    def recording_read(f, *a, **k):
+        given.append(f)
+        return real_read(f, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(soundfile, "read", recording_read)
     _decode.cache_clear()
     wave, crc = folder.load_with_crc(i, SR)
     assert opened.count(path) == 1 and len(given) == 1 and isinstance(given[0], io.BytesIO)
@@ -294,8 +306,8 @@ def test_train_refuses_audio_edited_in_place(cache, data, tmp_path):
         with pytest.raises(LogitCacheError) as e:
             train(cache, data, "cnn_tiny", tmp_path / f"run{workers}", epochs=1, batch_size=8,
                              num_workers=workers, progress=False)
-        assert_one_line_error(e, f"{data / victim}: changed since the dump (content crc differs); the cache's "
-                                 f"targets belong to the old file")
+        assert_one_line_error(e, f"{data / victim}: changed since the dump (content crc differs); "
+                                 f"the cache's targets belong to the old file")
 
 
 def test_replay_and_fidelity_refuse_audio_edited_in_place(cache, data):
@@ -374,8 +386,9 @@ def test_resume_refuses_a_file_edited_after_its_views_were_written(data, tmp_pat
     _edit_in_place(data / victim)
     with pytest.raises(LogitCacheError) as e:
         logitcache.dump(data, TEACHERS, out, epochs=2, resume=True, **KW)
-    assert_one_line_error(e, f"data changed since the dump started: {victim} (crc {_crc(data / victim):08x} "
-                             f"now, {zlib.crc32(original):08x} in the cache); restore it or dump to a new --out")
+    now, was = _crc(data / victim), zlib.crc32(original)
+    assert_one_line_error(e, f"data changed since the dump started: {victim} (crc {now:08x} now, {was:08x} "
+                             f"in the cache); restore it or dump to a new --out")
     with logitcache.open_cache(out) as c:
         assert c.chunks_done()[0, 0] and not c.complete  # nothing written is lost
     (data / victim).write_bytes(original)  # restored: the resume finishes
