@@ -133,6 +133,7 @@ class AudioFolder:
         from collections import Counter
         from concurrent.futures import ThreadPoolExecutor
 
+        _real_dir.cache_clear()  # links may have changed since an earlier scan in this process
         scan = partial(_header_rate, self.root, os.path.realpath(self.root))
         with ThreadPoolExecutor(threads) as pool:  # libsndfile releases the GIL: headers on slow disks overlap
             return dict(sorted(Counter(pool.map(scan, self.ids)).items()))
@@ -213,10 +214,25 @@ def _stat_regular(path: str) -> os.stat_result:
     return st
 
 
+@lru_cache(maxsize=4096)
+def _real_dir(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _resolved(path: str) -> str:
+    """``os.path.realpath(path)`` with each directory resolved once (a 2M-clip folder has few
+    directories), so a file costs one ``lstat``, not one per path component."""
+    head, tail = os.path.split(path)
+    if tail in ("", ".", ".."):
+        return os.path.realpath(path)
+    real = os.path.join(_real_dir(head), tail)
+    return os.path.realpath(real) if os.path.islink(real) else real
+
+
 def _header_rate(root: Path, real_root: str, sample_id: str) -> int:
     path = str(root / sample_id)
     _stat_regular(path)
-    real = os.path.realpath(path)
+    real = _resolved(path)
     if not real.startswith(real_root.rstrip(os.sep) + os.sep):
         raise LogitCacheError(f"{root / 'labels.csv'}: id {quote(sample_id)} leaves the data folder "
                               f"(it resolves to {shorten(real, PATH_LIMIT)})")

@@ -108,6 +108,13 @@ def test_a_symlink_out_of_the_data_folder_is_refused(data, tmp_path):
     shutil.move(outside, data / "audio" / "real.wav")
     (data / victim).symlink_to(Path("real.wav"))
     assert sum(AudioFolder(data).source_sample_rates().values()) == len(folder)
+    # a linked directory that leads out: its first file is named
+    shutil.move(data / "audio", tmp_path / "audio_elsewhere")
+    (data / "audio").symlink_to(tmp_path / "audio_elsewhere")
+    with pytest.raises(LogitCacheError) as e:
+        AudioFolder(data).source_sample_rates()
+    assert_one_line_error(e, f"id {folder.ids[0]!r} leaves the data folder",
+                          f"resolves to {(tmp_path / 'audio_elsewhere').resolve() / Path(folder.ids[0]).name}")
 
 
 # ---------------------------------------------------------------- 2. non-regular files
