@@ -44,7 +44,7 @@ import _common as C  # noqa: E402
 def premade_batches(data: Path, clip: float, batch_size: int, seed: int = 0) -> tuple[list[torch.Tensor], float]:
     """Epoch 0's augmented batches exactly as dump draws them; and the serial ms to make one."""
     from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
-    from logitcache.data import AudioFolder, _load_audio
+    from logitcache.data import AudioFolder, _decode
     from logitcache.views import DrawnViews, ViewSource, collate_views
 
     folder = AudioFolder(data)
@@ -52,7 +52,7 @@ def premade_batches(data: Path, clip: float, batch_size: int, seed: int = 0) -> 
     h = id_hashes(folder.ids)
     order = epoch_order(seed, 0, h)
     views = DrawnViews(ViewSource(folder, aug), order, view_seeds(seed, 0, h)[order])
-    _load_audio.cache_clear()
+    _decode.cache_clear()
     t0 = time.perf_counter()
     batches = [b[0] for b in DataLoader(views, batch_size=batch_size, collate_fn=collate_views)]
     return batches, (time.perf_counter() - t0) / len(batches)

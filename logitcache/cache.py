@@ -11,10 +11,13 @@ epoch's stored order, which is a seeded permutation written at dump time):
     ensemble/indices [E, N, (T,) k]   their class indices (smallest dtype that holds C)
     ensemble/stat    [E, N, (T)]      tail statistic (see targets.py)
     members/<name>/{values,indices,stat}   each teacher's own top-k, same shapes
+    content      [N]             crc32 of the source file of the sample epoch 0 stores at each
+                                 position (written with epoch 0's chunks; absent in older caches)
     done         [E, n_chunks]   1 once every array of that chunk is written
 
-All arrays are chunked ``(1, chunk_rows, …)`` along positions; writers write whole chunks,
-readers read whole chunks. The manifest is JSON only; nothing here unpickles or runs code.
+All per-view arrays are chunked ``(1, chunk_rows, …)`` along positions, ``content`` ``(chunk_rows,)``;
+writers write whole chunks, readers read whole chunks. The manifest is JSON only; nothing here
+unpickles or runs code.
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ from pathlib import Path
 import numpy as np
 
 from logitcache import __version__
-from logitcache.errors import LogitCacheError
+from logitcache.errors import LogitCacheError, quote
 from logitcache.lock import DumpLock
 from logitcache.storage import ArrayStore, backend_for_new, cache_location, is_url, location_exists, open_store
 
 FORMAT_VERSION = 1
 TARGET_FIELDS = ("values", "indices", "stat")
+# One row per sample, not per view: stored in epoch 0's positions, written with its chunks.
+SAMPLE_ARRAYS = ("content",)
 
 
 def choose_chunk_rows(row_bytes: int, num_samples: int, target_bytes: int = 8 << 20) -> int:
@@ -193,6 +198,22 @@ class Targets:
 
 def _target_prefix(member: str | None) -> str:
     return "ensemble" if member is None else f"members/{member}"
+
+
+def stored_content(store: ArrayStore, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``content`` turned into dataset order through epoch 0's ``order``: (crc32 [N], known [N]).
+    Only rows of chunks marked done count (the rest were never written). Reads N x 8 bytes."""
+    N, R = int(manifest["dataset"]["num_samples"]), int(manifest["chunk_rows"])
+    crc, known = np.zeros(N, np.uint32), np.zeros(N, bool)
+    try:
+        rows = np.repeat(store.read("done", (0,)).astype(bool), R)[:N]
+        if rows.any():
+            order = store.read("order", (0,)).astype(np.int64)[rows]
+            crc[order], known[order] = store.read("content")[rows], True
+    except Exception as e:  # damage: name it; verify says which chunk
+        raise LogitCacheError(f"{store.path}: the content checksums cannot be read ({_first_line(e)}); "
+                              f"'logitcache verify' says more") from None
+    return crc, known
 
 
 # ---------------------------------------------------------------- writer
@@ -350,7 +371,7 @@ class CacheWriter:
             # next resume finishes growing whatever arrays are still short.
             store.write_manifest(self.manifest)
             for name, shape in shapes.items():
-                if not name.startswith("ids/") and shape[0] < epochs:
+                if not name.startswith("ids/") and name not in SAMPLE_ARRAYS and shape[0] < epochs:
                     store.resize(name, (epochs, *shape[1:]))
                     _test_kill("resize")
             store.flush()
@@ -383,6 +404,8 @@ class CacheWriter:
             s.create_array(f"{prefix}/values", (E, N, *frame, k), m["value_dtype"], (1, R, *frame, k))
             s.create_array(f"{prefix}/indices", (E, N, *frame, k), m["index_dtype"], (1, R, *frame, k))
             s.create_array(f"{prefix}/stat", (E, N, *frame), "float32", (1, R, *frame))
+        if m.get("content"):
+            s.create_array("content", (N,), "uint32", (R,), compress=False)  # crc32s: incompressible
         n_chunks = -(-N // R)
         s.create_array("done", (E, n_chunks), "uint8", (1, 1), compress=False)
 
@@ -403,7 +426,8 @@ class CacheWriter:
                 self._check_space(block)
                 start = chunk * self.manifest["chunk_rows"]
                 for name, rows in block.items():
-                    self.store.write(name, (epoch, slice(start, start + len(rows))), rows)
+                    rows_of = slice(start, start + len(rows))
+                    self.store.write(name, (rows_of,) if name in SAMPLE_ARRAYS else (epoch, rows_of), rows)
                     _test_kill("write")
                 # The marker goes last, after a flush: a chunk counts as written only once all its
                 # arrays are durable, and a resume rewrites every chunk whose marker is unset.
@@ -495,6 +519,7 @@ class Cache:
         self._orders: dict[int, np.ndarray] = {}
         self._positions: dict[int, np.ndarray] = {}
         self._param_names: list[str] | None = None
+        self._content: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- manifest shortcuts
     @property
@@ -555,7 +580,7 @@ class Cache:
                 return np.array([self._index[ids[0]]], dtype=np.int64)
             return np.array(operator.itemgetter(*ids)(self._index) if ids else [], dtype=np.int64)
         except KeyError as e:
-            raise LogitCacheError(f"{self.path}: sample id {e.args[0]!r} is not in this cache") from None
+            raise LogitCacheError(f"{self.path}: sample id {quote(e.args[0])} is not in this cache") from None
 
     def _check_epoch(self, epoch: int) -> int:
         if not 0 <= int(epoch) < self.epochs:
@@ -577,6 +602,13 @@ class Cache:
             pos[order] = np.arange(len(order))
             self._positions[epoch] = pos
         return self._positions[epoch]
+
+    def content(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(crc32 of each sample's source file as dumped, dataset order; which are known: those
+        of epoch-0 chunks marked done). None for a cache written before ``content`` existed."""
+        if self._content is None and self.manifest.get("content"):
+            self._content = stored_content(self.store, self.manifest)
+        return self._content
 
     def param_names(self) -> list[str]:
         if self._param_names is None:  # listing a store walks its tree: do it once

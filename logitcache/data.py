@@ -7,10 +7,16 @@ The folder format is documented in data/README.md.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
-from functools import lru_cache
+import math
+import os
+import stat
+import zlib
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +24,7 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 
-from logitcache.errors import LogitCacheError
+from logitcache.errors import LogitCacheError, quote, shorten
 
 DEFAULT_SAMPLE_RATE = 16000
 DEFAULT_CLIP_SECONDS = 10.0
@@ -47,7 +53,7 @@ class AudioFolder:
         self.ids: list[str] = [r[0] for r in rows]
         classes_txt = self.root / "classes.txt"
         if classes_txt.is_file():
-            self.classes = [c.strip() for c in classes_txt.read_text().splitlines() if c.strip()]
+            self.classes = [c.strip() for c in _read_text(classes_txt).splitlines() if c.strip()]
             if len(set(self.classes)) != len(self.classes):
                 raise LogitCacheError(f"{classes_txt}: a class name is listed twice")
         else:
@@ -57,28 +63,33 @@ class AudioFolder:
         for row, (sample_id, labels) in enumerate(rows):
             for c in labels:
                 if c not in class_index:
-                    raise LogitCacheError(f"{labels_csv}: row {sample_id!r} has unknown class {c!r} (not in classes.txt)")
+                    raise LogitCacheError(f"{labels_csv}: row {quote(sample_id)} has unknown class "
+                                          f"{quote(c)} (not in classes.txt)")
                 self.labels[row, class_index[c]] = 1.0
         self.index = {s: i for i, s in enumerate(self.ids)}
-        info = self.root / "dataset.json"
-        self.info = json.loads(info.read_text()) if info.is_file() else {}
+        self.info = _read_info(self.root / "dataset.json")
 
     @staticmethod
     def _read_labels(path: Path) -> list[tuple[str, list[str]]]:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
+        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+        rows, seen = [], set()
+        try:
             missing = {"filename", "labels"} - set(reader.fieldnames or [])
             if missing:
                 raise LogitCacheError(f"{path}: missing column(s) {', '.join(sorted(missing))} (header must be filename,labels)")
-            rows, seen = [], set()
             for r in reader:
                 sample_id = (r["filename"] or "").strip()
                 if not sample_id:
                     raise LogitCacheError(f"{path}: line {reader.line_num} has an empty filename")
                 if sample_id in seen:
-                    raise LogitCacheError(f"{path}: duplicate id {sample_id!r}")
+                    raise LogitCacheError(f"{path}: duplicate id {quote(sample_id)}")
+                if _leaves_folder(sample_id):
+                    raise LogitCacheError(f"{path}: id {quote(sample_id)} leaves the data folder")
                 seen.add(sample_id)
                 rows.append((sample_id, [c.strip() for c in (r["labels"] or "").split(";") if c.strip()]))
+        except csv.Error as e:  # e.g. a field over csv's limit (131072 characters): no id is that long
+            # DictReader.line_num lags by the row that failed; its csv reader's counts it
+            raise LogitCacheError(f"{path}: line {reader.reader.line_num}: {e}") from None
         if not rows:
             raise LogitCacheError(f"{path}: no rows")
         return rows
@@ -98,8 +109,17 @@ class AudioFolder:
     def default_clip_seconds(self) -> float:
         return float(self.info.get("clip_seconds", DEFAULT_CLIP_SECONDS))
 
+    @property
+    def multi_label_rows(self) -> np.ndarray:
+        """Dataset indices of the rows that carry two or more labels."""
+        return np.flatnonzero((self.labels > 0).sum(axis=1) >= 2)
+
     def load(self, index: int, sample_rate: int) -> torch.Tensor:
         """Decoded mono float32 audio at ``sample_rate`` (full length; the augmenter fits it to the clip)."""
+        return self.load_with_crc(index, sample_rate)[0]
+
+    def load_with_crc(self, index: int, sample_rate: int) -> tuple[torch.Tensor, int]:
+        """``load`` and the zlib crc32 of the file's bytes, from the same single read of the file."""
         return _load_audio(str(self.root / self.ids[index]), int(sample_rate))
 
     def audio_bytes(self) -> int:
@@ -107,44 +127,146 @@ class AudioFolder:
 
     def source_sample_rates(self, threads: int = 8) -> dict[int, int]:
         """Sample rate -> number of files, from the headers only. Raises the error of the first bad
-        file in labels.csv order (missing, undecodable, zero-length), so a dump fails before any
-        teacher time is spent rather than hours in."""
+        file in labels.csv order (missing, not a regular file, resolving outside the folder,
+        undecodable, zero-length), so a dump fails before any teacher time is spent rather than
+        hours in."""
         from collections import Counter
         from concurrent.futures import ThreadPoolExecutor
 
-        paths = [str(self.root / i) for i in self.ids]
+        _real_dir.cache_clear()  # links may have changed since an earlier scan in this process
+        scan = partial(_header_rate, self.root, os.path.realpath(self.root))
         with ThreadPoolExecutor(threads) as pool:  # libsndfile releases the GIL: headers on slow disks overlap
-            return dict(sorted(Counter(pool.map(_header_rate, paths)).items()))
+            return dict(sorted(Counter(pool.map(scan, self.ids)).items()))
+
+
+def _read_text(path: Path) -> str:
+    """A text file of the data folder, UTF-8 with or without a byte-order mark."""
+    data = path.read_bytes()
+    bom = data.startswith(codecs.BOM_UTF8)
+    try:
+        return data[len(codecs.BOM_UTF8) if bom else 0:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = e.start + (len(codecs.BOM_UTF8) if bom else 0)
+        line = data.count(b"\n", 0, at) + 1
+        raise LogitCacheError(f"{path}: not UTF-8 text (byte {at}, line {line}: {e.reason})") from None
+
+
+def _read_info(path: Path) -> dict:
+    """dataset.json, checked: an object whose sample_rate / clip_seconds, if present, are usable."""
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno} column {e.colno}"
+        raise LogitCacheError(f"{path}: not valid JSON ({e.msg} at {where})") from None
+    except RecursionError:
+        raise LogitCacheError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(info, dict):
+        raise LogitCacheError(f"{path}: must be a JSON object like {{\"sample_rate\": 16000}}, not a "
+                              f"{type(info).__name__}")
+    checks = {"sample_rate": (lambda v: type(v) is int and v > 0, "a positive whole number of Hz"),
+              "clip_seconds": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0,
+                               "a positive number of seconds")}
+    for key, (ok, what) in checks.items():
+        if key in info and not ok(info[key]):
+            raise LogitCacheError(f"{path}: {key} must be {what} (got {shorten(json.dumps(info[key]))})")
+    return info
+
+
+def _leaves_folder(sample_id: str) -> bool:
+    """An id that names a path outside the data folder by its text alone (absolute, or climbing
+    out with ``..``); symlinks are resolved by the header scan. String tests first: this runs
+    for every row of a 2M-row labels.csv."""
+    if os.path.isabs(sample_id) or os.path.splitdrive(sample_id)[0]:
+        return True
+    return ".." in sample_id and os.path.normpath(sample_id).split(os.sep)[0] == os.pardir
+
+
+PATH_LIMIT = 160  # characters of a file path quoted in an error (the folder and the id's tail stay)
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def _audio_error(path: str, e: Exception) -> LogitCacheError:
-    if isinstance(e, FileNotFoundError) or not Path(path).exists():
-        return LogitCacheError(f"{path}: audio file not found (listed in labels.csv)")
-    return LogitCacheError(f"{path}: cannot decode audio ({str(e).splitlines()[0]})")
+    if isinstance(e, FileNotFoundError) or not os.path.exists(path):
+        return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: audio file not found (listed in labels.csv)")
+    # an OSError's and libsndfile's texts repeat the path: keep the reason, short
+    if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+    else:
+        reason = shorten((str(e).splitlines() or [type(e).__name__])[0], PATH_LIMIT)
+    return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: cannot decode audio ({reason})")
 
 
-def _header_rate(path: str) -> int:
+def _stat_regular(path: str) -> os.stat_result:
+    """``os.stat`` of an audio file, refusing anything but a regular file: reading a FIFO or a
+    device blocks forever or never ends."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise _audio_error(path, e) from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+        raise LogitCacheError(f"{shorten(path, PATH_LIMIT)}: {kind}, not an audio file "
+                              f"(listed in labels.csv)")
+    return st
+
+
+@lru_cache(maxsize=4096)
+def _real_dir(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _resolved(path: str) -> str:
+    """``os.path.realpath(path)`` with each directory resolved once (a 2M-clip folder has few
+    directories), so a file costs one ``lstat``, not one per path component."""
+    head, tail = os.path.split(path)
+    if tail in ("", ".", ".."):
+        return os.path.realpath(path)
+    real = os.path.join(_real_dir(head), tail)
+    return os.path.realpath(real) if os.path.islink(real) else real
+
+
+def _header_rate(root: Path, real_root: str, sample_id: str) -> int:
+    path = str(root / sample_id)
+    _stat_regular(path)
+    real = _resolved(path)
+    if not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise LogitCacheError(f"{root / 'labels.csv'}: id {quote(sample_id)} leaves the data folder "
+                              f"(it resolves to {shorten(real, PATH_LIMIT)})")
     try:
         info = soundfile.info(path)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as e:
         raise _audio_error(path, e) from None
     if info.frames == 0:
-        raise LogitCacheError(f"{path}: zero-length audio")
+        raise LogitCacheError(f"{shorten(path, PATH_LIMIT)}: zero-length audio")
     return int(info.samplerate)
 
 
+def _load_audio(path: str, sample_rate: int) -> tuple[torch.Tensor, int]:
+    """(decoded audio, crc32 of the file's bytes). The decode cache is keyed by the file's
+    identity and modification time too, so a file edited in place is read again, not served
+    (with its old crc) from memory."""
+    st = _stat_regular(path)
+    return _decode(path, sample_rate, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @lru_cache(maxsize=64)  # mixup partners and replays reload the same clips; decoding is the costly part
-def _load_audio(path: str, sample_rate: int) -> torch.Tensor:
+def _decode(path: str, sample_rate: int, inode: int, size: int, mtime_ns: int) -> tuple[torch.Tensor, int]:
     try:
-        audio, sr = soundfile.read(path, dtype="float32", always_2d=True)
+        with open(path, "rb") as f:
+            data = f.read()  # one read: the crc and the decode see the same bytes
+        audio, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as e:
         raise _audio_error(path, e) from None
     if audio.shape[0] == 0:
-        raise LogitCacheError(f"{path}: zero-length audio")
+        raise LogitCacheError(f"{shorten(path, PATH_LIMIT)}: zero-length audio")
     wave = torch.from_numpy(np.ascontiguousarray(audio.mean(axis=1)))
     if sr != sample_rate:
         wave = _resample(wave, sr, sample_rate)
-    return wave
+    return wave, zlib.crc32(data)
 
 
 @lru_cache(maxsize=16)

@@ -38,7 +38,7 @@ def fit_on_labels(model: torch.nn.Module, folder: AudioFolder, augmenter: Augmen
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True):
         order = epoch_order(seed, epoch, hashes)
         views = DrawnViews(source, order, view_seeds(seed, epoch, hashes)[order])
-        for wave, params, pos in DataLoader(views, batch_size=batch_size, collate_fn=collate_views):
+        for wave, params, pos, _ in DataLoader(views, batch_size=batch_size, collate_fn=collate_views):
             labels = torch.from_numpy(np.stack([source.labels(order[p], {k: v[i] for k, v in params.items()})
                                                 for i, p in enumerate(pos)]))
             loss = hard_label_loss(model(wave), labels, "multilabel")

@@ -20,15 +20,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
-from logitcache.cache import CacheWriter, choose_chunk_rows, existing_cache_message, existing_manifest
+from logitcache.cache import (CacheWriter, choose_chunk_rows, existing_cache_message, existing_manifest,
+                              stored_content)
 from logitcache.data import AudioFolder
 from logitcache.distributed import deal_chunks
 from logitcache.distributed import setup as dist_setup
-from logitcache.errors import LogitCacheError, one_line_worker_errors
+from logitcache.errors import LogitCacheError, one_line_worker_errors, quote
 from logitcache.storage import backend_for_new, cache_location
 from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype, topk_targets
 from logitcache.teachers import Teacher, load_teacher, unique_names
-from logitcache.views import DrawnViews, ViewSource, collate_views
+from logitcache.views import DrawnViews, SourceContent, ViewSource, collate_views
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 VALUE_DTYPES = ("float16", "float32")
@@ -170,6 +171,8 @@ def dump(
         chunk_rows = stored.get("chunk_rows")  # a layout choice, not content: keep the cache's
 
     folder = AudioFolder(data)
+    if output_kind == "multiclass" and ctx.rank == 0:
+        _warn_multi_label(folder)
     sr = int(sample_rate or folder.default_sample_rate)
     source_rates = folder.source_sample_rates()  # also fails fast on missing, undecodable or empty audio
     clip = float(clip_seconds or folder.default_clip_seconds)
@@ -216,6 +219,7 @@ def dump(
         "compile": bool(compile),
         "channels_last": bool(channels_last),
         "device": dev.type,
+        "content": "crc32",  # the ``content`` array: zlib crc32 of each source file's bytes
     }
     writer = _open_writer(ctx, out, manifest, folder.ids, augmenter.param_specs, backend, resume)
     for note in writer.notes:
@@ -224,6 +228,7 @@ def dump(
         writer.close()
         return cache_location(out)
     source = ViewSource(folder, augmenter)
+    content, store_content = _content_so_far(writer, N)
     hashes = id_hashes(folder.ids)
     R = manifest["chunk_rows"]
     chunk_sizes = np.minimum(R, N - np.arange(writer.todo.shape[1]) * R)
@@ -241,11 +246,14 @@ def dump(
                                 num_workers=num_workers, collate_fn=collate_views, pin_memory=dev.type == "cuda",
                                 persistent_workers=False, prefetch_factor=4 if num_workers else None)
             chunk: dict[str, list[np.ndarray]] = {}
-            for wave, params, pos in one_line_worker_errors(loader):
+            for wave, params, pos, decoded in one_line_worker_errors(loader):
+                content.record(folder, decoded.index, decoded.crc)  # before any teacher time is spent
                 rows = _run_batch(loaded, wave, dev, precision, topk, output_kind, aggregation, ensemble_weights,
                                   value_dtype, manifest["index_dtype"], members, folder, order[pos])
                 rows.update({"order": order[pos].astype(manifest["order_dtype"]), "seeds": seeds[pos]})
                 rows.update({f"params/{k}": v for k, v in params.items()})
+                if epoch == 0 and store_content:
+                    rows["content"] = decoded.own
                 # Stored order is sequential, so rows fill chunks front to back; split at chunk edges.
                 a = 0
                 while a < len(pos):
@@ -272,6 +280,25 @@ def dump(
         bar.close()
     writer.close()
     return cache_location(out)
+
+
+def _warn_multi_label(folder: AudioFolder) -> None:
+    multi = folder.multi_label_rows
+    if len(multi):
+        print(f"warning: --output-kind multiclass, but {len(multi)} of {len(folder)} rows of "
+              f"{folder.root / 'labels.csv'} carry two or more labels "
+              f"(first: {quote(folder.ids[multi[0]])}); "
+              f"use --output-kind multilabel if a clip can hold several classes", file=sys.stderr)
+
+
+def _content_so_far(writer: CacheWriter, num_samples: int) -> tuple[SourceContent, bool]:
+    """(crc32 of every source file as far as the cache knows it, whether this cache stores
+    ``content``). A resumed dump compares every file it decodes with these, so a file edited since
+    its views were written is refused instead of mixing two versions of it in one cache. A cache
+    from before ``content`` existed has none stored; the files decoded in this run still are."""
+    if not writer.manifest.get("content"):
+        return SourceContent.empty(num_samples), False
+    return SourceContent(*stored_content(writer.store, writer.manifest)), True
 
 
 def _stored_manifest(ctx, out, resume: bool, epochs: int) -> dict | None:

@@ -31,3 +31,19 @@ def one_line_worker_errors(loader):
             del iterator
             raise LogitCacheError(message)
         yield item
+
+
+def shorten(text, limit: int = 80) -> str:
+    """``text`` cut to about ``limit`` characters for an error line: head and tail kept (a path's
+    folder and file name), the middle elided. A 100k-character id must not make a 100k-character
+    error."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    tail = max(limit // 4, 1)
+    return f"{text[:limit - tail - 1]}…{text[-tail:]}"
+
+
+def quote(value, limit: int = 80) -> str:
+    """``repr`` of an id or value quoted in an error, shortened like :func:`shorten`."""
+    return repr(shorten(value, limit))

@@ -124,7 +124,7 @@ def group_of(name: str) -> str:
         return "params"
     if name in ("order", "seeds"):
         return "order_seeds"
-    if name.startswith("ids/"):
+    if name.startswith("ids/") or name == "content":  # one row per sample
         return "ids"
     return "other"
 
@@ -133,15 +133,15 @@ def scale_arrays(arrays: dict[str, int], meta_bytes: int, epochs: int, samples: 
                  to_epochs: int, to_samples: int, to_chunk_rows: int | None = None) -> dict:
     """Project measured per-array bytes of an (epochs x samples) cache to (to_epochs x to_samples).
 
-    Per-view arrays scale with views, ids with samples, the one-byte-per-chunk ``done`` markers
-    with the chunk count, and the metadata (array descriptions, manifest) stays as it is.
+    Per-view arrays scale with views, ids and ``content`` with samples, the one-byte-per-chunk
+    ``done`` markers with the chunk count, and the metadata (array descriptions, manifest) stays as it is.
     Returns ``{"bytes_on_disk", "groups": {group: bytes}, "arrays": {name: bytes}}``.
     """
     R2 = to_chunk_rows or chunk_rows
     chunks, chunks2 = epochs * -(-samples // chunk_rows), to_epochs * -(-to_samples // R2)
     out = {}
     for name, b in arrays.items():
-        if name.startswith("ids/"):
+        if group_of(name) == "ids":
             f = to_samples / samples
         elif name == "done":
             f = chunks2 / chunks
@@ -183,7 +183,7 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
         "members": names, "output_kind": output_kind, "aggregation": "mean_prob", "weights": None,
         "topk": topk, "frames": frames, "value_dtype": value_dtype, "index_dtype": index_dtype(classes),
         "order_dtype": "uint32" if sample_of < 2**32 else "uint64", "epochs": epochs, "seed": seed,
-        "chunk_rows": chunk_rows, "precision": "fp32", "device": "cpu",
+        "chunk_rows": chunk_rows, "precision": "fp32", "device": "cpu", "content": "crc32",
     }
     # Augmentation parameters: drawn for a subset of views and resampled, because drawing is slow.
     ctx = augmenter.context(num_samples=sample_of, sample_index=0, source_samples=augmenter.clip_samples)
@@ -198,6 +198,8 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
         for c in range(-(-samples // chunk_rows)):
             a, b = c * chunk_rows, min((c + 1) * chunk_rows, samples)
             block = {"order": stored_order[a:b].astype(manifest["order_dtype"]), "seeds": seeds[a:b]}
+            if epoch == 0:  # crc32s of the source files: random bits (not drawn from rng: it makes the rest)
+                block["content"] = (seeds[a:b] >> np.uint64(32)).astype(np.uint32)
             pick = rng.integers(0, len(draws), b - a)
             for name in augmenter.param_specs:
                 block[f"params/{name}"] = np.stack([draws[i][name] for i in pick])
@@ -248,7 +250,7 @@ def _raw_arrays(epochs: int, samples: int, topk: int, frames: int | None, member
     views = epochs * samples
     per_frame = (frames or 1) * topk
     out = {"ids/utf8": id_bytes, "ids/offsets": 8 * (samples + 1), "order": views * np.dtype(order_dtype).itemsize,
-           "seeds": views * 8, "done": epochs * -(-samples // chunk_rows)}
+           "seeds": views * 8, "content": 4 * samples, "done": epochs * -(-samples // chunk_rows)}
     for name, (dtype, shape) in param_specs.items():
         out[f"params/{name}"] = views * np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
     for prefix in ["ensemble"] + [f"members/teacher_{i + 1}" for i in range(members)]:

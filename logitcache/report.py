@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from logitcache.augment import Augmenter
-from logitcache.cache import TARGET_FIELDS, Cache, config_digest, open_cache
+from logitcache.cache import SAMPLE_ARRAYS, TARGET_FIELDS, Cache, config_digest, open_cache
 from logitcache.data import AudioFolder, fingerprint
 from logitcache.dump import VALUE_DTYPES
 from logitcache.errors import LogitCacheError
@@ -122,7 +122,8 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
             targets_table.append({"name": prefix.rpartition("/")[2], "stored_bytes": stored, "raw_bytes": raw,
                                   "ratio": round(raw / stored, 3) if stored else None,
                                   "bytes_per_view": stored / views})
-        per_view = [a["name"] for a in arrays if not a["name"].startswith("ids/") and a["name"] != "done"]
+        per_view = [a["name"] for a in arrays
+                    if not a["name"].startswith("ids/") and a["name"] not in ("done", *SAMPLE_ARRAYS)]
         per_epoch = [_epoch_bytes(cache, n) for n in per_view]
         epochs_table = []
         if per_view and all(b is not None for b in per_epoch):
@@ -197,7 +198,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def _expected_arrays(m: dict, problems: _Problems) -> dict[str, tuple[tuple, str]]:
-    """name -> (shape, dtype) of every per-position array the manifest implies."""
+    """name -> (shape, dtype) of every per-position array the manifest implies (per view, and
+    ``content`` per epoch-0 position when the manifest says the cache has it)."""
     E, N, k = int(m["epochs"]), int(m["dataset"]["num_samples"]), int(m["topk"])
     frame = (int(m["frames"]),) if m.get("frames") else ()
     out: dict[str, tuple[tuple, str]] = {"order": ((E, N), m.get("order_dtype", "uint32")),
@@ -211,6 +213,8 @@ def _expected_arrays(m: dict, problems: _Problems) -> dict[str, tuple[tuple, str
         out[f"{prefix}/values"] = ((E, N, *frame, k), m["value_dtype"])
         out[f"{prefix}/indices"] = ((E, N, *frame, k), m["index_dtype"])
         out[f"{prefix}/stat"] = ((E, N, *frame), "float32")
+    if m.get("content"):
+        out["content"] = ((N,), "uint32")
     return out
 
 
@@ -240,7 +244,7 @@ def _zero_chunk_plausible(cache: Cache, name: str, rows: int) -> bool:
     """
     if cache.store.name != "zarr":
         return False
-    if name == "seeds" or name.endswith("/values"):
+    if name in ("seeds", *SAMPLE_ARRAYS) or name.endswith("/values"):  # crc32s of R files: never all 0
         return False
     if name == "order":
         return rows < 2
@@ -359,8 +363,10 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
             if np.dtype(info["dtype"]) != np.dtype(dtype):
                 problems.add(f"{name}: dtype {info['dtype']}, manifest says {dtype}")
                 ok = False
-            if tuple(info["chunks"][:2]) != (1, R):
-                problems.add(f"{name}: chunks {tuple(info['chunks'])}, manifest says (1, {R}, ...)")
+            want = (R,) if name in SAMPLE_ARRAYS else (1, R)
+            if tuple(info["chunks"][:len(want)]) != want:
+                implied = f"({R},)" if name in SAMPLE_ARRAYS else f"(1, {R}, ...)"
+                problems.add(f"{name}: chunks {tuple(info['chunks'])}, manifest says {implied}")
                 ok = False
             layout_ok[name] = ok
 
@@ -410,8 +416,12 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
                         continue
                     values_of: dict[str, np.ndarray] = {}  # target prefix -> this chunk's values
                     for name in names:
+                        if name in SAMPLE_ARRAYS and epoch:
+                            continue  # stored once, with epoch 0's chunks
+                        rows_of = (slice(a, b),) if name in SAMPLE_ARRAYS else (epoch, slice(a, b))
                         trailing = (0,) * (len(expected[name][0]) - 2)
-                        stored = _chunk_stored(cache, name, (epoch, c, *trailing))
+                        coords = (c,) if name in SAMPLE_ARRAYS else (epoch, c, *trailing)
+                        stored = _chunk_stored(cache, name, coords)
                         if stored is False and not _zero_chunk_plausible(cache, name, b - a):
                             problems.add(f"{name}: {where}: chunk missing from storage although marked "
                                          f"done (reads back as fill value 0)")
@@ -419,7 +429,7 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
                                 order_complete = False
                             continue
                         try:
-                            rows = cache.store.read(name, (epoch, slice(a, b)))
+                            rows = cache.store.read(name, rows_of)
                         except Exception as e:  # checksum mismatch, truncated file, codec error ...
                             problems.add(f"{name}: {where}: read failed ({_first_line(e)})")
                             if name == "order":
@@ -661,7 +671,7 @@ def _size_model(cache: Cache):
     Measured on this cache: value and index arrays scale with k' at their measured bytes per
     entry (values by the itemsize ratio for another dtype, an estimate), everything else per view
     (seeds, order, params, stats) is kept as measured. Ids, done markers and metadata are left out:
-    they do not grow with views.
+    they do not grow with views; nor does ``content`` (one crc per sample).
     """
     m = cache.manifest
     views = max(cache.epochs * cache.num_samples, 1)
@@ -669,7 +679,7 @@ def _size_model(cache: Cache):
     vals = idxs = rest = 0
     for name in cache.store.arrays():
         b = int(cache.store.info(name)["stored_bytes"])
-        if name.startswith(("ids/", "done")):
+        if name.startswith(("ids/", "done")) or name in SAMPLE_ARRAYS:
             continue
         if name.endswith("/values"):
             vals += b
@@ -764,7 +774,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
     """
     from logitcache.dump import autocast, probe_teachers, resolve_device
     from logitcache.teachers import load_teacher, unique_names
-    from logitcache.views import ViewSource, check_compatible
+    from logitcache.views import SourceContent, ViewSource, check_compatible
 
     if samples < 1 or batch_size < 1:
         raise LogitCacheError("--samples and --batch-size must be at least 1")
@@ -811,7 +821,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         pick = np.sort(rng.choice(int(ends[-1]), size=min(samples, int(ends[-1])), replace=False))
         which = np.searchsorted(ends, pick, side="right")
         flat = done[which, 0] * N + done[which, 1] * R + (pick - (ends[which] - rows[which]))
-        source = ViewSource(folder, augmenter)
+        source = ViewSource(folder, augmenter, SourceContent.of_cache(cache))
         parts: dict[str, list] = {"ensemble": [], **{n: [] for n in member_of.values()}}
         acc = _ReportAccumulator(kind, len(m["classes"]), cache.topk, [t.name for t in loaded])
         size_of = _size_model(cache)
@@ -936,7 +946,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
     from logitcache.dump import autocast, probe_teachers, resolve_device
     from logitcache.teachers import load_teacher, unique_names
     from logitcache.train import load_student
-    from logitcache.views import ViewSource, check_compatible
+    from logitcache.views import SourceContent, ViewSource, check_compatible
 
     run = Path(run)
     if not (run / "config.json").is_file():
@@ -979,7 +989,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         N = c.num_samples
         rng = np.random.default_rng(seed)
         flat = np.sort(rng.choice(len(stored) * N, size=min(samples, len(stored) * N), replace=False))
-        source = ViewSource(folder, augmenter)
+        source = ViewSource(folder, augmenter, SourceContent.of_cache(c))
         top1, kl, s_clip, p_clip, y_clip = [], [], [], [], []
         bar = tqdm(total=len(flat), unit="view", desc="compare", disable=not progress, dynamic_ncols=True)
         try:

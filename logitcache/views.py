@@ -7,6 +7,7 @@ same (epoch, sample) gives the same float32 waveform alone, in any batch, in any
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,8 +15,8 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from logitcache.augment import Augmenter
 from logitcache.cache import Cache, open_cache
-from logitcache.data import AudioFolder
-from logitcache.errors import LogitCacheError
+from logitcache.data import PATH_LIMIT, AudioFolder
+from logitcache.errors import LogitCacheError, shorten
 
 
 def check_compatible(cache: Cache, folder: AudioFolder) -> None:
@@ -29,26 +30,79 @@ def check_compatible(cache: Cache, folder: AudioFolder) -> None:
         raise LogitCacheError(f"{folder.root}: class list differs from the one cache {cache.path} was dumped with")
 
 
+class SourceContent:
+    """crc32 of each sample's source file (dataset order) where known: what the cache's targets
+    were computed from. Readers check every file they decode against it (``check``); the dump
+    checks and extends it with every view it draws (``record``)."""
+
+    def __init__(self, crc: np.ndarray, known: np.ndarray):
+        self.crc, self.known = crc, known
+
+    @classmethod
+    def empty(cls, num_samples: int) -> "SourceContent":
+        return cls(np.zeros(num_samples, np.uint32), np.zeros(num_samples, bool))
+
+    @classmethod
+    def of_cache(cls, cache: Cache) -> "SourceContent | None":
+        """From the cache's ``content`` array; None for a cache written before it existed."""
+        stored = cache.content()
+        return None if stored is None else cls(*stored)
+
+    def check(self, folder: AudioFolder, index: int, crc: int) -> None:
+        if self.known[index] and int(self.crc[index]) != crc:
+            path = shorten(folder.root / folder.ids[index], PATH_LIMIT)
+            raise LogitCacheError(f"{path}: changed since the dump (content crc differs); the cache's "
+                                  f"targets belong to the old file")
+
+    def record(self, folder: AudioFolder, index: np.ndarray, crc: np.ndarray) -> None:
+        """Take the crcs of files just decoded (``index`` may repeat); refuse any that differs from
+        what an earlier view of the same file, or the cache, holds."""
+        new = ~self.known[index]
+        if new.any():  # first sight: the first occurrence defines it, any later one is compared
+            first, at = np.unique(index[new], return_index=True)
+            self.crc[first], self.known[first] = crc[new][at], True
+        bad = np.flatnonzero(self.crc[index] != crc)
+        if len(bad):
+            i = int(index[bad[0]])
+            now, was = int(crc[bad[0]]), int(self.crc[i])
+            raise LogitCacheError(f"data changed since the dump started: {shorten(folder.ids[i])} "
+                                  f"(crc {now:08x} now, {was:08x} in the cache); restore it or dump to a "
+                                  f"new --out")
+
+
 class ViewSource:
-    """Decodes a sample and applies parameters to it; shared by dump, replay and training."""
+    """Decodes a sample and applies parameters to it; shared by dump, replay and training.
 
-    def __init__(self, folder: AudioFolder, augmenter: Augmenter):
-        self.folder, self.augmenter = folder, augmenter
+    With ``content``, every file decoded (a view's own source and its mixup partner) is checked
+    against the crc its targets were computed from. Methods taking ``seen`` append
+    ``(dataset index, crc)`` of each file they decode to it, the view's own source first."""
 
-    def context(self, index: int, source: torch.Tensor):
+    def __init__(self, folder: AudioFolder, augmenter: Augmenter, content: SourceContent | None = None):
+        self.folder, self.augmenter, self.content = folder, augmenter, content
+
+    def load(self, index: int, seen: list | None = None) -> torch.Tensor:
+        wave, crc = self.folder.load_with_crc(int(index), self.augmenter.sample_rate)
+        if self.content is not None:
+            self.content.check(self.folder, int(index), crc)
+        if seen is not None:
+            seen.append((int(index), crc))
+        return wave
+
+    def context(self, index: int, source: torch.Tensor, seen: list | None = None):
         aug = self.augmenter
         return aug.context(num_samples=len(self.folder), sample_index=int(index), source_samples=source.shape[-1],
-                           load_partner=lambda j: aug.fit_clip(self.folder.load(j, aug.sample_rate)))
+                           load_partner=lambda j: aug.fit_clip(self.load(j, seen)))
 
-    def draw(self, index: int, seed: int) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-        source = self.folder.load(int(index), self.augmenter.sample_rate)
-        ctx = self.context(index, source)
+    def draw(self, index: int, seed: int,
+             seen: list | None = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        source = self.load(index, seen)
+        ctx = self.context(index, source, seen)
         params = self.augmenter.draw(int(seed), ctx)
         return self.augmenter.apply(source, params, ctx), params
 
-    def replay(self, index: int, params: dict[str, np.ndarray]) -> torch.Tensor:
-        source = self.folder.load(int(index), self.augmenter.sample_rate)
-        return self.augmenter.apply(source, params, self.context(index, source))
+    def replay(self, index: int, params: dict[str, np.ndarray], seen: list | None = None) -> torch.Tensor:
+        source = self.load(index, seen)
+        return self.augmenter.apply(source, params, self.context(index, source, seen))
 
     def labels(self, index: int, params: dict[str, np.ndarray]) -> np.ndarray:
         """Hard labels of the view: mixed like the audio when mixup was applied."""
@@ -61,7 +115,8 @@ class ViewSource:
 
 
 class DrawnViews(Dataset):
-    """Positions of one epoch's stored order -> (view, drawn params). Used by dump."""
+    """Positions of one epoch's stored order -> (view, drawn params, position, files decoded as
+    ``[(dataset index, crc)]``, own source first). Used by dump."""
 
     def __init__(self, source: ViewSource, order: np.ndarray, seeds: np.ndarray):
         self.source, self.order, self.seeds = source, order, seeds
@@ -70,14 +125,27 @@ class DrawnViews(Dataset):
         return len(self.order)
 
     def __getitem__(self, pos: int):
-        wave, params = self.source.draw(self.order[pos], self.seeds[pos])
-        return wave, params, pos
+        seen: list[tuple[int, int]] = []
+        wave, params = self.source.draw(self.order[pos], self.seeds[pos], seen)
+        return wave, params, pos, seen
+
+
+class Decoded(NamedTuple):
+    """The files a batch of views decoded: ``own`` [B] crc32 of each view's source; ``index`` /
+    ``crc`` [M] every file decoded (sources and mixup partners), dataset index and crc32."""
+
+    own: np.ndarray
+    index: np.ndarray
+    crc: np.ndarray
 
 
 def collate_views(items):
-    waves, params, pos = zip(*items)
+    waves, params, pos, seen = zip(*items)
     stacked = {k: np.stack([p[k] for p in params]) for k in params[0]}
-    return torch.stack(waves), stacked, np.asarray(pos, dtype=np.int64)
+    flat = [x for s in seen for x in s]
+    decoded = Decoded(np.array([s[0][1] for s in seen], np.uint32), np.array([i for i, _ in flat], np.int64),
+                      np.array([c for _, c in flat], np.uint32))
+    return torch.stack(waves), stacked, np.asarray(pos, dtype=np.int64), decoded
 
 
 def row_params(block: dict[str, np.ndarray], row: int) -> dict[str, np.ndarray]:
@@ -188,7 +256,8 @@ class CacheStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         cache = open_cache(self.cache_path)
-        source = ViewSource(self.folder, Augmenter.from_spec(cache.manifest["augment"]))
+        augmenter = Augmenter.from_spec(cache.manifest["augment"])
+        source = ViewSource(self.folder, augmenter, SourceContent.of_cache(cache))
         R = cache.chunk_rows
         mine = range(worker, len(self), workers)
         chunks = self._chunks_of(mine, R)
@@ -234,5 +303,5 @@ def replay(cache: Cache | str | Path, data_dir: str | Path | AudioFolder, epoch:
     folder = data_dir if isinstance(data_dir, AudioFolder) else AudioFolder(data_dir)
     check_compatible(cache, folder)
     params = {k: v[0] for k, v in cache.params(epoch, [sample_id]).items()}
-    source = ViewSource(folder, Augmenter.from_spec(cache.manifest["augment"]))
+    source = ViewSource(folder, Augmenter.from_spec(cache.manifest["augment"]), SourceContent.of_cache(cache))
     return source.replay(folder.index[sample_id], params)

@@ -84,7 +84,7 @@ def test_plan_arithmetic_by_hand():
                    sample_rate=16000)
     assert p["index_dtype"] == "uint16"
     per_view = (M + 1) * (k * (4 + 2) + 4) + 4 + 8  # values+indices+stat per target set, order, seeds
-    ids = len("audio/00000000.flac") * N + 8 * (N + 1)
+    ids = len("audio/00000000.flac") * N + 8 * (N + 1) + 4 * N  # ids, offsets, content (crc32 per sample)
     done = E * -(-N // p["chunk_rows"])
     assert _row(p, "raw")["bytes_on_disk"] == E * N * per_view + ids + done
     assert p["audio_bytes"] == int(2.5 * 3600 * 16000 * 2) and "16-bit mono PCM" in p["audio_basis"]

@@ -97,9 +97,10 @@ def test_verify_passes_on_a_fresh_cache(which, request):
     result = verify_cache(path)
     assert result == {**result, "ok": True, "problems": []}
     store = open_store(path)
-    per_position = [n for n in store.arrays() if n not in ("ids/utf8", "ids/offsets", "done")]
+    per_view = [n for n in store.arrays() if n not in ("ids/utf8", "ids/offsets", "done", "content")]
     assert N % R == 0 and result["rows_checked"] == 2 * N
-    assert result["chunks_checked"] == 2 * (N // R) * len(per_position)
+    # content (one crc per sample) is stored once, in epoch 0's positions
+    assert result["chunks_checked"] == 2 * (N // R) * len(per_view) + N // R
     assert result["arrays_checked"] == len(store.arrays())
 
 
@@ -361,7 +362,7 @@ def test_inspect_size_tables_and_projection(strong_cache, h5_cache):
         assert t["bytes_per_view"] == pytest.approx(t["stored_bytes"] / (2 * N))
     assert [t["name"] for t in info["targets_table"]] == ["ensemble", "toy_a", "toy_b"]
     # per epoch: the chunk files of the per-view arrays (their zarr.json files belong to no epoch)
-    per_view = [n for n in arrays if not n.startswith("ids/") and n != "done"]
+    per_view = [n for n in arrays if not n.startswith("ids/") and n not in ("done", "content")]
     meta = sum((strong_cache / n / "zarr.json").stat().st_size for n in per_view)
     per_view_bytes = sum(arrays[n]["stored_bytes"] for n in per_view)
     assert sum(e["stored_bytes"] for e in info["epochs_table"]) == per_view_bytes - meta
@@ -371,10 +372,11 @@ def test_inspect_size_tables_and_projection(strong_cache, h5_cache):
     assert p["chunk_rows"] == info["chunk_rows"]
     assert p["bytes_on_disk"] == pytest.approx(info["bytes_on_disk"], abs=2)
     # ... and to 3x the samples, 5x the epochs: per-view bytes x15, ids x3, done markers by the
-    # chunk count (a dump of 3N samples picks its own chunk rows), the rest as is
+    # chunk count (a dump of 3N samples picks its own chunk rows), the rest as is; content (one crc
+    # per sample) scales like the ids
     big = inspect_cache(strong_cache, project_samples=3 * N, project_epochs=10)["projection"]
     ids = sum(arrays[n]["stored_bytes"] - (strong_cache / n / "zarr.json").stat().st_size for n in arrays
-              if n.startswith("ids/"))
+              if n.startswith("ids/") or n == "content")
     per_view_chunks = sum(e["stored_bytes"] for e in info["epochs_table"])
     done = arrays["done"]["stored_bytes"] - (strong_cache / "done" / "zarr.json").stat().st_size
     fixed = info["bytes_on_disk"] - per_view_chunks - ids - done
@@ -386,7 +388,7 @@ def test_inspect_size_tables_and_projection(strong_cache, h5_cache):
     h5 = inspect_cache(h5_cache)
     h5_arrays = {a["name"]: a["stored_bytes"] for a in h5["arrays"]}
     assert sum(e["stored_bytes"] for e in h5["epochs_table"]) == sum(
-        b for n, b in h5_arrays.items() if not n.startswith("ids/") and n != "done")
+        b for n, b in h5_arrays.items() if not n.startswith("ids/") and n not in ("done", "content"))
     with pytest.raises(logitcache.LogitCacheError, match="--project-samples 0: must be at least 1"):
         inspect_cache(strong_cache, project_samples=0)
 

@@ -108,6 +108,7 @@ def differing(path, reference: dict[str, np.ndarray]) -> list[str]:
 def done_chunks_wrong(path, reference: dict[str, np.ndarray]) -> list[str]:
     """(array, epoch, chunk) of every chunk marked done whose bytes differ from the reference's."""
     import logitcache
+    from logitcache.cache import SAMPLE_ARRAYS
 
     if not Path(path).exists():
         return []
@@ -118,15 +119,21 @@ def done_chunks_wrong(path, reference: dict[str, np.ndarray]) -> list[str]:
             if name.startswith("ids/") or name == "done":
                 continue
             for epoch, chunk in np.argwhere(done):
-                key = (int(epoch), slice(chunk * R, (chunk + 1) * R))
+                if name in SAMPLE_ARRAYS and epoch:
+                    continue  # one row per sample, written with epoch 0's chunks
+                rows = slice(chunk * R, (chunk + 1) * R)
+                key = (rows,) if name in SAMPLE_ARRAYS else (int(epoch), rows)
                 if c.store.read(name, key).tobytes() != reference[name][key].tobytes():
                     bad.append(f"{name}[{epoch}, chunk {chunk}]")
     return bad
 
 
-def writes_per_chunk(reference: dict[str, np.ndarray]) -> int:
-    """Store writes the writer makes per chunk: every per-position array, then the done marker."""
-    return len([n for n in reference if not n.startswith("ids/")])
+def writes_per_chunk(reference: dict[str, np.ndarray], epoch: int = 0) -> int:
+    """Store writes the writer makes per chunk of ``epoch``: every per-position array (``content``
+    in epoch 0 only), then the done marker."""
+    from logitcache.cache import SAMPLE_ARRAYS
+
+    return len([n for n in reference if not n.startswith("ids/") and not (epoch and n in SAMPLE_ARRAYS)])
 
 
 # ---------------------------------------------------------------- stress
