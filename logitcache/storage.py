@@ -193,6 +193,7 @@ class ZarrStore(ArrayStore):
             self.group = zarr.open_group(str(self.path), mode=zmode)
         self._arrays: dict = {}
         self._listing: dict[str, set[str]] = {}
+        self._root = str(self.path)
 
     @staticmethod
     def detect(path) -> bool:
@@ -209,7 +210,7 @@ class ZarrStore(ArrayStore):
         coords = tuple(coords) + (0,) * (arr.ndim - len(coords))
         key = arr.metadata.encode_chunk_key(coords)
         if not is_url(self.path):
-            return (self.path / name / key).is_file()  # one stat: ~1 us per chunk of ~64Ki rows
+            return os.path.isfile(f"{self._root}/{name}/{key}")  # one stat (~10 us) per chunk of up to 128Ki rows
         # Object stores: one listing per array (not one request per chunk), listed again only
         # when a chunk seems absent, in case a writer added it since.
         listed = self._listing.get(name)
@@ -333,6 +334,8 @@ class Hdf5Store(ArrayStore):
             self.file = h5py.File(self.path, {"w": "w-", "r": "r", "r+": "r+"}[mode], rdcc_nbytes=64 << 20)
         except BlockingIOError:
             raise LogitCacheError(f"{self.path}: locked by another writer (HDF5 allows one)") from None
+        self._datasets: dict = {}
+        self._whole: set[str] = set()  # arrays known to have every chunk allocated
 
     @staticmethod
     def detect(path) -> bool:
@@ -357,11 +360,14 @@ class Hdf5Store(ArrayStore):
         self.file[name][key] = data
 
     def _dataset(self, name: str):
-        try:
-            return self.file[name]
-        except KeyError:
-            raise LogitCacheError(f"{self.path}: array {name} is missing; the cache is damaged "
-                                  f"('logitcache verify' lists every problem)") from None
+        # Kept open: looking a dataset up by name costs ~0.1 ms, more than a chunk-existence probe.
+        if name not in self._datasets:
+            try:
+                self._datasets[name] = self.file[name]
+            except KeyError:
+                raise LogitCacheError(f"{self.path}: array {name} is missing; the cache is damaged "
+                                      f"('logitcache verify' lists every problem)") from None
+        return self._datasets[name]
 
     def read(self, name, key=()):
         d = self._dataset(name)
@@ -377,15 +383,29 @@ class Hdf5Store(ArrayStore):
     def chunk_stored(self, name, coords):
         # HDF5 allocates a chunk in the file when it is first written; one never written (or
         # whose index entry was lost) reads back as the fill value.
+        if name in self._whole:
+            return True
         d = self._dataset(name)
         if d.chunks is None:
             return None
         coords = tuple(coords) + (0,) * (d.ndim - len(coords))
         offset = tuple(c * s for c, s in zip(coords, d.chunks))
         try:
+            if self._all_chunks(name, d):
+                return True
             return d.id.get_chunk_info_by_coord(offset).byte_offset is not None
-        except (AttributeError, RuntimeError, ValueError):  # an HDF5 library without the call
+        except (AttributeError, RuntimeError, ValueError):  # an HDF5 library without these calls
             return None
+
+    def _all_chunks(self, name: str, d) -> bool:
+        """Whether every chunk of the array is allocated: one count per array, remembered once true
+        (a chunk lookup costs ~20 us, as much as 5-15 % of reading it from a warm file)."""
+        if name not in self._whole:
+            grid = int(np.prod([-(-n // c) for n, c in zip(d.shape, d.chunks)]))
+            if d.id.get_num_chunks() != grid:
+                return False
+            self._whole.add(name)
+        return True
 
     def resize(self, name, shape):
         self.file[name].resize(tuple(shape))
@@ -423,6 +443,7 @@ class Hdf5Store(ArrayStore):
         self.file.flush()
 
     def close(self):
+        self._datasets.clear()
         self.file.close()
 
     @staticmethod
