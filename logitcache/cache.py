@@ -654,7 +654,7 @@ class Cache:
             prefix = self._member_prefix(member)
             keys += list(TARGET_FIELDS)
             names += [f"{prefix}/{field}" for field in TARGET_FIELDS]
-        self.require_chunks(names, epoch, start, stop)
+        self._require_chunks(names, epoch, start, stop)
         block = dict(zip(keys, self.store.read_many(names, (epoch, slice(start, stop)))))
         block["order"] = block["order"].astype(np.int64)
         return block
@@ -663,7 +663,7 @@ class Cache:
         """[E, n_chunks] booleans: which chunks were completely written."""
         return self.store.read("done").astype(bool)
 
-    def require_chunks(self, names: list[str], epoch: int, start: int = 0, stop: int | None = None) -> None:
+    def _require_chunks(self, names: list[str], epoch: int, start: int = 0, stop: int | None = None) -> None:
         """Refuse rows ``start:stop`` of ``epoch`` if any chunk holding them is absent from storage.
 
         The writer stores every chunk, even all-zero ones, so an absent chunk is one deleted or
@@ -693,7 +693,7 @@ class Cache:
 
     def _read(self, name: str, epoch: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` (default all) of ``epoch`` of a per-view array, chunks checked first."""
-        self.require_chunks([name], epoch, start, stop)
+        self._require_chunks([name], epoch, start, stop)
         if start == 0 and stop is None:
             return self.store.read(name, (epoch,))
         return self.store.read(name, (epoch, slice(start, stop)))
