@@ -552,15 +552,24 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, output_ki
 @click.option("--device", default="auto", show_default=True)
 @click.option("--html", "html_out", default=None, metavar="OUT.html",
               help="Also write a self-contained HTML report with the learning curve.")
+@click.option("--student", default=None, metavar="module:callable",
+              help="The run's student factory, named by you: needed to import a factory the run's "
+                   "config.json names (zoo names need nothing).")
+@click.option("--trust-run", is_flag=True,
+              help="Import the student factory named in RUN's config.json without --student.")
 @_json_option
 def compare(run, cache, data, eval_data, teachers, weights_files, samples, seed, batch_size, device, html_out,
-            as_json):
+            student, trust_run, as_json):
     """Does a trained student match the ensemble?
 
     On cached training views (replayed exactly) the student is compared with the ensemble
     rebuilt from the cache: top-1 agreement, KL, mAP against the ensemble's decisions and
     against labels. With --eval-data, the same on held-out clips, and with --teacher the
     teachers are re-run there. Lists the run's per-epoch log (metrics.jsonl).
+
+    Epochs are numbered from 1 in the tables and plots; --json keeps metrics.jsonl's 0-based
+    "epoch" field as stored. A run folder is data: a student factory (module:callable) named in
+    its config.json is imported only with --student naming it too, or with --trust-run.
 
     \b
     Example:
@@ -573,7 +582,8 @@ def compare(run, cache, data, eval_data, teachers, weights_files, samples, seed,
     with _quiet_stdout(as_json):
         r = run_compare(run, cache, data, eval_data=eval_data, teachers=list(teachers),
                         teacher_weights=_weights_files(weights_files, len(teachers)) or None, samples=samples,
-                        seed=seed, device=device, batch_size=batch_size, progress=True)
+                        seed=seed, device=device, batch_size=batch_size, progress=True, student=student,
+                        trust_run=trust_run)
     if html_out:
         from logitcache.html import write_report
 
@@ -586,7 +596,8 @@ def compare(run, cache, data, eval_data, teachers, weights_files, samples, seed,
         click.echo(f"warning: {r['cache']} is not the cache {run} was trained on (config digests differ)",
                    err=True)
     metric = r["metric"]
-    click.echo(f"{run}: student {r['student']}, checkpoint after epoch {r['checkpoint_epoch']}; targets: "
+    after = "-" if r["checkpoint_epoch"] is None else r["checkpoint_epoch"] + 1  # epochs from 1, for people
+    click.echo(f"{run}: student {r['student']}, checkpoint after epoch {after}; targets: "
                f"{r['targets']}; {r['output_kind']}")
     v, e = r["views"], r["eval"]
     rows = [["cached training views", v["views"], v["top1_agreement"], v["kl_mean"], v["map_vs_ensemble"],
@@ -599,8 +610,14 @@ def compare(run, cache, data, eval_data, teachers, weights_files, samples, seed,
     if r["epochs"]:
         key = "eval_mAP" if metric == "mAP" else "eval_top1"
         click.echo()
-        click.echo(format_table([[x.get("epoch"), x.get("train_loss"), x.get(key)] for x in r["epochs"]],
+        click.echo(format_table([[_human_epoch(x), x.get("train_loss"), x.get(key)] for x in r["epochs"]],
                                 ["epoch", "train loss", f"held-out {metric}"]))
+
+
+def _human_epoch(line: dict):
+    """A metrics.jsonl line's epoch as tables show it: from 1 (the log counts from 0)."""
+    e = line.get("epoch")
+    return e + 1 if isinstance(e, int) else e
 
 
 # ---------------------------------------------------------------- copy

@@ -42,7 +42,8 @@ import numpy as np
 from logitcache import __version__
 from logitcache.errors import LogitCacheError, quote
 from logitcache.lock import DumpLock
-from logitcache.storage import ArrayStore, backend_for_new, cache_location, is_url, location_exists, open_store
+from logitcache.storage import (ArrayStore, backend_for_new, cache_location, chunk_error, chunk_name, is_url,
+                                location_exists, open_store)
 
 FORMAT_VERSION = 1
 TARGET_FIELDS = ("values", "indices", "stat")
@@ -495,31 +496,78 @@ class CacheWriter:
 
 
 # ---------------------------------------------------------------- reader
+# Manifest entries every reader relies on, and their JSON types: a manifest edited by hand or
+# cut short fails here with the entry named, not deep inside a command with a KeyError.
+REQUIRED_ENTRIES = (("epochs", int), ("dataset", dict), ("dataset.num_samples", int),
+                    ("dataset.fingerprint", str), ("classes", list), ("topk", int), ("chunk_rows", int),
+                    ("output_kind", str), ("aggregation", str), ("members", list), ("value_dtype", str),
+                    ("index_dtype", str), ("augment", dict))
+_TYPE_WORDS = {int: "a whole number", dict: "a JSON object", list: "a list", str: "a string"}
+
+
+def check_manifest(path, manifest: dict) -> None:
+    """Refuse a manifest that lacks an entry readers need (or holds the wrong kind of value)."""
+    for key, kind in REQUIRED_ENTRIES:
+        value = manifest
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise LogitCacheError(f"{path}: manifest has no '{key}' entry (edited or damaged)")
+            value = value[part]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise LogitCacheError(f"{path}: manifest entry '{key}' is {_short(value)}, not {_TYPE_WORDS[kind]} "
+                                  f"(edited or damaged)")
+    frames = manifest.get("frames")
+    if frames is not None and (not isinstance(frames, int) or isinstance(frames, bool) or frames < 1):
+        raise LogitCacheError(f"{path}: manifest entry 'frames' is {_short(frames)}, not a positive whole number "
+                              f"(edited or damaged)")
+    for key in ("epochs", "topk", "chunk_rows"):
+        if manifest[key] < (0 if key == "epochs" else 1):
+            raise LogitCacheError(f"{path}: manifest entry '{key}' is {manifest[key]}, out of range "
+                                  f"(edited or damaged)")
+
+
 class Cache:
     """A read-only view of a cache. Opening is O(1) in N: ids and orders load on first use.
 
     Random access (``targets``/``params`` of ids) reads whole chunks and keeps up to
     ``chunk_cache_bytes`` of decoded chunks (least recently used first out), so repeated random
     batches over a clip-level epoch (~100 B/row) are served from memory after one pass.
+
+    Every read refuses a chunk that is absent from storage (it would read back as zeros) and
+    names a chunk that fails its checksum. With ``check_digest`` (the default; inspect and
+    verify open without it) a manifest whose contents no longer match its ``config_digest`` is
+    refused: targets read under an edited ``output_kind`` or ``topk`` would be silently wrong.
     """
 
-    def __init__(self, path: str | Path, chunk_cache_bytes: int = 256 << 20):
+    def __init__(self, path: str | Path, chunk_cache_bytes: int = 256 << 20, check_digest: bool = True):
         self.path = cache_location(path)
         self.chunk_cache_bytes = int(chunk_cache_bytes)
         self._chunk_cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
         self._chunk_cache_used = 0
         self.store = open_store(self.path, "r")
-        self.manifest: dict = self.store.read_manifest()
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise LogitCacheError(
-                f"{self.path}: cache format version {self.manifest.get('format_version')} is not supported "
-                f"(this logitcache reads {FORMAT_VERSION})")
+        try:
+            self.manifest: dict = self._checked_manifest(check_digest)
+        except BaseException:
+            self.store.close()
+            raise
         self._ids: list[str] | None = None
         self._index: dict[str, int] | None = None
         self._orders: dict[int, np.ndarray] = {}
         self._positions: dict[int, np.ndarray] = {}
         self._param_names: list[str] | None = None
         self._content: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _checked_manifest(self, check_digest: bool) -> dict:
+        manifest = self.store.read_manifest()
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise LogitCacheError(
+                f"{self.path}: cache format version {manifest.get('format_version')} is not supported "
+                f"(this logitcache reads {FORMAT_VERSION})")
+        check_manifest(self.path, manifest)
+        if check_digest and manifest.get("config_digest") != config_digest(manifest):
+            raise LogitCacheError(f"{self.path}: manifest does not match its config_digest (edited or damaged); "
+                                  f"'logitcache verify' says more")
+        return manifest
 
     # -- manifest shortcuts
     @property
@@ -563,6 +611,11 @@ class Cache:
     def ids(self) -> list[str]:
         """Sample ids in dataset order."""
         if self._ids is None:
+            for name in ("ids/utf8", "ids/offsets"):  # written whole at creation: every chunk must be there
+                shape, chunks = self.store.geometry(name)
+                for c in range(-(-shape[0] // chunks[0])):
+                    if self.store.chunk_stored(name, (c,)) is False:
+                        raise chunk_error(self.path, chunk_name(name, (c,), chunks))
             utf8 = self.store.read("ids/utf8").tobytes()
             off = self.store.read("ids/offsets").tolist()
             text = utf8.decode()
@@ -591,7 +644,7 @@ class Cache:
         """Dataset index of each stored position of ``epoch``."""
         epoch = self._check_epoch(epoch)
         if epoch not in self._orders:
-            self._orders[epoch] = self.store.read("order", (epoch,)).astype(np.int64)
+            self._orders[epoch] = self._read("order", epoch).astype(np.int64)
         return self._orders[epoch]
 
     def positions(self, epoch: int) -> np.ndarray:
@@ -633,6 +686,7 @@ class Cache:
             prefix = self._member_prefix(member)
             keys += list(TARGET_FIELDS)
             names += [f"{prefix}/{field}" for field in TARGET_FIELDS]
+        self._require_chunks(names, epoch, start, stop)
         block = dict(zip(keys, self.store.read_many(names, (epoch, slice(start, stop)))))
         block["order"] = block["order"].astype(np.int64)
         return block
@@ -641,13 +695,48 @@ class Cache:
         """[E, n_chunks] booleans: which chunks were completely written."""
         return self.store.read("done").astype(bool)
 
+    def _require_chunks(self, names: list[str], epoch: int, start: int = 0, stop: int | None = None) -> None:
+        """Refuse rows ``start:stop`` of ``epoch`` if any chunk holding them is absent from storage.
+
+        The writer stores every chunk, even all-zero ones, so an absent chunk is one deleted or
+        lost (or, in an unfinished cache, not written yet); read anyway, it would come back as
+        zeros without an error. One existence probe per array and chunk (a stat on local disk,
+        a cached listing on object storage): far below 1 % of reading the chunk.
+        """
+        R = self.chunk_rows
+        stop = self.num_samples if stop is None else min(int(stop), self.num_samples)
+        if stop <= start:
+            return
+        for name in names:
+            for c in range(start // R, (stop - 1) // R + 1):
+                if self.store.chunk_stored(name, (epoch, c)) is False:
+                    raise self._absent(name, epoch, c)
+
+    def _absent(self, name: str, epoch: int, chunk: int) -> LogitCacheError:
+        if not self.complete:
+            try:
+                written = bool(self.store.read("done", (epoch, slice(chunk, chunk + 1)))[0])
+            except LogitCacheError:
+                written = True
+            if not written:
+                return LogitCacheError(f"{self.path}: chunk {chunk} of epoch {epoch} is not written yet (the dump "
+                                       f"did not finish; its complete epochs can be read)")
+        return chunk_error(self.path, chunk_name(name, (epoch, chunk), (1,)))
+
+    def _read(self, name: str, epoch: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` (default all) of ``epoch`` of a per-view array, chunks checked first."""
+        self._require_chunks([name], epoch, start, stop)
+        if start == 0 and stop is None:
+            return self.store.read(name, (epoch,))
+        return self.store.read(name, (epoch, slice(start, stop)))
+
     # -- random access (inspection, fidelity): vectorised gathers over whole chunks
     def targets(self, epoch: int, ids: list[str] | None = None, member: str | None = None) -> Targets:
         """Targets of ``ids`` (rows in the given order; default all, in stored order)."""
         epoch = self._check_epoch(epoch)
         prefix = self._member_prefix(member)
         if ids is None:
-            arrays = [self.store.read(f"{prefix}/{f}", (epoch,)) for f in TARGET_FIELDS]
+            arrays = [self._read(f"{prefix}/{f}", epoch) for f in TARGET_FIELDS]
             return Targets(*arrays)
         pos = self.positions(epoch)[self.dataset_index(list(ids))]
         return Targets(*self._gather(epoch, pos, [f"{prefix}/{f}" for f in TARGET_FIELDS]))
@@ -710,7 +799,7 @@ class Cache:
         key = (name, epoch, -1)
         whole = self._chunk_cache.get(key)
         if whole is None:
-            whole = self.store.read(name, (epoch,))
+            whole = self._read(name, epoch)
             self._remember(key, whole)
         else:
             self._chunk_cache.move_to_end(key)
@@ -735,7 +824,7 @@ class Cache:
             else:
                 runs.append([c, c + 1])
         for a, b in runs:
-            data = self.store.read(name, (epoch, slice(a * R, min(b * R, N))))
+            data = self._read(name, epoch, a * R, min(b * R, N))
             for c in range(a, b):
                 block = data[(c - a) * R:(c - a + 1) * R]
                 if b - a > 1:
@@ -767,9 +856,10 @@ class Cache:
         self.close()
 
 
-def open_cache(path: str | Path, chunk_cache_bytes: int = 256 << 20) -> Cache:
+def open_cache(path: str | Path, chunk_cache_bytes: int = 256 << 20, check_digest: bool = True) -> Cache:
     """Open a cache for reading. The backend is detected from the cache itself.
 
-    ``chunk_cache_bytes`` bounds the decoded chunks kept for random access (see ``Cache``).
+    ``chunk_cache_bytes`` bounds the decoded chunks kept for random access; ``check_digest``
+    refuses a manifest that no longer matches its config_digest (see ``Cache``).
     """
-    return Cache(path, chunk_cache_bytes=chunk_cache_bytes)
+    return Cache(path, chunk_cache_bytes=chunk_cache_bytes, check_digest=check_digest)

@@ -350,13 +350,14 @@ def compare_section(c: dict) -> str:
     if e and e.get("per_class") and c["output_kind"] == "multilabel":
         figs.append(figure_html(plot_class_ap(c), "Per-class AP of the student against the ensemble's on the "
                                 "held-out clips; below the diagonal the student lags."))
-    epochs = table([[x["epoch"], x.get("train_loss"), x.get("eval_mAP", x.get("eval_top1")),
+    epochs = table([[x["epoch"] + 1, x.get("train_loss"), x.get("eval_mAP", x.get("eval_top1")),
                      x.get("samples_per_s")] for x in c["epochs"]],
                    ["epoch", "train loss", f"held-out {metric}", "views/s"])
+    after = "-" if c["checkpoint_epoch"] is None else c["checkpoint_epoch"] + 1  # epochs from 1, as in the plot
     note = "" if c["cache_matches_run"] else ("<p class='note'>This cache is not the one the run was trained on "
                                               "(config digests differ).</p>")
     return (f"<h2>Student vs ensemble: {html.escape(c['student'])} ({html.escape(c['run'])})</h2>{note}"
-            f"<p>checkpoint after epoch {c['checkpoint_epoch']}; {c['output_kind']}; targets: "
+            f"<p>checkpoint after epoch {after}; {c['output_kind']}; targets: "
             f"{html.escape(c['targets'])}</p>{figures}<div class='figs'>{''.join(figs)}</div>"
             f"<h3>Per epoch (from the run's log)</h3>{epochs}")
 

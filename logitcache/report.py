@@ -15,6 +15,7 @@ output is the dict itself and the key names are part of the interface (see the R
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -33,6 +34,11 @@ from logitcache.storage import cache_location, is_url, url_fs
 from logitcache.targets import aggregate, teacher_probs, topk_targets
 
 MAX_PROBLEMS = 100  # a wholly damaged cache would otherwise list one problem per chunk
+# Arrays besides the per-view ones (whose list the manifest implies, see _expected_arrays):
+# written whole when the cache is created, so every chunk of them must be in storage.
+LAYOUT_ARRAYS = ["ids/utf8", "ids/offsets"]
+# ... and the done markers, whose chunks are written as the dump goes (absent: not done yet).
+MARKER_ARRAYS = ["done"]
 
 
 # ---------------------------------------------------------------- inspect
@@ -95,7 +101,7 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
     for flag, v in (("--project-samples", project_samples), ("--project-epochs", project_epochs)):
         if v is not None and v < 1:
             raise LogitCacheError(f"{flag} {v}: must be at least 1")
-    with open_cache(path) as cache:
+    with open_cache(path, check_digest=False) as cache:
         m = cache.manifest
         arrays = []
         for name in cache.store.arrays():
@@ -197,6 +203,11 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
+def _read_reason(e: BaseException) -> str:
+    """Why a chunk read failed: the store's own reason when it named the chunk (storage.chunk_error)."""
+    return getattr(e, "reason", None) or _first_line(e)
+
+
 def _expected_arrays(m: dict, problems: _Problems) -> dict[str, tuple[tuple, str]]:
     """name -> (shape, dtype) of every per-position array the manifest implies (per view, and
     ``content`` per epoch-0 position when the manifest says the cache has it)."""
@@ -218,39 +229,11 @@ def _expected_arrays(m: dict, problems: _Problems) -> dict[str, tuple[tuple, str
     return out
 
 
-def _chunk_stored(cache: Cache, name: str, coords: tuple[int, ...]) -> bool | None:
-    """Whether the chunk at chunk-grid ``coords`` exists in storage (None: cannot tell).
-
-    A missing chunk reads back as the fill value (zeros) without any error, so this is how a
-    deleted chunk file is told apart from one that was written.
-    """
-    store = cache.store
-    if store.name == "zarr":
-        return store.chunk_stored(name, coords)
-    if store.name == "hdf5":
-        d = store.file[name]
-        offset = tuple(c * s for c, s in zip(coords, d.chunks))
-        return d.id.get_chunk_info_by_coord(offset).byte_offset is not None
-    return None
-
-
-def _zero_chunk_plausible(cache: Cache, name: str, rows: int) -> bool:
-    """Could a correctly written chunk of ``name`` be all zeros (and so, in zarr, have no file)?
-
-    zarr skips writing chunks that equal the fill value, so an absent chunk is only damage for
-    arrays that can never be all zero: random seeds, a permutation of 2+ rows, top-k indices
-    with k >= 2 (distinct per row) and top-k logits (a teacher whose top logit is exactly 0.0
-    for every row of a chunk is not a real teacher). HDF5 stores every written chunk.
-    """
-    if cache.store.name != "zarr":
-        return False
-    if name in ("seeds", *SAMPLE_ARRAYS) or name.endswith("/values"):  # crc32s of R files: never all 0
-        return False
-    if name == "order":
-        return rows < 2
-    if name.endswith("/indices"):
-        return cache.topk < 2
-    return True
+def _missing_chunks(cache: Cache, name: str) -> list[tuple[int, ...]]:
+    """Chunks of a whole-written array (see ``LAYOUT_ARRAYS``) that are absent from storage."""
+    shape, chunks = cache.store.geometry(name)
+    grid = [range(-(-n // c)) for n, c in zip(shape, chunks)]
+    return [xs for xs in itertools.product(*grid) if cache.store.chunk_stored(name, xs) is False]
 
 
 def _check_rows(name: str, rows: np.ndarray, num_classes: int, num_samples: int) -> list[str]:
@@ -320,7 +303,7 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
     problems = _Problems()
     chunks_checked = rows_checked = 0
     checked: set[str] = set()
-    with open_cache(path) as cache:
+    with open_cache(path, check_digest=False) as cache:
         m = cache.manifest
         try:
             E, N, k, C, R = int(m["epochs"]), int(m["dataset"]["num_samples"]), int(m["topk"]), \
@@ -349,8 +332,18 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
         present = set(cache.store.arrays())
         for name in sorted(set(expected) - present):
             problems.add(f"{name}: array missing")
-        for name in sorted(present - set(expected) - {"ids/utf8", "ids/offsets", "done"}):
+        for name in sorted(present - set(expected) - set(LAYOUT_ARRAYS) - set(MARKER_ARRAYS)):
             problems.add(f"{name}: unexpected array (not implied by the manifest)")
+        layout_intact = True
+        for name in LAYOUT_ARRAYS:
+            if name not in present:
+                problems.add(f"{name}: array missing")
+                layout_intact = False
+                continue
+            for coords in _missing_chunks(cache, name):
+                problems.add(f"{name}: chunk {'.'.join(map(str, coords))} missing from storage (reads back as "
+                             f"fill value 0)")
+                layout_intact = False
         layout_ok = {}
         for name, (shape, dtype) in expected.items():
             if name not in present:
@@ -370,16 +363,16 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
                 ok = False
             layout_ok[name] = ok
 
-        # -- ids: count and fingerprint
+        # -- ids: count and fingerprint (unless a missing ids chunk is already listed)
         try:
-            ids = cache.ids
-            checked.update({"ids/utf8", "ids/offsets"})
-            if len(ids) != N:
+            ids = cache.ids if layout_intact else None
+            checked.update({"ids/utf8", "ids/offsets"} if layout_intact else ())
+            if ids is not None and len(ids) != N:
                 problems.add(f"ids: {len(ids)} ids, manifest says {N} samples")
-            if fingerprint(ids) != m["dataset"].get("fingerprint"):
+            if ids is not None and fingerprint(ids) != m["dataset"].get("fingerprint"):
                 problems.add("ids: fingerprint does not match the manifest's dataset fingerprint")
         except Exception as e:
-            problems.add(f"ids: read failed ({_first_line(e)})")
+            problems.add(f"ids: read failed ({_read_reason(e)})")
 
         # -- done markers
         n_chunks = -(-N // R)
@@ -420,9 +413,9 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
                             continue  # stored once, with epoch 0's chunks
                         rows_of = (slice(a, b),) if name in SAMPLE_ARRAYS else (epoch, slice(a, b))
                         trailing = (0,) * (len(expected[name][0]) - 2)
+                        # Every chunk is written, even an all-zero one: absent means lost.
                         coords = (c,) if name in SAMPLE_ARRAYS else (epoch, c, *trailing)
-                        stored = _chunk_stored(cache, name, coords)
-                        if stored is False and not _zero_chunk_plausible(cache, name, b - a):
+                        if cache.store.chunk_stored(name, coords) is False:
                             problems.add(f"{name}: {where}: chunk missing from storage although marked "
                                          f"done (reads back as fill value 0)")
                             if name == "order":
@@ -431,7 +424,7 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
                         try:
                             rows = cache.store.read(name, rows_of)
                         except Exception as e:  # checksum mismatch, truncated file, codec error ...
-                            problems.add(f"{name}: {where}: read failed ({_first_line(e)})")
+                            problems.add(f"{name}: {where}: read failed ({_read_reason(e)})")
                             if name == "order":
                                 order_complete = False
                             continue
@@ -919,10 +912,43 @@ def _probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
     return F.softmax(logits.float(), -1) if kind == "multiclass" else torch.sigmoid(logits.float())
 
 
+def _run_student(run: Path, config: dict, student: str | None, trust_run: bool) -> str:
+    """The student to rebuild. A run folder is data: a ``module:callable`` it names is imported
+    only when the user names the same factory (``student``) or trusts the run (``trust_run``)."""
+    stored = config["student"]
+    if not isinstance(stored, str) or not stored:
+        raise LogitCacheError(f"{run}/config.json: 'student' is {stored!r}, not a model name")
+    if student is not None and student != stored:
+        raise LogitCacheError(f"--student {student}: the run {run} trained {stored}, not {student}")
+    if ":" in stored and student is None and not trust_run:
+        raise LogitCacheError(f"{run}/config.json: the student is the factory {stored}; compare does not import "
+                              f"code named in a run folder: pass --student {stored} to import it (or --trust-run)")
+    return stored
+
+
+def _run_path(run: Path, config: dict, key: str, flag: str) -> str:
+    """The run's cache or data folder. Runs store absolute paths; older ones stored them as given
+    to train, relative to where it ran: tried against the current folder, then the run folder's
+    parent."""
+    value = config.get(key)
+    if not value:
+        raise LogitCacheError(f"{run}: config.json names no {key}; pass {flag}")
+    value = str(value)
+    if is_url(value) or Path(value).is_absolute():
+        return value
+    tries = [Path.cwd() / value, run.resolve().parent / value]
+    found = next((t for t in tries if t.exists()), None)
+    if found is None:
+        raise LogitCacheError(f"{run}/config.json: {key} {value!r} is found neither in the current folder "
+                              f"({tries[0].parent}) nor next to the run folder ({tries[1].parent}); pass {flag}")
+    return str(found)
+
+
 def compare(run: str | Path, cache: str | Path | None = None, data: str | Path | None = None, *,
             eval_data: str | Path | None = None, teachers: list[str] | None = None,
             teacher_weights: list[str | None] | None = None, samples: int = 256, seed: int = 0,
-            device: str = "auto", batch_size: int = 32, progress: bool = False) -> dict:
+            device: str = "auto", batch_size: int = 32, progress: bool = False,
+            student: str | None = None, trust_run: bool = False) -> dict:
     """Does the student match the ensemble? A trained run (``logitcache train``) against its cache.
 
     ``views``: on a seeded sample of the cached training views the run trained on (replayed
@@ -937,15 +963,20 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
     top1_agreement, kl_mean (KL(ensemble || student), exact: full logits), map_vs_ensemble,
     ensemble_vs_labels and per_class (class, student_ap, ensemble_ap).
 
-    ``epochs``: the run's metrics.jsonl, one dict per epoch. ``cache`` and ``data`` default to the
-    run's own (config.json). Frame-level outputs are compared per frame and scored per clip (max
-    over frames).
+    ``epochs``: the run's metrics.jsonl, one dict per epoch (``epoch`` counts from 0 as stored;
+    the CLI's tables and the HTML plots number epochs from 1). ``cache`` and ``data`` default to
+    the run's own (config.json). Frame-level outputs are compared per frame and scored per clip
+    (max over frames).
+
+    A student given as ``module:callable`` in the run's config.json is imported only if
+    ``student`` names the same factory or ``trust_run`` is set: a run folder is data, and
+    comparing one must not run code it names. Zoo names need neither.
     """
     import json
 
     from logitcache.dump import autocast, probe_teachers, resolve_device
     from logitcache.teachers import load_teacher, unique_names
-    from logitcache.train import load_student
+    from logitcache.train import check_student_output, load_student
     from logitcache.views import SourceContent, ViewSource, check_compatible
 
     run = Path(run)
@@ -959,17 +990,18 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         epochs_log = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
     except ValueError as e:
         raise LogitCacheError(f"{run}: config.json or metrics.jsonl is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LogitCacheError(f"{run}/config.json: not a JSON object")
     if "student" not in config:
         raise LogitCacheError(f"{run}/config.json: no 'student' entry")
+    student = _run_student(run, config, student, trust_run)
     if samples < 1 or batch_size < 1:
         raise LogitCacheError("--samples and --batch-size must be at least 1")
     teachers = list(teachers or [])
     if teachers and eval_data is None:
         raise LogitCacheError("--teacher needs --eval-data: the teachers are re-run on the held-out clips")
-    cache = cache or config.get("cache")
-    data = data or config.get("data")
-    if not cache or not data:
-        raise LogitCacheError(f"{run}: config.json names no cache/data; pass --cache and --data")
+    cache = cache or _run_path(run, config, "cache", "--cache")
+    data = data or _run_path(run, config, "data", "--data")
     member = config.get("member")
 
     with open_cache(cache) as c:
@@ -979,7 +1011,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         kind, C = c.output_kind, len(c.classes)
         augmenter = Augmenter.from_spec(m["augment"])
         dev = resolve_device(device)
-        student = load_student(run, config["student"], C, augmenter.sample_rate, c.frames).to(dev)
+        net = load_student(run, student, C, augmenter.sample_rate, c.frames).to(dev)
+        check_student_output(net, student, c, augmenter.clip_samples, dev)
 
         # -- cached training views: a seeded sample of (epoch, position) from the epochs trained on
         stored = [int(e) for e in config.get("stored_epochs", range(c.epochs)) if 0 <= int(e) < c.epochs]
@@ -1003,7 +1036,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                     rows = [{n: v[r] for n, v in params.items()} for r in range(len(ids))]
                     wave = torch.stack([source.replay(i, p) for i, p in zip(index, rows)]).to(dev)
                     with torch.inference_mode(), autocast(dev, "fp32"):
-                        zs = student(wave).float().cpu()
+                        zs = net(wave).float().cpu()
                     t = c.targets(epoch, ids, member=member)
                     q = teacher_probs(torch.from_numpy(np.asarray(t.values)).float(),
                                       torch.from_numpy(np.asarray(t.indices).astype(np.int64)),
@@ -1044,7 +1077,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                 x = torch.stack([augmenter.fit_clip(held.load(i, augmenter.sample_rate))
                                  for i in range(a, min(a + batch_size, len(held)))]).to(dev)
                 with torch.inference_mode():
-                    s_list.append(student(x).float().cpu())
+                    s_list.append(net(x).float().cpu())
                     if loaded:
                         with autocast(dev, m.get("precision", "fp32")):
                             z = [t.module(x).float() for t in loaded]
@@ -1072,7 +1105,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                         for name, sa, ea in zip(c.classes, s_ap, e_ap)]})
         return {
             "run": str(run),
-            "student": config["student"],
+            "student": student,
             "cache": str(c.path),
             "data": str(data),
             "output_kind": kind,
@@ -1089,9 +1122,11 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
 def write_cache_report(out_html: str | Path, cache: str | Path, data: str | Path, teachers: list[str], *,
                        run: str | Path | None = None, eval_data: str | Path | None = None, samples: int = 64,
                        compare_samples: int = 256, seed: int = 0, device: str = "auto",
-                       teacher_weights: list[str | None] | None = None, progress: bool = False) -> dict:
+                       teacher_weights: list[str | None] | None = None, progress: bool = False,
+                       student: str | None = None, trust_run: bool = False) -> dict:
     """One HTML report of a cache: inspect, fidelity (teachers re-run on ``samples`` stored views)
-    and, given a training ``run``, compare. Returns ``{"html", "inspect", "fidelity", "compare"}``."""
+    and, given a training ``run``, compare (``student``, ``trust_run``: as for :func:`compare`).
+    Returns ``{"html", "inspect", "fidelity", "compare"}``."""
     from logitcache.html import write_report
 
     info = inspect_cache(cache)
@@ -1101,7 +1136,7 @@ def write_cache_report(out_html: str | Path, cache: str | Path, data: str | Path
     if run is not None:
         cmp = compare(run, cache, data, eval_data=eval_data, teachers=teachers if eval_data else None,
                       teacher_weights=teacher_weights, samples=compare_samples, seed=seed, device=device,
-                      progress=progress)
+                      progress=progress, student=student, trust_run=trust_run)
     path = write_report(out_html, inspect=info, fidelity=fid, compare=cmp,
                         title=f"logitcache report: {str(cache).rstrip('/').rpartition('/')[2]}",
                         subtitle=f"{cache if is_url(cache) else Path(cache).resolve()} ·")

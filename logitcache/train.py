@@ -27,6 +27,7 @@ from logitcache.distributed import setup as dist_setup
 from logitcache.distributed import shard_bounds
 from logitcache.dump import autocast, resolve_device
 from logitcache.errors import LogitCacheError, one_line_worker_errors
+from logitcache.storage import is_url
 from logitcache.targets import hard_label_loss, kd_loss
 from logitcache.teachers import load_factory, load_state_dict
 from logitcache.views import CacheStream, check_compatible
@@ -53,6 +54,36 @@ def build_student(spec: str, num_classes: int, sample_rate: int, frames: int | N
     if not isinstance(model, torch.nn.Module):
         raise LogitCacheError(f"{spec}: returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _shape_words(shape: tuple[int, ...]) -> str:
+    if len(shape) == 2:
+        return f"[B, C={shape[1]}] (clip level)"
+    if len(shape) == 3:
+        return f"[B, T={shape[1]}, C={shape[2]}] (frame level)"
+    return f"{list(shape)} (neither [B, C] nor [B, T, C])"
+
+
+def check_student_output(model: torch.nn.Module, spec: str, cache: Cache, clip_samples: int,
+                         device: torch.device) -> None:
+    """Refuse a student whose output does not have the shape of the cache's targets: a clip-level
+    student on frame-level targets (or the reverse), or another class count. The student runs
+    once on one clip of silence, before any training step."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        shape = tuple(model(torch.zeros(1, clip_samples, device=device)).shape)
+    model.train(was_training)
+    C, T = len(cache.classes), cache.frames
+    want = (1, C) if T is None else (1, T, C)
+    if shape != want:
+        targets = f"clip-level targets [B, C={C}]" if T is None else f"frame-level targets [B, T={T}, C={C}]"
+        raise LogitCacheError(f"student {spec} outputs {_shape_words(shape)} but cache {cache.path} holds {targets}")
+
+
+def _stored_path(path: str | Path) -> str:
+    """A path for config.json: absolute, so the run can be compared from any folder (URLs as given)."""
+    return str(path) if is_url(path) else str(Path(path).resolve())
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -205,6 +236,7 @@ def train(
         raise LogitCacheError(f"{cache}: {-(-c.num_samples // c.chunk_rows)} chunk(s) per epoch cannot be shared by "
                               f"{ctx.world} ranks; use fewer ranks (or dump with a smaller --chunk-rows)")
     model = build_student(student, len(c.classes), augmenter.sample_rate, c.frames, seed).to(dev)
+    check_student_output(model, student, c, augmenter.clip_samples, dev)
     net = model
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -216,7 +248,7 @@ def train(
     progress = progress and lead
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-    config = {"cache": str(cache), "data": str(data), "student": student, "epochs": epochs, "batch_size": batch_size,
+    config = {"cache": _stored_path(cache), "data": _stored_path(data), "student": student, "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "temperature": temperature, "alpha": alpha, "member": member, "seed": seed,
               "cache_config_digest": c.manifest.get("config_digest"), "stored_epochs": stored}
     if ctx.active:

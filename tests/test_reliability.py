@@ -22,6 +22,7 @@ import zarr
 import logitcache
 from logitcache import LogitCacheError
 from logitcache.augment import epoch_order, id_hashes
+from logitcache.cache import config_digest
 from logitcache.report import inspect_cache, verify_cache
 from logitcache.storage import BACKENDS
 from logitcache.train import load_student, train
@@ -197,7 +198,7 @@ def test_pickle_payloads_in_a_cache_are_never_unpickled(dumper, dataset, tmp_pat
         assert result.exit_code == 0, result.output
     with pytest.raises(LogitCacheError) as e:
         logitcache.open_cache(h_manifest)
-    assert_one_line_error(e, str(h_manifest), "manifest is not a JSON document")
+    assert_one_line_error(e, str(h_manifest), "manifest is not a JSON object")
     assert unpickled == [] and not marker.exists()
 
 
@@ -252,7 +253,9 @@ def test_training_refuses_another_class_list_or_spec_version(dumper, dataset, tm
     future = _copy(cache, tmp_path / "future.zarr")
     group = zarr.open_group(str(future), mode="r+")
     manifest = group.attrs["logitcache"]
-    group.attrs["logitcache"] = {**manifest, "augment": {**manifest["augment"], "version": 99}}
+    future_manifest = {**manifest, "augment": {**manifest["augment"], "version": 99}}
+    # as a newer logitcache would write it: its digest covers the spec it wrote
+    group.attrs["logitcache"] = {**future_manifest, "config_digest": config_digest(future_manifest)}
     with pytest.raises(LogitCacheError) as e:
         train(future, dataset, "cnn_tiny", tmp_path / "run2", progress=False)
     assert_one_line_error(e, str(future), "augmentation spec version 99 is not supported")

@@ -131,23 +131,23 @@ def test_verify_finds_a_flipped_byte_in_an_hdf5_chunk(h5_cache, tmp_path):
 
 def test_verify_finds_deleted_zarr_chunk_files(zarr_cache, tmp_path):
     """zarr reads a missing chunk as fill value 0 without error, and the done marker (its own array)
-    still says 1: only the storage presence probe and the content checks see it."""
+    still says 1. The writer stores every chunk, even all-zero ones (write_empty_chunks), so a
+    missing chunk file of any array is damage, named by array and chunk."""
     path = _copy(zarr_cache, tmp_path)
     store = open_store(path)
     assert np.all(store.read("ensemble/values", (0, slice(R, 2 * R))) != 0)
     (path / "ensemble/values/c/0/1/0").unlink()
     (path / "order/c/1/0").unlink()
     (path / "members/toy_a/stat/c/0/2").unlink()
+    (path / "params/gain.db/c/1/2").unlink()
     assert np.all(open_store(path).read("ensemble/values", (0, slice(R, 2 * R))) == 0)  # silently zeros
 
     problems = verify_cache(path)["problems"]
-    assert any(p.startswith("ensemble/values: epoch 0 chunk 1 (rows 8..15): chunk missing from storage")
-               for p in problems), problems
-    assert any(p.startswith("order: epoch 1 chunk 0 (rows 0..7): chunk missing from storage") for p in problems)
-    # a zeroed stat chunk can be legitimate in zarr (all-zero chunks are never written), so it is
-    # caught by content instead: a softmax log-normaliser below the top logit
-    assert any(p.startswith("members/toy_a/stat: epoch 0 chunk 2 (rows 16..23): ") and "tail statistic" in p
-               for p in problems), problems
+    missing = "chunk missing from storage although marked done (reads back as fill value 0)"
+    assert problems == [f"ensemble/values: epoch 0 chunk 1 (rows 8..15): {missing}",
+                        f"members/toy_a/stat: epoch 0 chunk 2 (rows 16..23): {missing}",
+                        f"order: epoch 1 chunk 0 (rows 0..7): {missing}",
+                        f"params/gain.db: epoch 1 chunk 2 (rows 16..23): {missing}"]
 
 
 def test_verify_finds_out_of_range_and_repeated_indices(zarr_cache, tmp_path):
