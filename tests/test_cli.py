@@ -207,9 +207,6 @@ def test_other_user_errors(dataset, cli_cache, tmp_path):
 def test_usage_errors_keep_clicks_exit_2(dataset, tmp_path):
     assert run("dump").exit_code == 2
     assert run("dump", "--data", dataset, *TEACHERS, "--out", tmp_path / "c", "--output-kind", "x").exit_code == 2
-    result = run("dump", "--data", dataset, *TEACHERS, "--out", tmp_path / "c", "--weights", "a", "--weights", "b",
-                 "--weights", "c")
-    assert result.exit_code == 2 and "3 --weights files for 2 --teacher(s)" in result.stderr
 
 
 def test_debug_shows_the_traceback(dataset):
