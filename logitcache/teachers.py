@@ -226,6 +226,8 @@ def probe_teachers(teachers: list[Teacher], clip_samples: int, device: torch.dev
 def _probe_call(t: Teacher, x: torch.Tensor) -> torch.Tensor:
     try:
         out = t.module(x)
+    except LogitCacheError:
+        raise  # already one line naming the teacher's file (an ONNX batch axis, say)
     except Exception as e:
         raise LogitCacheError(f"teacher {t.source}: fails on a [{x.shape[0]}, {x.shape[1]}] waveform batch "
                               f"({first_line(e)})") from None
