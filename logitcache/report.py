@@ -960,6 +960,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
     if samples < 1 or batch_size < 1:
         raise LogitCacheError("--samples and --batch-size must be at least 1")
     teachers = list(teachers or [])
+    if (state_dicts or teacher_args) and not teachers:
+        raise LogitCacheError("--state-dict and --teacher-arg apply to --teacher teachers, and none is given")
     if teachers and eval_data is None:
         raise LogitCacheError("--teacher needs --eval-data: the teachers are re-run on the held-out clips")
     cache = cache or config.get("cache")

@@ -136,15 +136,18 @@ def _cwd_importable():
             sys.path.remove(cwd)
 
 
-def import_callable(spec: str):
+def import_callable(spec: str, cwd: bool = True):
+    """The callable ``package.module:callable`` names, imported from sys.path and (with ``cwd``)
+    the current directory."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise LogitCacheError(f"{spec}: expected package.module:callable")
     try:
-        with _cwd_importable():
+        with _cwd_importable() if cwd else contextlib.nullcontext():
             obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise LogitCacheError(f"{spec}: cannot import ({e}; looked on sys.path and in {os.getcwd()})") from None
+        where = f"sys.path and {os.getcwd()}" if cwd else "sys.path"
+        raise LogitCacheError(f"{spec}: cannot import ({e}; looked on {where})") from None
     except Exception as e:  # the module's own code failed
         raise LogitCacheError(f"{spec}: cannot import: importing {module_name} raised {type(e).__name__}: "
                               f"{first_line(e)}") from None
@@ -157,11 +160,11 @@ def import_callable(spec: str):
     return obj
 
 
-def build_factory(spec: FactorySpec, device, kwargs: dict | None = None) -> tuple[torch.nn.Module, str]:
+def build_factory(spec: FactorySpec, device, kwargs: dict | None = None, cwd: bool = True) -> tuple[torch.nn.Module, str]:
     """(the module ``spec`` builds, loaded and on ``device``; its fingerprint)."""
     kwargs = dict(spec.kwargs if kwargs is None else kwargs)
     where = f"{spec.origin}: " if spec.origin else ""
-    fn = import_callable(spec.factory)
+    fn = import_callable(spec.factory, cwd)
     params = _signature(fn)
     unknown = [k for k in kwargs if k not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values())]
     if unknown:
@@ -173,7 +176,7 @@ def build_factory(spec: FactorySpec, device, kwargs: dict | None = None) -> tupl
         raise LogitCacheError(f"{where}{spec.factory} needs {', '.join(missing)} (give --teacher-arg KEY=VALUE, "
                               f"or kwargs in a teacher .json spec)")
     try:
-        with _cwd_importable():
+        with _cwd_importable() if cwd else contextlib.nullcontext():
             model = fn(**kwargs)
     except Exception as e:
         raise LogitCacheError(f"{where}{spec.factory} raised {type(e).__name__}: {first_line(e)}") from None

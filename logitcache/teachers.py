@@ -16,6 +16,7 @@ than probabilities); :func:`run_teachers` checks shapes again on every batch.
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import sys
 import warnings
@@ -26,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from logitcache.distributed import current_rank
 from logitcache.errors import LogitCacheError
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".jit", ".torchscript")
@@ -51,7 +53,8 @@ class Teacher:
 
     def describe(self) -> dict:
         d = {"name": self.name, "source": self.source, "sha256": self.sha256}
-        return {**d, "kwargs": self.kwargs} if self.kwargs else d
+        # JSON as the manifest stores it (an API caller's non-JSON value as its repr)
+        return {**d, "kwargs": json.loads(json.dumps(self.kwargs, default=repr))} if self.kwargs else d
 
 
 def first_line(e: BaseException) -> str:
@@ -83,10 +86,11 @@ def load_state_dict(path: str | Path) -> dict:
 
 
 def load_factory(spec: str) -> torch.nn.Module:
-    """``package.module:callable`` -> the module it returns (called with no arguments)."""
+    """``package.module:callable`` (from sys.path) -> the module it returns, called with no
+    arguments; one-line errors. (Teachers load through :func:`load_teacher`.)"""
     from logitcache.teacher_factory import FactorySpec, build_factory
 
-    return build_factory(FactorySpec(spec), "cpu")[0]
+    return build_factory(FactorySpec(spec), "cpu", cwd=False)[0]
 
 
 def teacher_format(spec: str) -> str | None:
@@ -256,8 +260,9 @@ def _warn_if_probabilities(t: Teacher, out: torch.Tensor, kind: str) -> None:
     if kind == "multiclass" and not torch.allclose(rows.sum(-1), torch.ones_like(rows[:, 0]), atol=1e-3):
         return
     what = "sum to 1 (softmax probabilities?)" if kind == "multiclass" else "lie in [0, 1] (sigmoid probabilities?)"
-    print(f"warning: teacher {t.name}: its output rows all {what}; logitcache expects logits, so the stored "
-          f"targets will be wrong unless these are logits", file=sys.stderr)
+    if current_rank() == 0:  # one warning per job, not per rank
+        print(f"warning: teacher {t.name}: its output rows all {what}; logitcache expects logits, so the stored "
+              f"targets will be wrong unless these are logits", file=sys.stderr)
 
 
 def run_teachers(teachers: list[Teacher], x: torch.Tensor, sample_ids: Callable[[], list[str]]) -> list[torch.Tensor]:

@@ -570,3 +570,13 @@ def test_probabilities_instead_of_logits_warn(dataset, tmp_path, capsys, factory
     assert logitcache.open_cache(out).complete  # a warning, not an error
     _dump(dataset, ["toy_teachers:toy_a"], tmp_path / "logits.zarr", output_kind=kind)
     assert "warning" not in capsys.readouterr().err
+
+
+def test_factory_options_without_a_teacher_to_apply_to(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"student": "cnn_tiny"}))
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    for option in (["--teacher-arg", "seed=1"], ["--state-dict", "w.pt"]):
+        assert_error(run("compare", run_dir, *option),
+                     "--state-dict and --teacher-arg apply to --teacher teachers, and none is given")
