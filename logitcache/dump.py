@@ -119,7 +119,9 @@ def dump(
     With ``resume``, an unfinished cache at ``out`` is continued (chunks not marked done are
     written, nothing else), a complete one is extended to ``epochs`` if that is more, and a
     missing one is created; the settings must match the cache's. Returns the cache path. See the
-    README for every option; the CLI maps onto this 1:1.
+    README for every option; the CLI maps onto this 1:1. ``state_dicts`` (one per teacher, None
+    for none) and ``teacher_args`` (keyword -> value, for every factory that takes it) are as in
+    :func:`logitcache.teachers.load_teachers`.
 
     With ``distributed`` (default: when WORLD_SIZE > 1, as under torchrun) every rank of the
     torch.distributed job calls this with the same arguments: rank 0 creates or reopens the cache

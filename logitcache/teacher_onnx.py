@@ -50,7 +50,8 @@ class OnnxTeacher(torch.nn.Module):
             raise LogitCacheError(f"{self.path}: the batch axis of input '{self.input.name}' is fixed at "
                                   f"{self.fixed_batch}, got a batch of {x.shape[0]}; export the model with a "
                                   f"dynamic batch axis")
-        out = self.session.run([self.output], {self.input.name: x.detach().float().cpu().numpy()})[0]
+        wave = x.detach().float().cpu().contiguous().numpy()
+        out = self.session.run([self.output], {self.input.name: wave})[0]
         return torch.from_numpy(out).to(x.device)
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -51,6 +52,8 @@ def check_archive(path: str | Path) -> None:
     """Refuse a ``.pt2`` whose loading would import, unpickle or evaluate anything."""
     from torch.export.pt2_archive import PT2ArchiveReader
 
+    if not zipfile.is_zipfile(path):
+        raise LogitCacheError(f"{path}: not a torch.export program (not a zip archive)")
     try:
         reader = PT2ArchiveReader(str(path))
         names = reader.get_file_names()
