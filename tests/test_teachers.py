@@ -446,6 +446,11 @@ def test_teacher_spec_file_with_kwargs_and_state_dict(dataset, workdir):
     want = topk_targets(_logits(module.Energies(5), stream_views(out, dataset, 0)), 3, "multilabel")
     np.testing.assert_allclose(np.asarray(cache.targets(0, cache.ids, member="wide").values), want[0].numpy(),
                                rtol=1e-6)
+    for kw, needles in [({"teacher_args": {"seed": 2}}, ["--teacher-arg seed: ", "wide.json sets it too"]),
+                        ({"state_dicts": ["other.pt"]}, ["--state-dict other.pt: ", "wide.json names its own state_dict"])]:
+        with pytest.raises(LogitCacheError) as e:
+            _dump(dataset, [str(spec)], cwd / "bad.zarr", **kw)
+        assert_one_line_error(e, *needles)
     for text, needles in [("{nope", ["wide.json", "not valid JSON"]),
                           ('{"factory": "x:y", "weights": "w.pt"}', ["wide.json", "a teacher spec is"])]:
         spec.write_text(text)
@@ -580,3 +585,23 @@ def test_factory_options_without_a_teacher_to_apply_to(tmp_path):
     for option in (["--teacher-arg", "seed=1"], ["--state-dict", "w.pt"]):
         assert_error(run("compare", run_dir, *option),
                      "--state-dict and --teacher-arg apply to --teacher teachers, and none is given")
+
+
+def test_onnx_fingerprint_covers_external_weights(tmp_path):
+    import onnx
+
+    model = onnx.load(str(_onnx_teacher(tmp_path / "inline.onnx")))
+    path = tmp_path / "split.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="split.bin",
+              size_threshold=1024)  # the weight matrix, not the small shape constants
+    first = load_teacher(str(path)).sha256
+    assert first != file_sha256(path) and load_teacher(str(tmp_path / "inline.onnx")).sha256 == file_sha256(
+        tmp_path / "inline.onnx")
+    data = bytearray((tmp_path / "split.bin").read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    (tmp_path / "split.bin").write_bytes(bytes(data))
+    assert load_teacher(str(path)).sha256 != first
+    (tmp_path / "split.bin").unlink()
+    with pytest.raises(LogitCacheError) as e:
+        load_teacher(str(path))
+    assert_one_line_error(e, "split.onnx", "external data file split.bin not found")
