@@ -27,7 +27,7 @@ from logitcache.distributed import setup as dist_setup
 from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.storage import backend_for_new, cache_location
 from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype, topk_targets
-from logitcache.teachers import Teacher, load_teachers, probe_teachers, run_teachers  # noqa: F401 (probe_teachers: API)
+from logitcache.teachers import Teacher, load_teachers, probe_teachers, run_teachers
 from logitcache.views import DrawnViews, ViewSource, collate_views
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
