@@ -109,18 +109,41 @@ def _kv_table(pairs: list[tuple[str, object]]) -> str:
     return format_table([[k, v] for k, v in pairs])
 
 
-def _weights_files(paths: tuple[str, ...], n_teachers: int) -> list[str | None]:
-    if len(paths) > n_teachers:
-        raise click.UsageError(f"{len(paths)} --weights files for {n_teachers} --teacher(s)")
-    return [None if p in ("-", "none") else p for p in paths]
+class _Aliased(click.Option):
+    """An option whose later spellings (kept so old scripts still run) are not shown in --help."""
+
+    def get_help_record(self, ctx):
+        opts, self.opts = self.opts, self.opts[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = opts
+
+
+def _factory_options(f):
+    """--state-dict and --teacher-arg, the same for dump, fidelity and compare."""
+    f = click.option("--teacher-arg", "teacher_args", multiple=True, metavar="KEY=VALUE",
+                     help="Keyword argument for every factory --teacher that takes KEY (VALUE: a JSON literal, "
+                          "else a string). Repeatable.")(f)
+    return click.option("--state-dict", "--weights", "state_dicts", cls=_Aliased, multiple=True, metavar="PATH",
+                        help="State dict for each factory --teacher, in order ('-' for none; loaded "
+                             "weights-only).")(f)
+
+
+def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...]) -> dict:
+    """The library's state_dicts= and teacher_args= from the CLI's strings."""
+    from logitcache.teacher_factory import parse_teacher_args
+
+    return {"state_dicts": [None if p in ("-", "none") else p for p in state_dicts] or None,
+            "teacher_args": parse_teacher_args(teacher_args) or None}
 
 
 # ---------------------------------------------------------------- dump
 @main.command()
 @click.option("--data", required=True, metavar="DIR", help="Dataset folder (labels.csv + audio).")
 @click.option("--teacher", "teachers", required=True, multiple=True, metavar="T",
-              help="Teacher: a .pt2 torch.export file, a TorchScript file or package.module:callable. "
-                   "Repeat for an ensemble.")
+              help="Teacher: a .pt2 torch.export file, an .onnx model, a TorchScript file, "
+                   "package.module:callable or a teacher .json spec. Repeat for an ensemble.")
 @click.option("--out", required=True, metavar="CACHE",
               help="Cache to create (.zarr folder, or .h5 for HDF5).")
 @click.option("--epochs", default=1, show_default=True, help="Augmented views stored per sample.")
@@ -134,10 +157,9 @@ def _weights_files(paths: tuple[str, ...], n_teachers: int) -> list[str | None]:
               help="Sigmoid (multilabel) or softmax (multiclass) teachers.")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="mean_prob", show_default=True,
               help="How member logits become the ensemble's.")
-@click.option("--teacher-weight", "ensemble_weights", multiple=True, type=float, metavar="W",
-              help="Ensemble weight of each --teacher, in order (default: equal).")
-@click.option("--weights", "weights_files", multiple=True, metavar="PATH",
-              help="State dict for each factory --teacher, in order ('-' for none).")
+@click.option("--ensemble-weight", "--teacher-weight", "ensemble_weights", cls=_Aliased, multiple=True, type=float,
+              metavar="W", help="Ensemble weight of each --teacher, in order (default: equal).")
+@_factory_options
 @click.option("--members/--no-members", default=True, show_default=True,
               help="Also store each teacher's own top-k.")
 @click.option("--value-dtype", type=click.Choice(VALUE_DTYPES), default="float16", show_default=True)
@@ -163,7 +185,7 @@ def _weights_files(paths: tuple[str, ...], n_teachers: int) -> list[str | None]:
                    "zarr cache. [default: on when WORLD_SIZE > 1]")
 @_json_option
 def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
-         ensemble_weights, weights_files, members, value_dtype, sample_rate, clip_seconds, backend, precision,
+         ensemble_weights, state_dicts, teacher_args, members, value_dtype, sample_rate, clip_seconds, backend, precision,
          compile_, channels_last, workers, chunk_rows, resume, distributed, as_json):
     """Run the teachers on augmented views and write a cache.
 
@@ -189,8 +211,8 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
         path = logitcache.dump(
             data, list(teachers), out, epochs=epochs, topk=topk, augment=augment, seed=seed,
             batch_size=batch_size, device=device, output_kind=output_kind, aggregation=aggregation,
-            ensemble_weights=list(ensemble_weights) or None,
-            teacher_weights=_weights_files(weights_files, len(teachers)) or None, members=members,
+            ensemble_weights=list(ensemble_weights) or None, **_teacher_kwargs(state_dicts, teacher_args),
+            members=members,
             value_dtype=value_dtype, backend=backend, sample_rate=sample_rate, clip_seconds=clip_seconds,
             precision=precision, compile=compile_, channels_last=channels_last, num_workers=workers,
             chunk_rows=chunk_rows, resume=resume, progress=True, distributed=distributed)
@@ -382,8 +404,7 @@ def verify(cache, as_json):
 @click.option("--data", required=True, metavar="DIR", help="The dataset folder the cache was dumped from.")
 @click.option("--teacher", "teachers", required=True, multiple=True, metavar="T",
               help="The teachers of the dump, in the same order.")
-@click.option("--weights", "weights_files", multiple=True, metavar="PATH",
-              help="State dict for each factory --teacher, in order ('-' for none).")
+@_factory_options
 @click.option("--samples", default=64, show_default=True, help="Stored views to re-run.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random pick of views.")
 @click.option("--batch-size", default=32, show_default=True)
@@ -391,7 +412,7 @@ def verify(cache, as_json):
 @click.option("--html", "html_out", default=None, metavar="OUT.html",
               help="Also write a self-contained HTML report with plots (cache summary included).")
 @_json_option
-def fidelity(cache, data, teachers, weights_files, samples, seed, batch_size, device, html_out, as_json):
+def fidelity(cache, data, teachers, state_dicts, teacher_args, samples, seed, batch_size, device, html_out, as_json):
     """Compare the cache with freshly re-run teachers.
 
     Re-runs the teachers on a seeded random sample of stored views and compares with the cache.
@@ -399,7 +420,7 @@ def fidelity(cache, data, teachers, weights_files, samples, seed, batch_size, de
     Reports the logit error at the stored top-k, how many stored top-k indices are still in the
     fresh top-k, top-1 agreement and the KL from the fresh teacher distribution to the one
     reconstructed from the cache (per member too). Teachers that differ from the dumped ones
-    (sha256) are reported, not refused. Then, per k' <= k (the cache truncated to its top k'):
+    (count, names, sha256) are reported with a warning, not refused. Then, per k' <= k (the cache truncated to its top k'):
     KL, agreement, covered probability mass (softmax) or sigmoid probability error, the effect
     of float16 vs float32 values, the members' disagreement and the least covered classes.
 
@@ -413,8 +434,7 @@ def fidelity(cache, data, teachers, weights_files, samples, seed, batch_size, de
 
     with _quiet_stdout(as_json):
         result = run_fidelity(cache, data, list(teachers), samples=samples, seed=seed, device=device,
-                              teacher_weights=_weights_files(weights_files, len(teachers)) or None,
-                              batch_size=batch_size, progress=True)
+                              **_teacher_kwargs(state_dicts, teacher_args), batch_size=batch_size, progress=True)
     if html_out:
         from logitcache.html import write_report
         from logitcache.report import inspect_cache
@@ -425,10 +445,6 @@ def fidelity(cache, data, teachers, weights_files, samples, seed, batch_size, de
     if as_json:
         _print_json(result)
         return
-    for t in result["teachers"]:
-        if not t["match"]:
-            click.echo(f"warning: teacher {t['name']} is not the one dumped (sha256 {t['sha256'][:12]} vs "
-                       f"{(t['manifest_sha256'] or 'none')[:12]} in the manifest)", err=True)
     keys = ["max_abs_logit_error", "mean_abs_logit_error", "topk_index_agreement", "top1_agreement",
             "kl_mean", "kl_max"]
     rows = [["ensemble", *[result[k] for k in keys]]]
@@ -544,8 +560,7 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, output_ki
 @click.option("--eval-data", default=None, metavar="DIR", help="Held-out labelled folder (un-augmented clips).")
 @click.option("--teacher", "teachers", multiple=True, metavar="T",
               help="Re-run these teachers on --eval-data (the dump's teachers, in order).")
-@click.option("--weights", "weights_files", multiple=True, metavar="PATH",
-              help="State dict for each factory --teacher, in order ('-' for none).")
+@_factory_options
 @click.option("--samples", default=256, show_default=True, help="Cached training views to compare on.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random pick of views.")
 @click.option("--batch-size", default=32, show_default=True)
@@ -558,8 +573,8 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, output_ki
 @click.option("--trust-run", is_flag=True,
               help="Import the student factory named in RUN's config.json without --student.")
 @_json_option
-def compare(run, cache, data, eval_data, teachers, weights_files, samples, seed, batch_size, device, html_out,
-            student, trust_run, as_json):
+def compare(run, cache, data, eval_data, teachers, state_dicts, teacher_args, samples, seed, batch_size, device,
+            html_out, student, trust_run, as_json):
     """Does a trained student match the ensemble?
 
     On cached training views (replayed exactly) the student is compared with the ensemble
@@ -581,7 +596,7 @@ def compare(run, cache, data, eval_data, teachers, weights_files, samples, seed,
 
     with _quiet_stdout(as_json):
         r = run_compare(run, cache, data, eval_data=eval_data, teachers=list(teachers),
-                        teacher_weights=_weights_files(weights_files, len(teachers)) or None, samples=samples,
+                        **_teacher_kwargs(state_dicts, teacher_args), samples=samples,
                         seed=seed, device=device, batch_size=batch_size, progress=True, student=student,
                         trust_run=trust_run)
     if html_out:

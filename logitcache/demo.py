@@ -86,7 +86,7 @@ def run_demo(out_dir: str | Path = "demo_out", *, n_train: int = 600, n_eval: in
         path = out / "teachers" / f"{name}.pt2"
         model = models.create_model(name, num_classes=C, sample_rate=sr)
         if path.is_file():
-            model = torch.export.load(str(path)).module()
+            model = models.load_exported(path)[0]
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             fit_on_labels(model, train_set, augmenter, teacher_epochs, seed=100 + i, progress=progress, desc=name)

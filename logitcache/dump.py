@@ -28,7 +28,7 @@ from logitcache.distributed import setup as dist_setup
 from logitcache.errors import LogitCacheError, one_line_worker_errors, quote
 from logitcache.storage import backend_for_new, cache_location
 from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype, topk_targets
-from logitcache.teachers import Teacher, load_teacher, unique_names
+from logitcache.teachers import Teacher, load_teachers, probe_teachers, run_teachers
 from logitcache.views import DrawnViews, SourceContent, ViewSource, collate_views
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,30 +52,6 @@ def autocast(device: torch.device, precision: str):
         raise LogitCacheError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def probe_teachers(teachers: list[Teacher], clip_samples: int, device: torch.device) -> tuple[int, int | None]:
-    """(num_classes, frames or None) that every teacher agrees on."""
-    shapes = {}
-    with torch.inference_mode():
-        for t in teachers:
-            try:
-                out = t.module(torch.zeros(2, clip_samples, device=device))
-            except Exception as e:
-                raise LogitCacheError(f"teacher {t.source}: fails on a [2, {clip_samples}] waveform batch "
-                                      f"({str(e).splitlines()[0][:160]})") from None
-            if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3) or out.shape[0] != 2:
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise LogitCacheError(f"teacher {t.source}: output {shape} is not [B, C] or [B, T, C] logits")
-            shapes[t.source] = tuple(out.shape[1:])
-    if len(set(s[-1] for s in shapes.values())) > 1:
-        raise LogitCacheError("teachers disagree on the number of classes: " +
-                              ", ".join(f"{k} -> C={v[-1]}" for k, v in shapes.items()))
-    if len(set(s[:-1] for s in shapes.values())) > 1:
-        raise LogitCacheError("teachers disagree on clip/frame level: " +
-                              ", ".join(f"{k} -> {'T=' + str(v[0]) if len(v) == 2 else 'clip'}" for k, v in shapes.items()))
-    shape = next(iter(shapes.values()))
-    return shape[-1], (shape[0] if len(shape) == 2 else None)
 
 
 def default_workers(dev: torch.device) -> int:
@@ -123,7 +99,8 @@ def dump(
     output_kind: str = "multilabel",
     aggregation: str = "mean_prob",
     ensemble_weights: list[float] | None = None,
-    teacher_weights: list[str | None] | None = None,
+    state_dicts: list[str | None] | None = None,
+    teacher_args: dict | None = None,
     members: bool = True,
     value_dtype: str = "float16",
     backend: str | None = None,
@@ -143,7 +120,9 @@ def dump(
     With ``resume``, an unfinished cache at ``out`` is continued (chunks not marked done are
     written, nothing else), a complete one is extended to ``epochs`` if that is more, and a
     missing one is created; the settings must match the cache's. Returns the cache path. See the
-    README for every option; the CLI maps onto this 1:1.
+    README for every option; the CLI maps onto this 1:1. ``state_dicts`` (one per teacher, None
+    for none) and ``teacher_args`` (keyword -> value, for every factory that takes it) are as in
+    :func:`logitcache.teachers.load_teachers`.
 
     With ``distributed`` (default: when WORLD_SIZE > 1, as under torchrun) every rank of the
     torch.distributed job calls this with the same arguments: rank 0 creates or reopens the cache
@@ -178,10 +157,8 @@ def dump(
     clip = float(clip_seconds or folder.default_clip_seconds)
     augmenter = Augmenter(load_ops_spec(augment), sr, clip)
     dev = resolve_device(device)
-    weights_files = list(teacher_weights or []) + [None] * (len(teachers) - len(teacher_weights or []))
-    loaded = [load_teacher(t, w, dev) for t, w in zip(teachers, weights_files)]
-    unique_names(loaded)
-    num_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev)
+    loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
+    num_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev, output_kind)
     optimise_teachers(loaded, dev, compile=compile, channels_last=channels_last)
     num_workers = default_workers(dev) if num_workers is None else int(num_workers)
     if num_classes != len(folder.classes):
@@ -378,12 +355,19 @@ def _run_batch(teachers, wave, dev, precision, k, kind, aggregation, weights, va
                members, folder, dataset_index) -> dict[str, np.ndarray]:
     """Teachers back to back on one batch; top-k on the device; only top-k comes back to host.
 
-    Results are cast to their stored dtypes on the device; on CUDA they come back through pinned
-    host buffers with non-blocking copies and a single wait per batch (not one per array)."""
+    Each teacher's output is held to the probed shape, and every stored target set (members and
+    the ensemble, whose weights can make it NaN on their own) must be finite, or the batch is
+    refused whole. Results are cast to their stored dtypes on the device; on CUDA they come back
+    through pinned host buffers with non-blocking copies and a single wait per batch."""
     x = wave.to(dev, non_blocking=True)
+
+    def ids(rows=None) -> list[str]:
+        index = np.asarray(dataset_index)
+        return [folder.ids[i] for i in (index if rows is None else index[rows])]
+
     with torch.inference_mode():
         with autocast(dev, precision):
-            logits = [t.module(x).float() for t in teachers]
+            logits = run_teachers(teachers, x, ids)
         bad = torch.stack([~torch.isfinite(z).reshape(z.shape[0], -1).all(dim=1) for z in logits])
         prefixes = ["ensemble"] + ([f"members/{t.name}" for t in teachers] if members else [])
         # Ensemble and members stacked [G, B, (T,) C]: one top-k pass for all (row-wise, so the
@@ -392,13 +376,20 @@ def _run_batch(teachers, wave, dev, precision, k, kind, aggregation, weights, va
         values, indices, stat = topk_targets(z, k, kind)
         if value_dtype == "float16":
             values = values.clamp(-65504.0, 65504.0)  # log(0) = -inf would otherwise not round-trip
-        host = _to_host({"bad": bad, "values": values.to(getattr(torch, value_dtype)),
+        values = values.to(getattr(torch, value_dtype))
+        G, B = z.shape[:2]
+        bad_sets = ~(torch.isfinite(values).reshape(G, B, -1).all(-1) & torch.isfinite(stat).reshape(G, B, -1).all(-1))
+        host = _to_host({"bad": bad, "bad_sets": bad_sets, "values": values,
                          "indices": indices.to(torch.int32 if z.shape[-1] <= 2**31 else torch.int64),
                          "stat": stat.float()}, dev)
     for t, row_bad in zip(teachers, host["bad"]):
         if row_bad.any():
-            ids = [folder.ids[i] for i in np.asarray(dataset_index)[row_bad]][:5]
-            raise LogitCacheError(f"teacher {t.name} produced NaN/Inf logits for sample(s) {', '.join(ids)}")
+            raise LogitCacheError(f"teacher {t.name} produced NaN/Inf logits for sample(s) {', '.join(ids(row_bad)[:5])}")
+    for prefix, row_bad in zip(prefixes, host["bad_sets"]):
+        if row_bad.any():
+            hint = " (check --ensemble-weight)" if prefix == "ensemble" and weights else ""
+            raise LogitCacheError(f"target set {prefix}: NaN/Inf values for sample(s) "
+                                  f"{', '.join(ids(row_bad)[:5])}{hint}")
     indices = host["indices"].astype(idx_dtype)
     rows: dict[str, np.ndarray] = {}
     for g, prefix in enumerate(prefixes):

@@ -373,12 +373,9 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
 
     The metadata has ``config``, ``sample_rate`` and ``clip_samples`` (empty for foreign ``.pt2`` files).
     """
+    from logitcache.teacher_pt2 import load_program
+
     extra = {_META_FILE: ""}
-    try:
-        program = torch.export.load(str(path), extra_files=extra)
-    except FileNotFoundError:
-        raise LogitCacheError(f"exported model not found: {path}") from None
-    except Exception as e:  # a zip that is not a pt2 raises assorted internal errors
-        raise LogitCacheError(f"cannot load exported model {path}: {type(e).__name__}: {e}") from None
+    program = load_program(path, extra_files=extra)  # as data: nothing in the file runs
     meta = json.loads(extra[_META_FILE]) if extra[_META_FILE] else {}
     return program.module(), meta

@@ -731,15 +731,16 @@ def _summary(parts: list[dict[str, torch.Tensor]]) -> dict:
 
 
 def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], samples: int = 64, seed: int = 0,
-             device: str = "auto", teacher_weights: list[str | None] | None = None, batch_size: int = 32,
-             progress: bool = False) -> dict:
+             device: str = "auto", state_dicts: list[str | None] | None = None, teacher_args: dict | None = None,
+             batch_size: int = 32, progress: bool = False) -> dict:
     """Re-run the teachers on a seeded random sample of stored views and compare with the cache.
 
     Views are replayed from stored parameters, the teachers run at the dump's precision and are
     aggregated the way the manifest says, and the stored top-k is compared with the fresh
-    logits. A teacher whose sha256 differs from the manifest's is reported
-    (``teachers_match: false``), not refused: float results differ slightly across hardware,
-    and the error figures say by how much.
+    logits. Teachers that differ from the manifest's (count, names, sha256) are reported
+    (``teachers_match: false`` and a ``warning:`` line on stderr), not refused: float results
+    differ slightly across hardware, and the error figures say by how much. ``state_dicts`` and
+    ``teacher_args`` are as for :func:`logitcache.dump`.
 
     Returns ``samples_checked, teachers_match, teachers, max_abs_logit_error,
     mean_abs_logit_error, topk_index_agreement, top1_agreement, kl_mean, kl_max`` and
@@ -765,8 +766,10 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
       mean_pairwise_disagreement, diversity_kl (mean KL(member || ensemble)) and
       member_vs_ensemble.
     """
-    from logitcache.dump import autocast, probe_teachers, resolve_device
-    from logitcache.teachers import load_teacher, unique_names
+    import sys
+
+    from logitcache.dump import autocast, resolve_device
+    from logitcache.teachers import load_teachers, probe_teachers, run_teachers, teacher_differences
     from logitcache.views import SourceContent, ViewSource, check_compatible
 
     if samples < 1 or batch_size < 1:
@@ -782,11 +785,9 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
             raise LogitCacheError(f"cache {cache.path} was dumped with {len(weights)} weighted teachers; "
                                   f"got {len(teachers)} --teacher")
         dev = resolve_device(device)
-        files = list(teacher_weights or []) + [None] * (len(teachers) - len(teacher_weights or []))
-        loaded = [load_teacher(t, w, dev) for t, w in zip(teachers, files)]
-        unique_names(loaded)
+        loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
         augmenter = Augmenter.from_spec(m["augment"])
-        num_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev)
+        num_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev, kind)
         if num_classes != len(m["classes"]) or frames != m.get("frames"):
             theirs = f"C={num_classes}" + (f", T={frames}" if frames else "")
             ours = f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else "")
@@ -798,7 +799,11 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
             ref = dumped[i]["sha256"] if i < len(dumped) else None
             described.append({"name": t.name, "sha256": t.sha256, "manifest_sha256": ref,
                               "match": t.sha256 == ref})
-        teachers_match = len(loaded) == len(dumped) and all(d["match"] for d in described)
+        differences = teacher_differences(dumped, loaded)
+        teachers_match = not differences
+        if differences:
+            print(f"warning: the teachers given are not the ones {cache.path} was dumped with "
+                  f"({'; '.join(differences)}); the figures compare different models", file=sys.stderr)
         # Members map by position (the dump stored them in --teacher order); only when counts agree.
         member_of = dict(enumerate(cache.members)) if len(loaded) == len(cache.members) else {}
 
@@ -828,7 +833,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
                     wave = torch.stack([source.replay(folder.index[s], {n: v[r] for n, v in params.items()})
                                         for r, s in enumerate(ids)]).to(dev)
                     with torch.inference_mode(), autocast(dev, m.get("precision", "fp32")):
-                        logits = [t.module(wave).float() for t in loaded]
+                        logits = run_teachers(loaded, wave, lambda: ids)
                     groups = [("ensemble", None, aggregate(logits, kind, aggregation, weights))]
                     groups += [(n, n, logits[i]) for i, n in member_of.items()]
                     for key, member, z in groups:
@@ -946,9 +951,9 @@ def _run_path(run: Path, config: dict, key: str, flag: str) -> str:
 
 def compare(run: str | Path, cache: str | Path | None = None, data: str | Path | None = None, *,
             eval_data: str | Path | None = None, teachers: list[str] | None = None,
-            teacher_weights: list[str | None] | None = None, samples: int = 256, seed: int = 0,
-            device: str = "auto", batch_size: int = 32, progress: bool = False,
-            student: str | None = None, trust_run: bool = False) -> dict:
+            state_dicts: list[str | None] | None = None, teacher_args: dict | None = None,
+            samples: int = 256, seed: int = 0, device: str = "auto", batch_size: int = 32,
+            progress: bool = False, student: str | None = None, trust_run: bool = False) -> dict:
     """Does the student match the ensemble? A trained run (``logitcache train``) against its cache.
 
     ``views``: on a seeded sample of the cached training views the run trained on (replayed
@@ -974,8 +979,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
     """
     import json
 
-    from logitcache.dump import autocast, probe_teachers, resolve_device
-    from logitcache.teachers import load_teacher, unique_names
+    from logitcache.dump import autocast, resolve_device
+    from logitcache.teachers import load_teachers, probe_teachers, run_teachers
     from logitcache.train import check_student_output, load_student
     from logitcache.views import SourceContent, ViewSource, check_compatible
 
@@ -998,6 +1003,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
     if samples < 1 or batch_size < 1:
         raise LogitCacheError("--samples and --batch-size must be at least 1")
     teachers = list(teachers or [])
+    if (state_dicts or teacher_args) and not teachers:
+        raise LogitCacheError("--state-dict and --teacher-arg apply to --teacher teachers, and none is given")
     if teachers and eval_data is None:
         raise LogitCacheError("--teacher needs --eval-data: the teachers are re-run on the held-out clips")
     cache = cache or _run_path(run, config, "cache", "--cache")
@@ -1066,21 +1073,19 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                                       f"dumped with")
             loaded = []
             if teachers:
-                files = list(teacher_weights or []) + [None] * (len(teachers) - len(teacher_weights or []))
-                loaded = [load_teacher(t, w, dev) for t, w in zip(teachers, files)]
-                unique_names(loaded)
-                n_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev)
+                loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
+                n_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev, kind)
                 if n_classes != C or frames != c.frames:
                     raise LogitCacheError(f"teachers output C={n_classes} but cache {c.path} holds C={C}")
             s_list, e_list = [], []
             for a in range(0, len(held), batch_size):
-                x = torch.stack([augmenter.fit_clip(held.load(i, augmenter.sample_rate))
-                                 for i in range(a, min(a + batch_size, len(held)))]).to(dev)
+                clips = range(a, min(a + batch_size, len(held)))
+                x = torch.stack([augmenter.fit_clip(held.load(i, augmenter.sample_rate)) for i in clips]).to(dev)
                 with torch.inference_mode():
                     s_list.append(net(x).float().cpu())
                     if loaded:
                         with autocast(dev, m.get("precision", "fp32")):
-                            z = [t.module(x).float() for t in loaded]
+                            z = run_teachers(loaded, x, lambda: [held.ids[i] for i in clips])
                         e_list.append(aggregate(z, kind, m["aggregation"], m.get("weights")).cpu())
             zs = torch.cat(s_list)
             s_eval = _clip_level(zs.numpy())
@@ -1122,8 +1127,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
 def write_cache_report(out_html: str | Path, cache: str | Path, data: str | Path, teachers: list[str], *,
                        run: str | Path | None = None, eval_data: str | Path | None = None, samples: int = 64,
                        compare_samples: int = 256, seed: int = 0, device: str = "auto",
-                       teacher_weights: list[str | None] | None = None, progress: bool = False,
-                       student: str | None = None, trust_run: bool = False) -> dict:
+                       state_dicts: list[str | None] | None = None, teacher_args: dict | None = None,
+                       progress: bool = False, student: str | None = None, trust_run: bool = False) -> dict:
     """One HTML report of a cache: inspect, fidelity (teachers re-run on ``samples`` stored views)
     and, given a training ``run``, compare (``student``, ``trust_run``: as for :func:`compare`).
     Returns ``{"html", "inspect", "fidelity", "compare"}``."""
@@ -1131,12 +1136,12 @@ def write_cache_report(out_html: str | Path, cache: str | Path, data: str | Path
 
     info = inspect_cache(cache)
     fid = fidelity(cache, data, teachers, samples=samples, seed=seed, device=device,
-                   teacher_weights=teacher_weights, progress=progress)
+                   state_dicts=state_dicts, teacher_args=teacher_args, progress=progress)
     cmp = None
     if run is not None:
         cmp = compare(run, cache, data, eval_data=eval_data, teachers=teachers if eval_data else None,
-                      teacher_weights=teacher_weights, samples=compare_samples, seed=seed, device=device,
-                      progress=progress, student=student, trust_run=trust_run)
+                      state_dicts=state_dicts, teacher_args=teacher_args, samples=compare_samples, seed=seed,
+                      device=device, progress=progress, student=student, trust_run=trust_run)
     path = write_report(out_html, inspect=info, fidelity=fid, compare=cmp,
                         title=f"logitcache report: {str(cache).rstrip('/').rpartition('/')[2]}",
                         subtitle=f"{cache if is_url(cache) else Path(cache).resolve()} ·")

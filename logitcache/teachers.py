@@ -1,23 +1,44 @@
-"""Loading teachers: ``torch.export`` programs (.pt2), TorchScript files, or ``package.module:callable``.
+"""Loading teachers, and the contract every teacher is held to.
 
 A teacher maps a float32 waveform ``[B, samples]`` to logits ``[B, C]`` (clip level) or
-``[B, T, C]`` (frame level). Factory specs run only code the user named on the command line;
-``--weights`` state dicts load with ``weights_only=True``.
+``[B, T, C]`` (frame level). Formats, by what loading them runs:
+
+* data, loaded without executing anything from the file: a ``torch.export`` program (``.pt2``,
+  see :mod:`logitcache.teacher_pt2`) and an ONNX model (``.onnx``, :mod:`logitcache.teacher_onnx`);
+* code the user must trust: ``package.module:callable`` factories and teacher spec files
+  (``teacher.json``, :mod:`logitcache.teacher_factory`), and TorchScript files (their
+  ``forward`` is code). Factory state dicts load with ``weights_only=True``.
+
+:func:`probe_teachers` checks the contract once (shapes, batch independence, logits rather
+than probabilities); :func:`run_teachers` checks shapes again on every batch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
+import json
 import pickle
+import sys
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from logitcache.distributed import current_rank
 from logitcache.errors import LogitCacheError
+
+TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".jit", ".torchscript")
+# format -> what it is, as error messages say it ("teacher a.pt2 is a torch.export program")
+FORMATS = {
+    "pt2": "a torch.export program",
+    "onnx": "an ONNX model",
+    "torchscript": "a TorchScript file",
+    "factory": "a package.module:callable factory",
+    "spec": "a teacher spec file",
+}
 
 
 @dataclass
@@ -26,9 +47,19 @@ class Teacher:
     source: str
     module: torch.nn.Module
     sha256: str
+    format: str = ""
+    kwargs: dict = field(default_factory=dict)
+    out_shape: tuple | None = None  # [T,] C, set by probe_teachers and held to on every batch
 
     def describe(self) -> dict:
-        return {"name": self.name, "source": self.source, "sha256": self.sha256}
+        d = {"name": self.name, "source": self.source, "sha256": self.sha256}
+        # JSON as the manifest stores it (an API caller's non-JSON value as its repr)
+        return {**d, "kwargs": json.loads(json.dumps(self.kwargs, default=repr))} if self.kwargs else d
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -46,7 +77,7 @@ def load_state_dict(path: str | Path) -> dict:
     except FileNotFoundError:
         raise LogitCacheError(f"{path}: weights file not found") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise LogitCacheError(f"{path}: refused by torch.load(weights_only=True) ({str(e).splitlines()[0][:160]})") from None
+        raise LogitCacheError(f"{path}: refused by torch.load(weights_only=True) ({first_line(e)})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a logitcache training checkpoint
     if not isinstance(state, dict):
@@ -55,62 +86,113 @@ def load_state_dict(path: str | Path) -> dict:
 
 
 def load_factory(spec: str) -> torch.nn.Module:
-    """``package.module:callable`` -> the module it returns (called with no arguments)."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise LogitCacheError(f"{spec}: cannot import ({e})") from None
-    model = fn()
-    if not isinstance(model, torch.nn.Module):
-        raise LogitCacheError(f"{spec}: returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    """``package.module:callable`` (from sys.path) -> the module it returns, called with no
+    arguments; one-line errors. (Teachers load through :func:`load_teacher`.)"""
+    from logitcache.teacher_factory import FactorySpec, build_factory
+
+    return build_factory(FactorySpec(spec), "cpu", cwd=False)[0]
 
 
-def load_teacher(spec: str, weights: str | None = None, device: torch.device | str = "cpu") -> Teacher:
+def teacher_format(spec: str) -> str | None:
+    """The format ``spec`` names (by suffix, else ``module:callable``); None if it names nothing."""
     path = Path(spec)
-    if path.suffix == ".pt2":
-        if not path.is_file():
-            raise LogitCacheError(f"{spec}: teacher file not found")
-        try:
-            program = torch.export.load(str(path))
-        except Exception as e:
-            raise LogitCacheError(f"{spec}: not a torch.export program ({str(e).splitlines()[0][:160]})") from None
-        if torch.device(device).type != "cpu":
-            from torch.export.passes import move_to_device_pass
+    suffix = path.suffix.lower()
+    if suffix in (".pt2", ".onnx"):
+        return suffix[1:]
+    if suffix == ".json":
+        return "spec"
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        return "torchscript"
+    if ":" in spec:
+        return "factory"
+    return "torchscript" if path.is_file() else None
 
-            program = move_to_device_pass(program, torch.device(device))
-        module, digest = program.module(), file_sha256(path)
-    elif path.suffix in (".pt", ".ts", ".jit", ".torchscript") or path.is_file():
-        if not path.is_file():
-            raise LogitCacheError(f"{spec}: teacher file not found")
-        try:
-            with warnings.catch_warnings():  # TorchScript is deprecated; still accepted as an input
-                warnings.simplefilter("ignore")
-                module = torch.jit.load(str(path), map_location=device)
-        except Exception:
-            raise LogitCacheError(
-                f"{spec}: not a model (expected a torch.export .pt2, a TorchScript file or package.module:callable)"
-            ) from None
-        digest = file_sha256(path)
-    elif ":" in spec:
-        module = load_factory(spec)
-        digest = hashlib.sha256(spec.encode()).hexdigest()
-        if weights:
-            try:
-                module.load_state_dict(load_state_dict(weights))
-            except RuntimeError as e:
-                raise LogitCacheError(f"{weights}: does not fit {spec} ({str(e).splitlines()[0][:160]})") from None
-            digest = file_sha256(weights)
-        module = module.to(device)
-    else:
+
+def load_teacher(spec: str, state_dict: str | None = None, device: torch.device | str = "cpu",
+                 kwargs: dict | None = None) -> Teacher:
+    """One teacher, in eval mode on ``device``. ``state_dict`` and ``kwargs`` apply to factories
+    (``package.module:callable`` or a teacher spec file) only."""
+    spec = str(spec)
+    fmt, device = teacher_format(spec), torch.device(device)
+    if fmt is None:
         raise LogitCacheError(f"{spec}: teacher file not found (or use package.module:callable)")
+    if state_dict and fmt not in ("factory", "spec"):
+        raise LogitCacheError(f"--state-dict {state_dict}: applies only to package.module:callable teachers; "
+                              f"teacher {spec} is {FORMATS[fmt]}")
+    if kwargs and fmt not in ("factory", "spec"):
+        raise LogitCacheError(f"teacher {spec} is {FORMATS[fmt]}: it takes no arguments ({', '.join(kwargs)})")
+    module, digest, name, kwargs = _LOADERS[fmt](spec, device, state_dict, kwargs or {})
     try:
         module.eval()
     except (NotImplementedError, RuntimeError):
-        pass  # exported programs have no train/eval switch; they are traced in eval mode
-    name = path.stem if path.suffix else spec.rpartition(":")[2]
-    return Teacher(name=name, source=spec, module=module, sha256=digest)
+        pass  # exported programs have no train/eval switch; probe_teachers catches batch statistics
+    return Teacher(name=name, source=spec, module=module, sha256=digest, format=fmt, kwargs=kwargs)
+
+
+def load_teachers(specs: list[str], state_dicts: list[str | None] | None = None, teacher_args: dict | None = None,
+                  device: torch.device | str = "cpu") -> list[Teacher]:
+    """The teachers of a dump, fidelity or compare, with unique names.
+
+    ``state_dicts[i]`` (None for none) goes to ``specs[i]``; each ``teacher_args`` entry goes to
+    every factory whose signature takes it, and must be taken by at least one."""
+    specs = [str(s) for s in specs]
+    if not specs:
+        raise LogitCacheError("at least one --teacher is needed")
+    state_dicts = list(state_dicts or [])
+    if len(state_dicts) > len(specs):
+        raise LogitCacheError(f"{len(state_dicts)} --state-dict paths for {len(specs)} --teacher(s)")
+    state_dicts += [None] * (len(specs) - len(state_dicts))
+    from logitcache.teacher_factory import route_teacher_args
+
+    per_teacher = route_teacher_args(specs, dict(teacher_args or {}))
+    loaded = [load_teacher(s, w, device, kw) for s, w, kw in zip(specs, state_dicts, per_teacher)]
+    unique_names(loaded)
+    return loaded
+
+
+# Per format: (spec, device, state_dict, kwargs) -> (module, sha256, name, kwargs as used)
+def _load_pt2(spec: str, device: torch.device, state_dict, kwargs):
+    from logitcache.teacher_pt2 import load_program
+
+    program = load_program(spec)
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    return program.module(), file_sha256(spec), Path(spec).stem, {}
+
+
+def _load_onnx(spec: str, device: torch.device, state_dict, kwargs):
+    from logitcache.teacher_onnx import load_onnx
+
+    return *load_onnx(Path(spec), device), Path(spec).stem, {}
+
+
+def _load_torchscript(spec: str, device: torch.device, state_dict, kwargs):
+    if not Path(spec).is_file():
+        raise LogitCacheError(f"{spec}: teacher file not found")
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated; still accepted as an input
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(spec, map_location=device)
+    except Exception:
+        raise LogitCacheError(f"{spec}: not a model (expected a torch.export .pt2, an .onnx model, a TorchScript "
+                              f"file, a teacher .json spec or package.module:callable)") from None
+    return module, file_sha256(spec), Path(spec).stem, {}
+
+
+def _load_factory(spec: str, device: torch.device, state_dict, kwargs):
+    from logitcache.teacher_factory import FactorySpec, build_factory, read_spec_file
+
+    from_file = teacher_format(spec) == "spec"
+    fs = read_spec_file(spec) if from_file else FactorySpec(spec)
+    kwargs = fs.merged_kwargs(kwargs)
+    module, digest = build_factory(fs.with_state_dict(state_dict), device, kwargs)
+    return module, digest, Path(spec).stem if from_file else spec.rpartition(":")[2], kwargs
+
+
+_LOADERS = {"pt2": _load_pt2, "onnx": _load_onnx, "torchscript": _load_torchscript,
+            "factory": _load_factory, "spec": _load_factory}
 
 
 def unique_names(teachers: list[Teacher]) -> None:
@@ -120,3 +202,111 @@ def unique_names(teachers: list[Teacher]) -> None:
         seen[t.name] = n + 1
         if n:
             t.name = f"{t.name}_{n + 1}"
+
+
+# ---------------------------------------------------------------- the contract
+def probe_teachers(teachers: list[Teacher], clip_samples: int, device: torch.device,
+                   kind: str | None = None) -> tuple[int, int | None]:
+    """(num_classes, frames or None) that every teacher agrees on; sets each ``out_shape``.
+
+    Each teacher runs on a seeded noise clip alone, then in two batches of 3 with different other
+    clips: its row must not change (BatchNorm in train mode, say, makes it depend on the others).
+    The two batches have the same size because accelerators pick other kernels (TF32 convolutions
+    round differently) for other batch sizes; with the size fixed, only the companions differ.
+    With ``kind``, a warning when the rows look like probabilities instead of logits."""
+    clips = 0.1 * torch.randn(5, clip_samples, generator=torch.Generator().manual_seed(0))
+    clips = clips.to(device)
+    with torch.inference_mode():
+        for t in teachers:
+            alone, batch, other = (_probe_call(t, x) for x in (clips[:1], clips[:3], clips[[0, 3, 4]]))
+            if alone.shape[1:] != batch.shape[1:]:
+                raise LogitCacheError(f"teacher {t.source}: output {_shape(alone)} for 1 clip but {_shape(batch)} "
+                                      f"for 3")
+            t.out_shape = tuple(batch.shape[1:])
+            _check_batch_independent(t, batch[0].float(), other[0].float())
+            if kind:
+                _warn_if_probabilities(t, batch.float(), kind)
+    shapes = {t.source: t.out_shape for t in teachers}
+    if len(set(s[-1] for s in shapes.values())) > 1:
+        raise LogitCacheError("teachers disagree on the number of classes: " +
+                              ", ".join(f"{k} -> C={v[-1]}" for k, v in shapes.items()))
+    if len(set(s[:-1] for s in shapes.values())) > 1:
+        raise LogitCacheError("teachers disagree on clip/frame level: " +
+                              ", ".join(f"{k} -> {'T=' + str(v[0]) if len(v) == 2 else 'clip'}" for k, v in shapes.items()))
+    shape = teachers[0].out_shape
+    return shape[-1], (shape[0] if len(shape) == 2 else None)
+
+
+def _probe_call(t: Teacher, x: torch.Tensor) -> torch.Tensor:
+    try:
+        out = t.module(x)
+    except LogitCacheError:
+        raise  # already one line naming the teacher's file (an ONNX batch axis, say)
+    except Exception as e:
+        raise LogitCacheError(f"teacher {t.source}: fails on a [{x.shape[0]}, {x.shape[1]}] waveform batch "
+                              f"({first_line(e)})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3) or out.shape[0] != x.shape[0]:
+        raise LogitCacheError(f"teacher {t.source}: output {_shape(out)} for a batch of {x.shape[0]} is not "
+                              f"[B, C] or [B, T, C] logits")
+    return out
+
+
+def _check_batch_independent(t: Teacher, row: torch.Tensor, same_row: torch.Tensor) -> None:
+    if not (torch.isfinite(row).all() and torch.isfinite(same_row).all()):
+        return  # non-finite logits are the dump's to report, with the samples that cause them
+    scale = max(1.0, float(row.abs().max()))
+    diff = (row - same_row).abs()
+    if (diff > 1e-5 * scale + 1e-4 * row.abs()).any():
+        raise LogitCacheError(f"teacher {t.name}: output for a clip depends on the other clips in its batch "
+                              f"(max difference {float(diff.max()):.3g}); put it in eval mode (BatchNorm in train "
+                              f"mode?)")
+
+
+def _warn_if_probabilities(t: Teacher, out: torch.Tensor, kind: str) -> None:
+    rows = out.reshape(-1, out.shape[-1])
+    if not (torch.isfinite(rows).all() and rows.min() >= 0 and rows.max() <= 1):
+        return
+    if kind == "multiclass" and not torch.allclose(rows.sum(-1), torch.ones_like(rows[:, 0]), atol=1e-3):
+        return
+    what = "sum to 1 (softmax probabilities?)" if kind == "multiclass" else "lie in [0, 1] (sigmoid probabilities?)"
+    if current_rank() == 0:  # one warning per job, not per rank
+        print(f"warning: teacher {t.name}: its output rows all {what}; logitcache expects logits, so the stored "
+              f"targets will be wrong unless these are logits", file=sys.stderr)
+
+
+def run_teachers(teachers: list[Teacher], x: torch.Tensor, sample_ids: Callable[[], list[str]]) -> list[torch.Tensor]:
+    """Every teacher's float32 logits on one batch, held to the shape the probe found.
+
+    ``sample_ids()`` names the batch's samples for the one-line error (only called on failure)."""
+    out = []
+    for t in teachers:
+        try:
+            z = t.module(x)
+        except Exception as e:
+            raise LogitCacheError(f"teacher {t.name} failed on sample(s) {_some(sample_ids())}: {first_line(e)}") from None
+        expected = (x.shape[0], *t.out_shape) if t.out_shape else None
+        if not isinstance(z, torch.Tensor) or (expected and tuple(z.shape) != expected):
+            raise LogitCacheError(f"teacher {t.name} returned {_shape(z)} for the batch starting at sample "
+                                  f"{sample_ids()[0]} (expected {list(expected or ['B', '...'])}); nothing of "
+                                  f"this batch was written")
+        out.append(z.float())
+    return out
+
+
+def teacher_differences(dumped: list[dict], given: list[Teacher]) -> list[str]:
+    """How the given teachers differ from a manifest's (count, then names and sha256 by position)."""
+    out = [f"{len(given)} given, {len(dumped)} dumped"] if len(dumped) != len(given) else []
+    for i, (d, t) in enumerate(zip(dumped, given)):
+        if d.get("name") != t.name:
+            out.append(f"teacher {i + 1} is {t.name}, {d.get('name')} was dumped")
+        elif d.get("sha256") != t.sha256:
+            out.append(f"teacher {i + 1} ({t.name}) has another sha256")
+    return out
+
+
+def _shape(x) -> str:
+    return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _some(ids: list[str], n: int = 5) -> str:
+    return ", ".join(ids[:n]) + (f" (and {len(ids) - n} more)" if len(ids) > n else "")

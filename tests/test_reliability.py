@@ -144,9 +144,9 @@ def test_weights_that_weights_only_refuses_are_never_unpickled(dataset, tmp_path
     evil = tmp_path / "evil.pt"
     torch.save({"weight": Boom(marker)}, evil)
     with pytest.raises(LogitCacheError) as e:
-        _dump(dataset, tmp_path / "out.zarr", teacher_weights=[str(evil)])
+        _dump(dataset, tmp_path / "out.zarr", state_dicts=[str(evil)])
     assert_one_line_error(e, str(evil), "weights_only=True")
-    assert_error(run("dump", "--data", dataset, "--teacher", TEACHER, "--weights", evil, "--out", tmp_path / "o.zarr"),
+    assert_error(run("dump", "--data", dataset, "--teacher", TEACHER, "--state-dict", evil, "--out", tmp_path / "o.zarr"),
                  "evil.pt", "weights_only=True")
     # a student checkpoint is loaded the same way
     (tmp_path / "run").mkdir()
