@@ -68,7 +68,7 @@ def test_ids_block_boundaries_and_leading_shape():
 def test_id_row_sizes_are_near_the_floor():
     assert cc.id_layout(20, 527).nbytes == 17  # floor log2 C(527, 20) = 119 bits = 15 B
     assert cc.id_layout(20, 151_936).nbytes == 38  # floor 283 bits = 36 B
-    assert cc.id_layout(527, 527).nbytes == 66  # a membership bitmap (Elias-Fano would be 132 B)
+    assert cc.id_layout(527, 527).nbytes == 66  # L = 0: a membership bitmap (+ one bit)
     assert cc.row_bytes(20, 527) == 17 + 20 + 2 + 1 + 2
     assert cc.row_bytes(20, 527, value_bits=6) == 17 + 15 + 5
 
@@ -92,10 +92,11 @@ def test_corrupt_ids_are_detected():
     with pytest.raises(LogitCacheError, match="ids: .* expected 20 per row"):
         cc.decode_ids(one_less, 20, 527)
     moved = packed.copy()  # same total count, but row 3 gets one more and row 4 one less
-    bits = np.unpackbits(moved[:, :7], axis=1, bitorder="little")
-    bits[3, np.flatnonzero(bits[3] == 0)[-1]] = 1
-    bits[4, np.flatnonzero(bits[4] == 1)[0]] = 0
-    moved[:, :7] = np.packbits(bits, axis=1, bitorder="little")
+    high = cc.id_layout(20, 527).high_bits
+    bits = np.unpackbits(moved, axis=1, bitorder="little")
+    bits[3, np.flatnonzero(bits[3, :high] == 0)[-1]] = 1
+    bits[4, np.flatnonzero(bits[4, :high] == 1)[0]] = 0
+    moved = np.packbits(bits, axis=1, bitorder="little")
     with pytest.raises(LogitCacheError, match="ids: some rows do not hold exactly 20 ids"):
         cc.decode_ids(moved, 20, 527)
 

@@ -92,8 +92,7 @@ BLOCK_VALUES = 4096 * 20
 @dataclass(frozen=True)
 class IdLayout:
     """Bit layout of one row of ``ids``: the unary high-part bitmap (``high_bits`` bits from bit 0),
-    then k fields of ``low_bits`` bits from bit ``low_offset``. ``low_bits == -1``: the row is a
-    plain membership bitmap of C bits instead."""
+    then k fields of ``low_bits`` bits from bit ``low_offset``."""
 
     k: int
     num_classes: int
@@ -105,21 +104,18 @@ class IdLayout:
 
 @lru_cache(maxsize=256)
 def id_layout(k: int, num_classes: int) -> IdLayout:
-    """The fixed row layout of ``k`` ids out of ``num_classes``."""
+    """The fixed row layout of ``k`` ids out of ``num_classes``: the fewest bytes; among those, low
+    fields that decode by byte lookups (4, 8 or 16 bits from a byte boundary), else the widest."""
     _check_k(k, num_classes)
-    best = None
-    for low in range(max(1, (num_classes - 1).bit_length()) + 1):
-        high = k + ((num_classes - 1) >> low) + 1
+    options = []
+    for low in range((num_classes - k).bit_length() + 1):
+        high = k + ((num_classes - k) >> low) + 1
         nbytes = -(-(high + k * low) // 8)
-        if best is None or nbytes <= best.nbytes:
-            # the low fields start on a byte when that costs no byte (byte-aligned fast paths)
-            aligned = -(-high // 8) * 8
-            offset = aligned if -(-(aligned + k * low) // 8) == nbytes else high
-            best = IdLayout(k, num_classes, low, high, offset, nbytes)
-    bitmap = -(-num_classes // 8)
-    if bitmap < best.nbytes:
-        return IdLayout(k, num_classes, -1, num_classes, num_classes, bitmap)
-    return best
+        aligned = -(-high // 8) * 8  # the low fields start on a byte when that costs no byte
+        offset = aligned if -(-(aligned + k * low) // 8) == nbytes else high
+        fast = low in (4, 8, 16) and offset % 8 == 0
+        options.append((-nbytes, fast, low, IdLayout(k, num_classes, low, high, offset, nbytes)))
+    return max(options, key=lambda o: o[:3])[3]
 
 
 def array_specs(k: int, num_classes: int, value_bits: int = DEFAULT_VALUE_BITS) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -204,12 +200,10 @@ def encode_ids(indices: np.ndarray, num_classes: int) -> np.ndarray:
     if repeats.any():
         raise LogitCacheError(f"indices: row {int(np.flatnonzero(repeats)[0])} repeats a class id; a top-k row is a set")
     bits = np.zeros((len(s), lay.nbytes * 8), np.uint8)
-    if lay.low_bits < 0:
-        np.put_along_axis(bits, s, 1, axis=1)
-    else:
-        np.put_along_axis(bits, (s >> lay.low_bits) + np.arange(k), 1, axis=1)
-        low = s & ((1 << lay.low_bits) - 1)
-        bits[:, lay.low_offset:lay.low_offset + k * lay.low_bits] = _field_bits(low, lay.low_bits)
+    y = s - np.arange(k)  # non-decreasing, in [0, C - k]
+    np.put_along_axis(bits, (y >> lay.low_bits) + np.arange(k), 1, axis=1)
+    low = y & ((1 << lay.low_bits) - 1)
+    bits[:, lay.low_offset:lay.low_offset + k * lay.low_bits] = _field_bits(low, lay.low_bits)
     return np.packbits(bits, axis=1, bitorder="little").reshape(*lead, lay.nbytes)
 
 
@@ -219,14 +213,14 @@ def block_rows(k: int) -> int:
 
 
 @lru_cache(maxsize=16)
-def _bit_starts(lay: IdLayout) -> np.ndarray:
-    """[block_rows(k), k]: where each row's bitmap starts among a block's unpacked bits, plus i for
-    Elias-Fano (whose i-th one sits at h_i + i)."""
-    width = 8 * -(-lay.high_bits // 8)
-    rows = block_rows(lay.k)
-    starts = width * np.arange(rows, dtype=np.int64)[:, None]
-    return np.ascontiguousarray(np.broadcast_to(starts + (np.arange(lay.k) if lay.low_bits >= 0 else 0),
-                                                (rows, lay.k)))
+def _bit_starts(lay: IdLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Where each row's bitmap starts among a block's unpacked bits ``[block_rows(k)]``, and
+    ``[block_rows(k), k]`` to take from (one's position << L) + low to get x_i: the i-th one sits at
+    h_i + i and x_i = (h_i << L) + low_i + i, so that is (start << L) + i (2^L - 1)."""
+    rows, L = block_rows(lay.k), lay.low_bits
+    starts = 8 * -(-lay.high_bits // 8) * np.arange(rows, dtype=np.int64)
+    take = (starts[:, None] << L) + np.arange(lay.k, dtype=np.int64) * ((1 << L) - 1)
+    return starts, take
 
 
 def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
@@ -240,15 +234,16 @@ def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
     if ones.size != R * k:
         raise LogitCacheError(f"ids: {ones.size} ids in {R} rows, expected {k} per row (corrupt data)")
     pos = ones.reshape(R, k)
-    pos -= _bit_starts(lay)[:R]
+    starts, take = _bit_starts(lay)
     # ones come out row-major: a row with too many or too few of them shifts every later row,
-    # and the first bad row then has a first or last position outside its own bitmap
-    if R and (pos[:, 0].min() < 0 or pos[:, -1].max() > 8 * hb - (k if lay.low_bits >= 0 else 1)):
+    # and the first bad row then has a first or last one outside its own bitmap
+    if R and ((pos[:, 0] < starts[:R]).any() or (pos[:, -1] >= starts[:R] + 8 * hb).any()):
         raise LogitCacheError(f"ids: some rows do not hold exactly {k} ids (corrupt data)")
+    pos <<= lay.low_bits
+    pos -= take[:R]
+    if lay.low_bits:
+        pos += _read_fields(p, lay.low_offset, k, lay.low_bits)
     ids = pos.astype(np.int32) if lay.num_classes <= 2**31 else pos
-    if lay.low_bits > 0:
-        ids <<= lay.low_bits
-        ids |= _read_fields(p, lay.low_offset, k, lay.low_bits)
     if R and ids[:, -1].max() >= lay.num_classes:
         raise LogitCacheError(f"ids: decoded class id {ids[:, -1].max()} >= {lay.num_classes} classes (corrupt data)")
     return ids
