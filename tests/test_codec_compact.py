@@ -179,8 +179,8 @@ def test_softmax_tail_mass_is_kept():
     kind, z, v, i, s = realistic("multiclass")
     dv, di, ds = cc.decode(cc.encode(v, i, s, 527, kind), 20, 527, kind)
     t, dt = tail_mass(v, s), tail_mass(dv, ds)
-    # float16 logit(t) is good to 2^-11 |logit t| relative, float32 arithmetic to ~1e-7 absolute
-    assert (np.abs(dt - t) <= 2**-11 * np.abs(np.log(np.maximum(t, 1e-30))) * t + 2e-7).all()
+    # float16 logit(t) is good to 2^-11 |logit t| relative; float32 sums of ~1 to a few 2^-23
+    assert (np.abs(dt - t) <= 2**-11 * np.abs(np.log(np.maximum(t, 1e-30))) * t + 4 * 2**-23).all()
     kept = t > 1e-5
     # float16 values with the float32 stat lose small tails; compact does not
     t16 = tail_mass(v.astype(np.float16), s)

@@ -216,15 +216,17 @@ def block_rows(k: int) -> int:
 def _bit_starts(lay: IdLayout) -> tuple[np.ndarray, np.ndarray]:
     """Where each row's bitmap starts among a block's unpacked bits ``[block_rows(k)]``, and
     ``[block_rows(k), k]`` to take from (one's position << L) + low to get x_i: the i-th one sits at
-    h_i + i and x_i = (h_i << L) + low_i + i, so that is (start << L) + i (2^L - 1)."""
+    h_i + i and x_i = (h_i << L) + low_i + i, so that is (start << L) + i (2^L - 1). int32 when
+    everything fits (about half the memory traffic of int64)."""
     rows, L = block_rows(lay.k), lay.low_bits
     starts = 8 * -(-lay.high_bits // 8) * np.arange(rows, dtype=np.int64)
     take = (starts[:, None] << L) + np.arange(lay.k, dtype=np.int64) * ((1 << L) - 1)
-    return starts, take
+    small = (int(starts[-1]) + 8 * -(-lay.high_bits // 8)) << L < 2**31
+    return starts, take.astype(np.int32) if small else take
 
 
 def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
-    """Ascending ids ``[R, k]`` (int32, int64 past 2^31 classes) of at most ``block_rows(k)`` rows."""
+    """Ascending ids ``[R, k]`` (int32 or int64) of at most ``block_rows(k)`` rows."""
     k, R, hb = lay.k, len(p), -(-lay.high_bits // 8)
     high = p[:, :hb]
     if lay.high_bits % 8 and lay.low_offset < 8 * hb:  # low fields share the bitmap's last byte
@@ -233,8 +235,8 @@ def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
     ones = np.flatnonzero(np.unpackbits(high, axis=1, bitorder="little").view(bool))
     if ones.size != R * k:
         raise LogitCacheError(f"ids: {ones.size} ids in {R} rows, expected {k} per row (corrupt data)")
-    pos = ones.reshape(R, k)
     starts, take = _bit_starts(lay)
+    pos = ones.astype(take.dtype, copy=False).reshape(R, k)
     # ones come out row-major: a row with too many or too few of them shifts every later row,
     # and the first bad row then has a first or last one outside its own bitmap
     if R and ((pos[:, 0] < starts[:R]).any() or (pos[:, -1] >= starts[:R] + 8 * hb).any()):
@@ -243,10 +245,9 @@ def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
     pos -= take[:R]
     if lay.low_bits:
         pos += _read_fields(p, lay.low_offset, k, lay.low_bits)
-    ids = pos.astype(np.int32) if lay.num_classes <= 2**31 else pos
-    if R and ids[:, -1].max() >= lay.num_classes:
-        raise LogitCacheError(f"ids: decoded class id {ids[:, -1].max()} >= {lay.num_classes} classes (corrupt data)")
-    return ids
+    if R and pos[:, -1].max() >= lay.num_classes:
+        raise LogitCacheError(f"ids: decoded class id {pos[:, -1].max()} >= {lay.num_classes} classes (corrupt data)")
+    return pos
 
 
 def decode_ids(packed: np.ndarray, k: int, num_classes: int) -> np.ndarray:

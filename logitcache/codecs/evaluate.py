@@ -33,7 +33,7 @@ def teacher_rows(rows: int, num_classes: int, k: int, kind: str, seed: int = 0, 
     _check_kind(kind)
     rng = np.random.default_rng(seed)
     prior = -3.0 - 1.2 * np.log1p(rng.permutation(num_classes)).astype(np.float32)
-    step = max(1, _BLOCK_VALUES // (4 * members * num_classes))
+    step = max(1, _BLOCK_VALUES // (members * num_classes))
     parts = []
     for a in range(0, rows, step):
         z = aggregate(synthetic_logits(rng, min(step, rows - a), num_classes, members, prior=prior), kind)
