@@ -17,9 +17,10 @@ codec math; the cache format does not use it yet.
                sorted (values descending, as top-k rows are) and in id order (what the losses
                need; sort=False)
   value bits   compact at 4-8 bits per value (C = 527, k = 20)
-  stat         the tail statistic's precision: float16 of the log-sum-exp vs compact's float16
-               logit of the tail mass, on softmax rows whose log-sum-exp is 8 (one teacher's raw
-               logits) instead of ~0 (a mean-probability ensemble)
+  stat         the tail statistic's precision: float16 of the stat vs compact's float16 logit of
+               the tail mass, on softmax rows whose log-sum-exp is 2..12 (one teacher's raw logits)
+               instead of ~0 (a mean-probability ensemble); "tail mass off" counts rows whose
+               stored tail mass is > 10% off the teacher's (of rows with teacher tails > 1e-5)
   id codes     other id-set codes: bytes per row and decode speed (C = 527)
   view         bytes per sample-epoch of a CED-sized view (top-20 of 527, 'ced' augmentation,
                16 kHz, 10 s clips): targets + augmentation parameters (today's float32; at their
@@ -44,7 +45,7 @@ import _common as C  # noqa: E402
 import _id_codecs as X  # noqa: E402
 
 from logitcache.codecs import compact as cc  # noqa: E402
-from logitcache.codecs.evaluate import TAIL_FLOOR, dense_kl, stored_kl, tail_mass, teacher_rows  # noqa: E402
+from logitcache.codecs.evaluate import dense_kl, stored_kl, tail_mass, teacher_rows  # noqa: E402
 from logitcache.targets import index_dtype, topk_targets  # noqa: E402
 
 KINDS = ("multilabel", "multiclass")
@@ -148,39 +149,38 @@ def stat_table(data, kl_rows: int):
     rows = []
     for kind in KINDS:
         z = data[(VIEW_C, kind)][:kl_rows]
-        if kind == "multiclass":
-            z = z + np.float32(8.0)  # softmax is shift-invariant: the same teacher, log-sum-exp 8
+        if kind == "multiclass":  # softmax is shift-invariant: the same teacher, log-sum-exp 2..12
+            z = z + np.random.default_rng(5).uniform(2, 12, (len(z), 1)).astype(np.float32)
         v, i, s = topk_of(z, VIEW_K, kind)
-        v16 = v.astype(np.float16)
-        arrays = cc.encode(v, i, s, VIEW_C, kind)
-        dv, di, ds = cc.decode(arrays, VIEW_K, VIEW_C, kind)
-        exact = ds
-        if kind == "multiclass":  # compact values with a float32 stat that keeps the exact tail
-            t = np.clip(tail_mass(v, s), 0, 1)
+        v16, s16 = v.astype(np.float16), s.astype(np.float16).astype(np.float32)
+        dv, di, ds = cc.decode(cc.encode(v, i, s, VIEW_C, kind), VIEW_K, VIEW_C, kind)
+        exact = s
+        if kind == "multiclass":  # compact values with the float32 stat that keeps the tail exact
             top = dv.max(1).astype(np.float64)
             lse = top + np.log(np.exp(dv - top[:, None]).sum(1))
             with np.errstate(divide="ignore"):
-                exact = (lse - np.log1p(-t)).astype(np.float32)
-        variants = [("topk: float16 values, float32 stat (today)", v16, i, s),
-                    ("topk: float16 values, float16 stat", v16, i, s.astype(np.float16).astype(np.float32)),
-                    ("compact: 8-bit values, float16 stat field", dv, di, ds),
-                    ("compact: 8-bit values, float32 stat", dv, di, exact.astype(np.float32))]
-        base = None
-        if kind == "multiclass":  # the teacher's exact tail: 1 - exp(lse(top-k) - lse(all)), in float64
+                exact = (lse - np.log1p(-np.clip(tail_mass(v, s), 0, 1))).astype(np.float32)
+            # the teacher's own tail, 1 - exp(lse(top-k) - lse(all)), in float64
             z64 = torch.from_numpy(z.astype(np.float64))
             top_lse = torch.logsumexp(torch.topk(z64, VIEW_K, dim=-1).values, -1)
             teacher_tail = (-torch.expm1(top_lse - torch.logsumexp(z64, -1))).numpy()
+            real = teacher_tail > 1e-5  # float32 sums resolve ~1e-7: smaller tails are noisy anywhere
+        variants = [("float32 values, float32 stat (exact top-k)", v, i, s),
+                    ("float32 values, float16 stat", v, i, s16),
+                    ("topk today: float16 values, float32 stat", v16, i, s),
+                    ("compact: 8-bit values, float16 stat field", dv, di, ds),
+                    ("compact: 8-bit values, float32 stat", dv, di, exact)]
+        base = None
         for name, vv, ii, ss in variants:
             kl = dense_kl(z, vv, ii, ss, kind).mean()
             base = base or kl
             lost = "-"
             if kind == "multiclass":
-                t = tail_mass(vv, ss)
-                real = teacher_tail > TAIL_FLOOR
-                lost = f"{(np.abs(t - teacher_tail)[real] > 0.1 * teacher_tail[real]).mean():.2%}"
+                off = np.abs(tail_mass(vv, ss) - teacher_tail)[real] > 0.1 * teacher_tail[real]
+                lost = f"{off.mean():.2%}"
             rows.append([kind, name, f"{kl:.5g}", round(kl / base, 4), lost])
     print()
-    print(C.table(["kind", "stored as", "KL to teacher", "/ today", "rows with tail mass off > 10%"], rows))
+    print(C.table(["kind", "stored as", "KL to teacher", "/ exact top-k", "rows with tail mass off > 10%"], rows))
 
 
 def id_codes_table(data, rows_n: int, repeats: int):
