@@ -26,8 +26,8 @@ codec math; the cache format does not use it yet.
                16 kHz, 10 s clips): targets + augmentation parameters (today's float32; at their
                physical resolution, i.e. samples and STFT bins) + seed (derivable: 0 B)
 
-    python benchmarks/bench_codecs.py            # ~5 min on 2 shared cores
-    python benchmarks/bench_codecs.py --quick    # ~1 min
+    python benchmarks/bench_codecs.py            # ~8 min on 2 shared cores
+    python benchmarks/bench_codecs.py --quick    # ~2 min
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def targets_table(data, configs, kl_rows: int, repeats: int):
             dec = cpu_rate(lambda: cc.decode(arrays, k, Cn, kind), R, repeats)
             dec_u = cpu_rate(lambda: cc.decode(arrays, k, Cn, kind, sort=False), R, repeats)
             rows.append([Cn, k, kind, raw_t, raw_c, round(comp_t, 1), round(comp_c, 1),
-                         f"{kl16.mean():.4g}", f"{klc.mean():.4g}", round(klc.mean() / kl16.mean(), 4),
+                         f"{kl16.mean():.4g}", f"{klc.mean():.4g}", f"{klc.mean() / kl16.mean():.4f}",
                          f"{kl16.max():.3g}", f"{klc.max():.3g}", f"{st16.mean():.2g}", f"{stc.mean():.2g}",
                          f"{(today[1][:n, 0] == top).mean():.4f}", f"{(di[:n, 0] == top).mean():.4f}"])
             speed.append([Cn, k, kind, R, mrows(enc), mrows(dec), mrows(dec_u)])
@@ -119,8 +119,8 @@ def targets_table(data, configs, kl_rows: int, repeats: int):
                    "KL topk fp16", "KL compact", "KL ratio", "max KL topk", "max KL compact",
                    "storage KL topk", "storage KL compact", "top-1 topk", "top-1 compact"], rows))
     print()
-    print(C.table(["C", "k", "kind", "rows", "encode rows/s", "decode rows/s (sorted)", "decode rows/s (id order)"],
-                  speed))
+    print(C.table(["C", "k", "kind", "rows", "encode rows/s", "decode rows/s (sorted)",
+                   "decode rows/s (id order)"], speed))
     return res
 
 
@@ -138,7 +138,7 @@ def bits_table(data, kl_rows: int, repeats: int):
             st = stored_kl((v[:n], i[:n], s[:n]), (dv[:n], di[:n], ds[:n]), VIEW_C, kind).mean()
             step = np.median(cc.STEPS[arrays["step"]])
             dec = cpu_rate(lambda: cc.decode(arrays, VIEW_K, VIEW_C, kind, bits), len(v), repeats)
-            rows.append([kind, bits, cc.row_bytes(VIEW_K, VIEW_C, bits), f"{step:.3g}", round(kl / kl16, 4),
+            rows.append([kind, bits, cc.row_bytes(VIEW_K, VIEW_C, bits), f"{step:.3g}", f"{kl / kl16:.4f}",
                          f"{st:.2g}", f"{(di[:n, 0] == z[:n].argmax(1)).mean():.4f}", mrows(dec)])
     print()
     print(C.table(["kind", "value bits", "B/row", "median step (logit)", "KL / KL topk fp16", "storage KL",
@@ -178,9 +178,10 @@ def stat_table(data, kl_rows: int):
             if kind == "multiclass":
                 off = np.abs(tail_mass(vv, ss) - teacher_tail)[real] > 0.1 * teacher_tail[real]
                 lost = f"{off.mean():.2%}"
-            rows.append([kind, name, f"{kl:.5g}", round(kl / base, 4), lost])
+            rows.append([kind, name, f"{kl:.5g}", f"{kl / base:.4f}", lost])
     print()
-    print(C.table(["kind", "stored as", "KL to teacher", "/ exact top-k", "rows with tail mass off > 10%"], rows))
+    print(C.table(["kind", "stored as", "KL to teacher", "/ exact top-k", "rows with tail mass off > 10%"],
+                  rows))
 
 
 def id_codes_table(data, rows_n: int, repeats: int):
@@ -197,22 +198,26 @@ def id_codes_table(data, rows_n: int, repeats: int):
         ef = cc.encode_ids(ids, VIEW_C)
         assert (cc.decode_ids(ef, k, VIEW_C) == ids).all()
         out.append([k, "uint16 ids (today)", 2 * k, f"{floor:.1f}", "-", "fixed"])
-        out.append([k, "compact: Elias-Fano (sorted set)", ef.shape[1], f"{floor:.1f}",
-                    mrows(cpu_rate(lambda: cc.decode_ids(ef, k, VIEW_C), len(ids), repeats)), "fixed, no escape"])
+        speed = cpu_rate(lambda: cc.decode_ids(ef, k, VIEW_C), len(ids), repeats)
+        out.append([k, "compact: Elias-Fano (sorted set)", ef.shape[1], f"{floor:.1f}", mrows(speed),
+                    "fixed, no escape"])
         for name, enc, dec, note in [
                 ("Golomb-Rice of gaps", X.rice_encode, X.rice_decode, "fixed (bounded), no escape"),
                 ("fixed-width gaps + width header", X.fixed_gaps_encode, X.fixed_gaps_decode,
                  "W = widest row seen; needs an escape"),
-                ("Elias-gamma of gaps", X.gamma_encode, X.gamma_decode, "W = widest row seen; needs an escape")]:
+                ("Elias-gamma of gaps", X.gamma_encode, X.gamma_decode,
+                 "W = widest row seen; needs an escape")]:
             packed, W = enc(ids, VIEW_C)
             got = np.concatenate([dec(packed[a:a + B], k, VIEW_C) for a in range(0, len(ids), B)])
             assert (got == ids).all(), name
-            out.append([k, name, W, f"{floor:.1f}", mrows(cpu_rate(blocks(dec, packed), len(ids), repeats)), note])
+            speed = cpu_rate(blocks(dec, packed), len(ids), repeats)
+            out.append([k, name, W, f"{floor:.1f}", mrows(speed), note])
         few = ids[:1000]
         packed, W = X.cns_encode(few, VIEW_C)
         assert (X.cns_decode(packed, k, VIEW_C) == few).all()
-        out.append([k, "combinatorial number system", W, f"{floor:.1f}",
-                    mrows(cpu_rate(lambda: X.cns_decode(packed, k, VIEW_C), len(few), 1)), "fixed; Python integers"])
+        speed = cpu_rate(lambda: X.cns_decode(packed, k, VIEW_C), len(few), 1)
+        out.append([k, "combinatorial number system", W, f"{floor:.1f}", mrows(speed),
+                    "fixed; Python integers"])
     print()
     print(C.table(["k", "ids stored as (C = 527)", "B/row", "floor B", "decode rows/s", "row width"], out))
 
@@ -316,17 +321,18 @@ def main() -> None:
     p = C.parser(__doc__)
     p.add_argument("--chunk-rows", type=int, default=None, help="rows per measured chunk at C = 527 "
                    "(default 65,536; --quick 16,384)")
-    p.add_argument("--kl-rows", type=int, default=None, help="rows whose dense KL is computed (default 16,384; "
-                   "--quick 4,096)")
-    p.add_argument("--large-rows", type=int, default=None, help="rows at C = 151,936 (default 1,024; --quick 256)")
+    p.add_argument("--kl-rows", type=int, default=None,
+                   help="rows whose dense KL is computed (default 16,384; --quick 4,096)")
+    p.add_argument("--large-rows", type=int, default=None,
+                   help="rows at C = 151,936 (default 1,024; --quick 256)")
     args = p.parse_args()
     torch.set_num_threads(args.threads or 1)
     chunk = args.chunk_rows or (16384 if args.quick else 65536)
     kl_rows = args.kl_rows or (4096 if args.quick else 16384)
     large = args.large_rows or (256 if args.quick else 1024)
     repeats = 2 if args.quick else 5
-    print(f"# bench_codecs: compact target rows vs float16 top-k; {chunk:,} realistic ensemble rows per kind at "
-          f"C = 527 (dense KL on {min(kl_rows, chunk):,}), {large:,} at C = 151,936")
+    print(f"# bench_codecs: compact target rows vs float16 top-k; {chunk:,} realistic ensemble rows per "
+          f"kind at C = 527 (dense KL on {min(kl_rows, chunk):,}), {large:,} at C = 151,936")
     print(f"# machine: {C.machine()}")
     t0 = time.perf_counter()
     data = {}

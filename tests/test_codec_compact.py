@@ -36,7 +36,8 @@ def adversarial_sets(k: int, C: int) -> np.ndarray:
 
 def round_trip(ids: np.ndarray, C: int) -> None:
     packed = cc.encode_ids(ids, C)
-    assert packed.dtype == np.uint8 and packed.shape == (*ids.shape[:-1], cc.id_layout(ids.shape[-1], C).nbytes)
+    width = cc.id_layout(ids.shape[-1], C).nbytes
+    assert packed.dtype == np.uint8 and packed.shape == (*ids.shape[:-1], width)
     out = cc.decode_ids(packed, ids.shape[-1], C)
     np.testing.assert_array_equal(out, np.sort(ids, axis=-1))
     assert out.dtype == np.dtype("uint8" if C <= 256 else "uint16" if C <= 65536 else "uint32")
@@ -60,7 +61,8 @@ def test_ids_every_subset_of_small_class_counts():
 
 def test_ids_block_boundaries_and_leading_shape():
     rng = np.random.default_rng(1)
-    ids = random_sets(rng, 2 * cc.block_rows(20) + 4, 20, 527).reshape(-1, 3, 20)  # blocks of rows, not of [3, 20]
+    # 3 blocks of rows (not of [3, 20] items), the last one short
+    ids = random_sets(rng, 2 * cc.block_rows(20) + 4, 20, 527).reshape(-1, 3, 20)
     round_trip(ids, 527)
     round_trip(ids[:0], 527)
 
@@ -203,7 +205,8 @@ def test_kd_loss_on_decoded_rows_matches_float32_rows(rows):
     dv, di, ds = cc.decode(cc.encode(v, i, s, 527, kind), 20, 527, kind)
     student = torch.randn(len(v), 527, generator=torch.Generator().manual_seed(0))
     ref = kd_loss(student, torch.from_numpy(v), torch.from_numpy(i), torch.from_numpy(s), kind)
-    got = kd_loss(student, torch.from_numpy(dv), torch.from_numpy(di.astype(np.int64)), torch.from_numpy(ds), kind)
+    got = kd_loss(student, torch.from_numpy(dv), torch.from_numpy(di.astype(np.int64)), torch.from_numpy(ds),
+                  kind)
     assert abs(float(got) - float(ref)) <= 1e-3 * abs(float(ref))
 
 
@@ -216,14 +219,24 @@ def test_frame_rows_and_large_class_counts():
     assert dv.shape == di.shape == (*shape, 20) and ds.shape == shape and di.dtype == np.uint32
     np.testing.assert_array_equal(np.sort(di.reshape(-1, 20), 1), np.sort(i, 1))
     kl16 = dense_kl(z, v.astype(np.float16), i, s, "multiclass")
-    assert dense_kl(z, dv.reshape(-1, 20), di.reshape(-1, 20), ds.reshape(-1), "multiclass").mean() <= 1.1 * kl16.mean()
+    kl = dense_kl(z, dv.reshape(-1, 20), di.reshape(-1, 20), ds.reshape(-1), "multiclass")
+    assert kl.mean() <= 1.1 * kl16.mean()
+
+
+def test_no_rows():
+    arrays = cc.encode(np.zeros((0, 5, 20), np.float32), np.zeros((0, 5, 20), np.int64), np.zeros((0, 5)),
+                       527, "multiclass")
+    assert {n: a.shape for n, a in arrays.items()} == {
+        "ids": (0, 5, 17), "codes": (0, 5, 20), "offset": (0, 5), "step": (0, 5), "stat": (0, 5)}
+    assert [x.shape for x in cc.decode(arrays, 20, 527, "multiclass")] == [(0, 5, 20), (0, 5, 20), (0, 5)]
 
 
 def test_decode_rejects_arrays_that_do_not_fit():
-    arrays = cc.encode(np.zeros((3, 20), np.float32), np.tile(np.arange(20), (3, 1)), np.zeros(3), 527, "multilabel")
+    arrays = cc.encode(np.zeros((3, 20), np.float32), np.tile(np.arange(20), (3, 1)), np.zeros(3), 527,
+                       "multilabel")
     with pytest.raises(LogitCacheError, match="compact rows: missing array\\(s\\) step"):
         cc.decode({n: a for n, a in arrays.items() if n != "step"}, 20, 527, "multilabel")
-    with pytest.raises(LogitCacheError, match=r"compact rows: codes is uint8 \(3, 20\), expected uint8 \(3, 15\)"):
+    with pytest.raises(LogitCacheError, match=r"codes is uint8 \(3, 20\), expected uint8 \(3, 15\)"):
         cc.decode(arrays, 20, 527, "multilabel", value_bits=6)
     with pytest.raises(LogitCacheError, match="kind 'softmax' is not one of multilabel, multiclass"):
         cc.decode(arrays, 20, 527, "softmax")

@@ -2,69 +2,78 @@
 
 A cached target row is (values: top-k logits sorted descending, indices: their class ids, stat: the
 tail statistic of logitcache.targets). This codec stores the same row as five fixed-shape arrays,
-so a chunked array store can hold them unchanged:
+so a chunked array store holds them as they are:
 
-==========  ===================  ====================================================================
-array       dtype, row shape     content
-==========  ===================  ====================================================================
-``ids``     uint8 [W]            the k ids as a *set* (Elias-Fano, below): rank order is not stored,
-                                 because the values imply it (log2 k! bits, 61 at k = 20, saved)
-``codes``   uint8 [ceil(kb/8)]   the values in id order, ``value_bits`` (b) bits each, packed
-``offset``  float16              the row's top value, rounded to float16
-``step``    uint8                the row's quantisation step, on a 2^(1/8) log grid (``STEPS``)
-``stat``    float16              multiclass: logit of the tail mass; multilabel: the stored stat
-==========  ===================  ====================================================================
+==========  ==================  =====================================================================
+array       dtype, row shape    content
+==========  ==================  =====================================================================
+``ids``     uint8 [W]           the k ids as a *set* (Elias-Fano, below). Rank order is not stored:
+                                the values imply it (log2 k! bits, 61 at k = 20)
+``codes``   uint8 [ceil(kb/8)]  the values in id order, ``value_bits`` (b) bits each, packed
+``offset``  float16             the row's top value
+``step``    uint8               the row's quantisation step, on a 2^(1/8) log grid (``STEPS``)
+``stat``    float16             multiclass: logit of the tail mass; multilabel: the stat itself
+==========  ==================  =====================================================================
 
-Top-20 of 527 classes at 8 bits: 17 + 20 + 2 + 1 + 2 = 42 B per row (float16 top-k today: 84 B).
+Top-20 of 527 at 8 bits: 17 + 20 + 2 + 1 + 2 = 42 B per row (float16 top-k today: 84 B); blosc
+does not shrink it further (41 B), today's rows only to 62 B. All figures below are from
+``benchmarks/bench_codecs.py`` (2 shared cores, CPU time per core, realistic ensemble rows).
 
-Ids: Elias-Fano, fixed width, no escape
-    Sorted ids x_0 < ... < x_{k-1} are split into ``low_bits`` (L) low bits, stored as k fixed-width
-    fields, and high parts h_i = x_i >> L, stored in unary as a bitmap with a one at h_i + i. The
-    bitmap has k + ((C-1) >> L) + 1 bits, so the row size k*L + k + ((C-1) >> L) + 1 bits is the
-    same for *every* set: a fixed row width with no overflow and no escape path. L minimises it
-    (ties: the larger L, fewer bits to scan). When a plain C-bit membership bitmap is smaller
-    (k close to C), that is stored instead. Sizes against the floor log2 C(C, k):
+Ids: Elias-Fano of y_i = x_i - i, fixed width, no escape
+    The sorted ids x_0 < ... < x_{k-1} become y_i = x_i - i, non-decreasing in [0, C - k]. Each y_i
+    is split into L low bits, stored as k fixed-width fields, and a high part y_i >> L, stored in
+    unary as a bitmap with a one at (y_i >> L) + i: k + ((C - k) >> L) + 1 bits. Every set takes the
+    same k L + k + ((C - k) >> L) + 1 bits, so the row width is fixed with no overflow and no escape
+    path. L gives the fewest bytes; among equal sizes, low fields that decode by byte lookups (4, 8
+    or 16 bits from a byte boundary), else the widest (fewer bitmap bits to scan). L = 0 is a plain
+    membership bitmap (plus one bit), which wins for k close to C.
 
-    ====================  =====  ====  ====================================  =========
-    C, k                  floor  here  alternatives measured                 uint ids
-    ====================  =====  ====  ====================================  =========
-    527, 20               15 B   17 B  see benchmarks/bench_codecs.py        40 B
-    151,936, 20           36 B   38 B                                        80 B
-    ====================  =====  ====  ====================================  =========
+    Decoding is one ``unpackbits`` + ``flatnonzero`` over a block of rows (the ones come out
+    row-major, exactly k per row, so a reshape gives every row's positions) and fixed-column byte
+    gathers for the low fields: no per-row or per-element Python. Top-k id sets of C = 527:
 
-    Why this scheme (figures in benchmarks/bench_codecs.py, top-20 of 527): Golomb-Rice of the
-    gaps has the same worst case (the gaps sum to at most C - k, so the Rice bits are bounded too:
-    131 bits, 17 B) but its unary and binary parts interleave, so a decoder must walk each row
-    element by element; Elias-Fano keeps the unary parts together, and decoding is one
-    ``unpackbits`` + ``flatnonzero`` over all rows (the ones come out row-major, exactly k per row)
-    plus fixed-column byte gathers for the low parts: no per-row or per-element Python. Elias-gamma
-    and fixed-width-per-row gaps need an escape for wide rows and are larger; the combinatorial
-    number system reaches the floor (15 B) but needs 119-bit integers and a sequential search per
-    id (orders of magnitude slower in numpy).
+    ===============================  ====  ====  ====  ==========================================
+    ids stored as                    k=5   k=20  k=50  decode rows/s at k = 20; row width
+    ===============================  ====  ====  ====  ==========================================
+    floor log2 C(C, k)               4.8   14.9  29.3
+    uint16 (today)                   10    40    100   (a view)
+    Elias-Fano (this)                6     17    33    10.8M; fixed, no escape
+    Golomb-Rice of the gaps          6     17    33    0.38M; fixed (gaps sum to <= C - k)
+    fixed-width gaps + width header  7     21    45    1.6M; widest row seen, needs an escape
+    Elias-gamma of the gaps          9     23    41    0.20M; widest row seen, needs an escape
+    combinatorial number system      5     15    30    0.01M; fixed, 119-bit integers
+    ===============================  ====  ====  ====  ==========================================
+
+    Rice matches Elias-Fano's size, but its unary and binary parts interleave, so a decoder walks
+    each row element by element (a k-step loop in numpy); the combinatorial number system reaches
+    the floor, 2 B less, but needs big integers and a search per id. At C = 151,936, k = 20:
+    38 B (floor 36 B, uint32 ids 80 B).
 
 Values: b bits per value, linear in the logit domain, per-row grid anchored at the top value
     code q = round((offset - v) / step), decoded v' = offset - q * step. ``step`` is the smallest
-    grid step >= max((offset - min v) / (2^b - 1), float16 spacing at offset), so no code clips
-    and every decoded value is within step / 2 of the input (plus float32 rounding), the top
-    one included. Logits are clamped to the float16 range first, as float16 storage does.
-    The KL effect is measured in benchmarks/bench_codecs.py: against the dense teacher the
-    top-k reconstruction error (the tail spread evenly) dominates, so even 5-6 bits stay within
-    1.01x of float16 top-k; 8 bits (step ~0.02 logit on realistic rows) is the default because
-    its codes are plain bytes (fastest decode) and it keeps the storage error alone small too.
+    grid step >= max((offset - min v) / (2^b - 1), float16 spacing at the offset), so no code
+    clips and every decoded value is within step / 2 of the input (plus float32 rounding), the
+    top one included. Logits are clamped to the float16 range first, as float16 storage does.
+    Against the dense teacher the top-k truncation (the tail spread evenly) dominates the error:
+    KL(teacher || row) is within 1.0002x of float16 top-k at 8 bits, 1.003x at 6, 1.06x at 4
+    (top-20 of 527). 8 bits is the default: plain-byte codes decode fastest, the storage error
+    alone stays small (KL to the float32 row 2e-5; median step 0.034 logit), and two values
+    closer than a step tie (top-1 agreement 99.85%). 6 bits saves 5 B per row at k = 20.
 
 Stat, float16
-    multilabel: the stat itself (logit of the mean tail probability; float16 error <= 2^-11 of
-    it, a negligible KL change). multiclass: NOT the log-sum-exp, whose float16 rounding
-    (~0.002 at 4) moves the top-k mass by ~0.2% and wipes out any smaller tail (the reconstruction
-    clamps a negative tail to 0, an infinite KL to the teacher); float16 top-k values with a
-    float32 stat already do that on confident rows. The logit of the tail mass t is stored
-    instead, and decode sets stat = logsumexp(decoded values) + softplus(logit t), so the decoded
-    top-k mass is exactly 1 - t (to float16's relative 2^-11 on t and on 1 - t) and the tail bucket
-    stays exact whatever the value quantisation did.
+    multilabel: the stat itself (logit of the mean tail probability; KL change < 1e-5).
+    multiclass: not the log-sum-exp: its float16 rounding (up to 2^-11 of it) moves the top-k mass
+    by as much and wipes out smaller tails (the reconstruction clamps a negative tail to 0). On
+    softmax rows whose log-sum-exp is 2..12 (a single teacher's raw logits), a float16 stat puts
+    44% of the tails > 1e-5 more than 10% off, and so do float16 values with today's float32 stat
+    (42%). The logit of the tail mass t is stored instead, and decode sets stat = logsumexp(decoded
+    values) + softplus(logit t), so the decoded top-k mass is 1 - t (t to 2^-11 |logit t| relative)
+    whatever the value quantisation did: 0.01% of those rows are off.
 
-Decode returns the triple logitcache.targets.kd_loss consumes: values sorted descending (ties:
-lower id first), ids in that order (the index dtype a cache uses for C), float32 stat.
-Every function takes any leading shape ``[..., k]`` (frames included) and works on all rows at
+Decode returns the triple logitcache.targets.kd_loss consumes: float32 values sorted descending
+(ties: lower id first), their ids (the index dtype a cache uses for C), float32 stat; or, with
+``sort=False``, the same rows in id order, which the losses do not mind (~1.5x faster). Every
+function takes any leading shape ``[..., k]`` (frames included) and works on blocks of rows at
 once.
 """
 
@@ -118,7 +127,8 @@ def id_layout(k: int, num_classes: int) -> IdLayout:
     return max(options, key=lambda o: o[:3])[3]
 
 
-def array_specs(k: int, num_classes: int, value_bits: int = DEFAULT_VALUE_BITS) -> dict[str, tuple[str, tuple[int, ...]]]:
+def array_specs(k: int, num_classes: int,
+                value_bits: int = DEFAULT_VALUE_BITS) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The arrays of one encoded row: name -> (dtype, trailing shape), like Augmenter.param_specs."""
     _check_bits(value_bits)
     return {"ids": ("uint8", (id_layout(k, num_classes).nbytes,)),
@@ -128,7 +138,8 @@ def array_specs(k: int, num_classes: int, value_bits: int = DEFAULT_VALUE_BITS) 
 
 def row_bytes(k: int, num_classes: int, value_bits: int = DEFAULT_VALUE_BITS) -> int:
     """Bytes per encoded target row (all arrays of :func:`array_specs`)."""
-    return sum(np.dtype(d).itemsize * int(np.prod(s)) for d, s in array_specs(k, num_classes, value_bits).values())
+    specs = array_specs(k, num_classes, value_bits).values()
+    return sum(np.dtype(d).itemsize * int(np.prod(s)) for d, s in specs)
 
 
 def _check_k(k: int, num_classes: int) -> None:
@@ -157,7 +168,8 @@ def _field_bits(fields: np.ndarray, width: int) -> np.ndarray:
     """[R, n] unsigned fields -> [R, n * width] bits, least significant first."""
     dtype = np.uint8 if width <= 8 else np.uint32 if width <= 32 else np.uint64
     shifts = np.arange(width, dtype=dtype)
-    return ((fields.astype(dtype)[..., None] >> shifts) & dtype(1)).astype(np.uint8).reshape(len(fields), fields.shape[1] * width)
+    bits = (fields.astype(dtype)[..., None] >> shifts) & dtype(1)
+    return bits.astype(np.uint8).reshape(len(fields), fields.shape[1] * width)
 
 
 def _read_fields(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndarray:
@@ -187,7 +199,7 @@ def _read_fields(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndar
 
 # ---------------------------------------------------------------- ids
 def encode_ids(indices: np.ndarray, num_classes: int) -> np.ndarray:
-    """Sets of k distinct class ids ``[..., k]`` (any order) -> ``[..., W]`` uint8 (W from :func:`id_layout`)."""
+    """Sets of k distinct class ids ``[..., k]`` (any order) -> ``[..., W]`` uint8 (:func:`id_layout`)."""
     ids, lead = _rows(indices, None, "indices")
     k = ids.shape[1]
     lay = id_layout(k, num_classes)
@@ -198,7 +210,8 @@ def encode_ids(indices: np.ndarray, num_classes: int) -> np.ndarray:
         raise LogitCacheError(f"indices: class ids must be in [0, {num_classes}), got {s.min()}..{s.max()}")
     repeats = (np.diff(s, axis=1) == 0).any(axis=1)
     if repeats.any():
-        raise LogitCacheError(f"indices: row {int(np.flatnonzero(repeats)[0])} repeats a class id; a top-k row is a set")
+        row = int(np.flatnonzero(repeats)[0])
+        raise LogitCacheError(f"indices: row {row} repeats a class id; a top-k row is a set")
     bits = np.zeros((len(s), lay.nbytes * 8), np.uint8)
     y = s - np.arange(k)  # non-decreasing, in [0, C - k]
     np.put_along_axis(bits, (y >> lay.low_bits) + np.arange(k), 1, axis=1)
@@ -246,12 +259,13 @@ def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
     if lay.low_bits:
         pos += _read_fields(p, lay.low_offset, k, lay.low_bits)
     if R and pos[:, -1].max() >= lay.num_classes:
-        raise LogitCacheError(f"ids: decoded class id {pos[:, -1].max()} >= {lay.num_classes} classes (corrupt data)")
+        raise LogitCacheError(f"ids: decoded class id {pos[:, -1].max()} >= {lay.num_classes} classes "
+                              "(corrupt data)")
     return pos
 
 
 def decode_ids(packed: np.ndarray, k: int, num_classes: int) -> np.ndarray:
-    """``[..., W]`` uint8 from :func:`encode_ids` -> ``[..., k]`` ids in ascending order (index dtype of C)."""
+    """``[..., W]`` uint8 from :func:`encode_ids` -> ``[..., k]`` ascending ids (the index dtype of C)."""
     lay = id_layout(k, num_classes)
     p, lead = _rows(packed, lay.nbytes, "ids")
     if p.dtype != np.uint8:
@@ -281,9 +295,12 @@ def encode_values(values: np.ndarray, value_bits: int = DEFAULT_VALUE_BITS) -> d
     need = np.maximum((o - (v.min(axis=1) if v.size else o)) / np.float32(levels), ulp)
     step = np.searchsorted(STEPS, need).astype(np.uint8)
     q = np.clip(np.rint((o[:, None] - v) / STEPS[step][:, None]), 0, levels).astype(np.uint32)
-    codes = q.astype(np.uint8) if value_bits == 8 else np.packbits(_field_bits(q, value_bits), axis=1,
-                                                                   bitorder="little")
-    return {"codes": codes.reshape(*lead, -1), "offset": offset.reshape(lead), "step": step.reshape(lead)}
+    if value_bits == 8:
+        codes = q.astype(np.uint8)
+    else:
+        codes = np.packbits(_field_bits(q, value_bits), axis=1, bitorder="little")
+    return {"codes": codes.reshape(*lead, codes.shape[1]), "offset": offset.reshape(lead),
+            "step": step.reshape(lead)}
 
 
 def decode_values(codes: np.ndarray, offset: np.ndarray, step: np.ndarray, k: int,
@@ -340,7 +357,8 @@ def encode(values: np.ndarray, indices: np.ndarray, stat: np.ndarray, num_classe
 
 
 def decode(arrays: dict[str, np.ndarray], k: int, num_classes: int, kind: str,
-           value_bits: int = DEFAULT_VALUE_BITS, sort: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           value_bits: int = DEFAULT_VALUE_BITS, sort: bool = True
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The arrays of :func:`encode` -> (values float32, indices, stat float32) for kd_loss.
 
     ``sort``: values descending as top-k rows are (ties: lower id first); ``False`` leaves them in
@@ -355,40 +373,50 @@ def decode(arrays: dict[str, np.ndarray], k: int, num_classes: int, kind: str,
     for name, (dtype, shape) in specs.items():
         a = np.asarray(arrays[name])
         if a.shape != lead + shape or a.dtype != dtype:
-            raise LogitCacheError(f"compact rows: {name} is {a.dtype} {a.shape}, expected {dtype} {lead + shape}")
+            raise LogitCacheError(f"compact rows: {name} is {a.dtype} {a.shape}, "
+                                  f"expected {dtype} {lead + shape}")
         flat[name] = a.reshape(-1, *shape)
     lay, N = id_layout(k, num_classes), len(flat["stat"])
     values, ids = np.empty((N, k), np.float32), np.empty((N, k), index_dtype(num_classes))
     stat = np.empty(N, np.float32)
-    B = block_rows(k)
-    for a in range(0, N, B):
-        b = min(a + B, N)
-        i = _ids_block(flat["ids"][a:b], lay)
-        q = _read_fields(flat["codes"][a:b], 0, k, value_bits)
-        if sort:
-            q, i = _sort_by_code(q, i, value_bits, num_classes)
-        w = _drops(q, flat["step"][a:b])
-        o = flat["offset"][a:b].astype(np.float32)
-        stat[a:b] = flat["stat"][a:b]
-        if kind == "multiclass":
-            # the top code is 0 (w = 0), so no exp overflows; matmul sums short rows ~6x faster than sum()
-            lse = np.log(np.exp(w) @ np.ones(k, np.float32))
-            lse += o
-            # log(1 / (1 - t)) = softplus(logit t): the decoded top-k mass is exactly 1 - t
-            stat[a:b] = lse + np.logaddexp(np.float32(0), stat[a:b])
-        np.add(w, o[:, None], out=values[a:b])
-        ids[a:b] = i
+    for a in range(0, N, block_rows(k)):
+        rows = slice(a, a + block_rows(k))
+        _decode_block({n: x[rows] for n, x in flat.items()}, lay, kind, value_bits, sort,
+                      values[rows], ids[rows], stat[rows])
     return values.reshape(*lead, k), ids.reshape(*lead, k), stat.reshape(lead)
 
 
-def _sort_by_code(q: np.ndarray, ids: np.ndarray, value_bits: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ordered by code ascending (value descending), ties by id: one in-place sort of
-    (code, id) keys, which numpy's SIMD sort does ~5x faster than an argsort of the values."""
+def _decode_block(rows: dict[str, np.ndarray], lay: IdLayout, kind: str, value_bits: int, sort: bool,
+                  values: np.ndarray, ids: np.ndarray, stat: np.ndarray) -> None:
+    """One block of encoded rows into the output slices ``values``, ``ids``, ``stat``."""
+    i = _ids_block(rows["ids"], lay)
+    q = _read_fields(rows["codes"], 0, lay.k, value_bits)
+    if sort:
+        q = _sort_by_code(q, i, value_bits, lay.num_classes, ids)
+    else:
+        ids[...] = i
+    w = _drops(q, rows["step"])
+    o = rows["offset"].astype(np.float32)
+    stat[...] = rows["stat"]
+    if kind == "multiclass":
+        # the top code is 0 (w = 0), so no exp overflows; matmul sums short rows ~6x faster than sum()
+        lse = np.log(np.exp(w) @ np.ones(lay.k, np.float32))
+        lse += o
+        # log(1 / (1 - t)) = softplus(logit t): the decoded top-k mass is exactly 1 - t
+        stat[...] = lse + np.logaddexp(np.float32(0), stat)
+    np.add(w, o[:, None], out=values)
+
+
+def _sort_by_code(q: np.ndarray, ids: np.ndarray, value_bits: int, num_classes: int,
+                  out_ids: np.ndarray) -> np.ndarray:
+    """Codes of each row ascending (values descending), ties by id; the ids in that order go to
+    ``out_ids``. One in-place sort of (code, id) integer keys: numpy's SIMD sort does that ~5x
+    faster than an argsort of the values."""
     shift = max(1, (num_classes - 1).bit_length())
     dtype = np.int32 if value_bits + shift <= 31 else np.int64
     key = np.left_shift(q, shift, dtype=dtype)
     key |= ids
     key.sort(axis=1)
-    ids = key & dtype((1 << shift) - 1)
+    np.bitwise_and(key, dtype((1 << shift) - 1), out=out_ids, casting="unsafe")
     key >>= dtype(shift)
-    return key, ids
+    return key
