@@ -138,6 +138,12 @@ def test_values_within_half_a_step(bits):
 def test_values_reject_nan_and_bad_bits():
     with pytest.raises(LogitCacheError, match="values: NaN logits cannot be stored"):
         cc.encode_values(np.array([[1.0, np.nan]]))
+    with pytest.raises(LogitCacheError, match="stat: NaN tail statistics cannot be stored"):
+        cc.encode(np.zeros((2, 2)), np.array([[0, 1], [2, 3]]), np.array([0.0, np.nan]), 527, "multiclass")
+    with pytest.raises(LogitCacheError, match=r"indices: expected rows of 2 on the last axis, got shape"):
+        cc.encode(np.zeros((2, 2)), np.zeros((2, 3), int), np.zeros(2), 527, "multiclass")
+    with pytest.raises(LogitCacheError, match=r"values \(2, 2\), indices \(3, 2\) and stat \(2,\) do not"):
+        cc.encode(np.zeros((2, 2)), np.zeros((3, 2), int), np.zeros(2), 527, "multiclass")
     with pytest.raises(LogitCacheError, match="value_bits 17 must be between 1 and 16"):
         cc.encode_values(np.zeros((1, 2)), 17)
 

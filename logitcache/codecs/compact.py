@@ -325,6 +325,8 @@ def _drops(q: np.ndarray, step: np.ndarray) -> np.ndarray:
 def encode_stat(values: np.ndarray, stat: np.ndarray, kind: str) -> np.ndarray:
     """The stored float16 stat from the true (unquantised) values ``[..., k]`` and stat (module doc)."""
     _check_kind(kind)
+    if np.isnan(stat).any():
+        raise LogitCacheError("stat: NaN tail statistics cannot be stored")
     if kind == "multilabel":
         return np.asarray(stat, np.float32).astype(np.float16)
     mass = np.exp(np.asarray(values, np.float64) - np.asarray(stat, np.float64)[..., None]).sum(-1)
