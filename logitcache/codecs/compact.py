@@ -37,11 +37,11 @@ Ids: Elias-Fano of y_i = x_i - i, fixed width, no escape
     ===============================  ====  ====  ====  ==========================================
     floor log2 C(C, k)               4.8   14.9  29.3
     uint16 (today)                   10    40    100   (a view)
-    Elias-Fano (this)                6     17    33    10.8M; fixed, no escape
-    Golomb-Rice of the gaps          6     17    33    0.38M; fixed (gaps sum to <= C - k)
-    fixed-width gaps + width header  7     21    45    1.6M; widest row seen, needs an escape
-    Elias-gamma of the gaps          9     23    41    0.20M; widest row seen, needs an escape
-    combinatorial number system      5     15    30    0.01M; fixed, 119-bit integers
+    Elias-Fano (this)                6     17    33    11-13M; fixed, no escape
+    Golomb-Rice of the gaps          6     17    33    0.35M; fixed (gaps sum to <= C - k)
+    fixed-width gaps + width header  7     21    45    1.5M; widest row seen, needs an escape
+    Elias-gamma of the gaps          9     23    41    0.19M; widest row seen, needs an escape
+    combinatorial number system      5     15    30    0.02M; fixed, 119-bit integers
     ===============================  ====  ====  ====  ==========================================
 
     Rice matches Elias-Fano's size, but its unary and binary parts interleave, so a decoder walks
