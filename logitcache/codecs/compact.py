@@ -1,0 +1,424 @@
+"""Compact target rows: a fixed number of bytes per row, close to the information floor.
+
+A cached target row is (values: top-k logits sorted descending, indices: their class ids, stat: the
+tail statistic of logitcache.targets). This codec stores the same row as five fixed-shape arrays,
+so a chunked array store holds them as they are:
+
+==========  ==================  =====================================================================
+array       dtype, row shape    content
+==========  ==================  =====================================================================
+``ids``     uint8 [W]           the k ids as a *set* (Elias-Fano, below). Rank order is not stored:
+                                the values imply it (log2 k! bits, 61 at k = 20)
+``codes``   uint8 [ceil(kb/8)]  the values in id order, ``value_bits`` (b) bits each, packed
+``offset``  float16             the row's top value
+``step``    uint8               the row's quantisation step, on a 2^(1/8) log grid (``STEPS``)
+``stat``    float16             multiclass: logit of the tail mass; multilabel: the stat itself
+==========  ==================  =====================================================================
+
+Top-20 of 527 at 8 bits: 17 + 20 + 2 + 1 + 2 = 42 B per row (float16 top-k today: 84 B); blosc
+does not shrink it further (41 B), today's rows only to 62 B. All figures below are from
+``benchmarks/bench_codecs.py`` (2 shared cores, CPU time per core, realistic ensemble rows).
+
+Ids: Elias-Fano of y_i = x_i - i, fixed width, no escape
+    The sorted ids x_0 < ... < x_{k-1} become y_i = x_i - i, non-decreasing in [0, C - k]. Each y_i
+    is split into L low bits, stored as k fixed-width fields, and a high part y_i >> L, stored in
+    unary as a bitmap with a one at (y_i >> L) + i: k + ((C - k) >> L) + 1 bits. Every set takes the
+    same k L + k + ((C - k) >> L) + 1 bits, so the row width is fixed with no overflow and no escape
+    path. L gives the fewest bytes; among equal sizes, low fields that decode by byte lookups (4, 8
+    or 16 bits from a byte boundary), else the widest (fewer bitmap bits to scan). L = 0 is a plain
+    membership bitmap (plus one bit), which wins for k close to C.
+
+    Decoding is one ``unpackbits`` + ``flatnonzero`` over a block of rows (the ones come out
+    row-major, exactly k per row, so a reshape gives every row's positions) and fixed-column byte
+    gathers for the low fields: no per-row or per-element Python. Top-k id sets of C = 527:
+
+    ===============================  ====  ====  ====  ==========================================
+    ids stored as                    k=5   k=20  k=50  decode rows/s at k = 20; row width
+    ===============================  ====  ====  ====  ==========================================
+    floor log2 C(C, k)               4.8   14.9  29.3
+    uint16 (today)                   10    40    100   (a view)
+    Elias-Fano (this)                6     17    33    11-13M; fixed, no escape
+    Golomb-Rice of the gaps          6     17    33    0.35M; fixed (gaps sum to <= C - k)
+    fixed-width gaps + width header  7     21    45    1.5M; widest row seen, needs an escape
+    Elias-gamma of the gaps          9     23    41    0.19M; widest row seen, needs an escape
+    combinatorial number system      5     15    30    0.02M; fixed, 119-bit integers
+    ===============================  ====  ====  ====  ==========================================
+
+    Rice matches Elias-Fano's size, but its unary and binary parts interleave, so a decoder walks
+    each row element by element (a k-step loop in numpy); the combinatorial number system reaches
+    the floor, 2 B less, but needs big integers and a search per id. At C = 151,936, k = 20:
+    38 B (floor 36 B, uint32 ids 80 B).
+
+Values: b bits per value, linear in the logit domain, per-row grid anchored at the top value
+    code q = round((offset - v) / step), decoded v' = offset - q * step. ``step`` is the smallest
+    grid step >= max((offset - min v) / (2^b - 1), float16 spacing at the offset), so no code
+    clips and every decoded value is within step / 2 of the input (plus float32 rounding), the
+    top one included. Logits are clamped to the float16 range first, as float16 storage does.
+    Against the dense teacher the top-k truncation (the tail spread evenly) dominates the error:
+    KL(teacher || row) is within 1.0002x of float16 top-k at 8 bits, 1.003x at 6, 1.06x at 4
+    (top-20 of 527). 8 bits is the default: plain-byte codes decode fastest, the storage error
+    alone stays small (KL to the float32 row 2e-5; median step 0.034 logit), and two values
+    closer than a step tie (top-1 agreement 99.85%). 6 bits saves 5 B per row at k = 20.
+
+Stat, float16
+    multilabel: the stat itself (logit of the mean tail probability; KL change < 1e-5).
+    multiclass: not the log-sum-exp: its float16 rounding (up to 2^-11 of it) moves the top-k mass
+    by as much and wipes out smaller tails (the reconstruction clamps a negative tail to 0). On
+    softmax rows whose log-sum-exp is 2..12 (a single teacher's raw logits), a float16 stat puts
+    44% of the tails > 1e-5 more than 10% off, and so do float16 values with today's float32 stat
+    (42%). The logit of the tail mass t is stored instead, and decode sets stat = logsumexp(decoded
+    values) + softplus(logit t), so the decoded top-k mass is 1 - t (t to 2^-11 |logit t| relative)
+    whatever the value quantisation did: 0.01% of those rows are off.
+
+Decode returns the triple logitcache.targets.kd_loss consumes: float32 values sorted descending
+(ties: lower id first), their ids (the index dtype a cache uses for C), float32 stat; or, with
+``sort=False``, the same rows in id order, which the losses do not mind (~1.5x faster). Every
+function takes any leading shape ``[..., k]`` (frames included) and works on blocks of rows at
+once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from logitcache.errors import LogitCacheError
+from logitcache.targets import KINDS, index_dtype
+
+DEFAULT_VALUE_BITS = 8
+FLOAT16_MAX = 65504.0
+# The per-row step grid: 2^(c/8 - 14), c = 0..255, i.e. 6e-5 .. 2.4e5 logits per code. A step at
+# most 9% above the one needed costs < 0.13 bits per value, and the byte saves one against float16.
+STEPS = np.exp2(np.arange(256) / 8.0 - 14.0).astype(np.float32)
+# decode works on blocks of rows whose temporaries stay in L2 (~2x faster than whole 64Ki-row
+# chunks): this many values per block, 4096 rows at k = 20
+BLOCK_VALUES = 4096 * 20
+
+
+# ---------------------------------------------------------------- layouts
+@dataclass(frozen=True)
+class IdLayout:
+    """Bit layout of one row of ``ids``: the unary high-part bitmap (``high_bits`` bits from bit 0),
+    then k fields of ``low_bits`` bits from bit ``low_offset``."""
+
+    k: int
+    num_classes: int
+    low_bits: int
+    high_bits: int
+    low_offset: int
+    nbytes: int
+
+
+@lru_cache(maxsize=256)
+def id_layout(k: int, num_classes: int) -> IdLayout:
+    """The fixed row layout of ``k`` ids out of ``num_classes``: the fewest bytes; among those, low
+    fields that decode by byte lookups (4, 8 or 16 bits from a byte boundary), else the widest."""
+    _check_k(k, num_classes)
+    options = []
+    for low in range((num_classes - k).bit_length() + 1):
+        high = k + ((num_classes - k) >> low) + 1
+        nbytes = -(-(high + k * low) // 8)
+        aligned = -(-high // 8) * 8  # the low fields start on a byte when that costs no byte
+        offset = aligned if -(-(aligned + k * low) // 8) == nbytes else high
+        fast = low in (4, 8, 16) and offset % 8 == 0
+        options.append((-nbytes, fast, low, IdLayout(k, num_classes, low, high, offset, nbytes)))
+    return max(options, key=lambda o: o[:3])[3]
+
+
+def array_specs(k: int, num_classes: int,
+                value_bits: int = DEFAULT_VALUE_BITS) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The arrays of one encoded row: name -> (dtype, trailing shape), like Augmenter.param_specs."""
+    _check_bits(value_bits)
+    return {"ids": ("uint8", (id_layout(k, num_classes).nbytes,)),
+            "codes": ("uint8", (-(-k * value_bits // 8),)),
+            "offset": ("float16", ()), "step": ("uint8", ()), "stat": ("float16", ())}
+
+
+def row_bytes(k: int, num_classes: int, value_bits: int = DEFAULT_VALUE_BITS) -> int:
+    """Bytes per encoded target row (all arrays of :func:`array_specs`)."""
+    specs = array_specs(k, num_classes, value_bits).values()
+    return sum(np.dtype(d).itemsize * int(np.prod(s)) for d, s in specs)
+
+
+def _check_k(k: int, num_classes: int) -> None:
+    if not 1 <= k <= num_classes:
+        raise LogitCacheError(f"top-k {k} must be between 1 and the number of classes ({num_classes})")
+
+
+def _check_bits(value_bits: int) -> None:
+    if not 1 <= value_bits <= 16:
+        raise LogitCacheError(f"value_bits {value_bits} must be between 1 and 16")
+
+
+def _rows(a: np.ndarray, width: int | None, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``a [..., width]`` as 2-D rows, and its leading shape."""
+    a = np.asarray(a)
+    if a.ndim < 1 or (width is not None and a.shape[-1] != width):
+        raise LogitCacheError(f"{name}: expected rows of {width} on the last axis, got shape {a.shape}")
+    return a.reshape(-1, a.shape[-1]), a.shape[:-1]
+
+
+# ---------------------------------------------------------------- bit fields
+_NIBBLES = np.stack([np.arange(256) & 15, np.arange(256) >> 4], axis=1).astype(np.uint8)
+
+
+def _field_bits(fields: np.ndarray, width: int) -> np.ndarray:
+    """[R, n] unsigned fields -> [R, n * width] bits, least significant first."""
+    dtype = np.uint8 if width <= 8 else np.uint32 if width <= 32 else np.uint64
+    shifts = np.arange(width, dtype=dtype)
+    bits = (fields.astype(dtype)[..., None] >> shifts) & dtype(1)
+    return bits.astype(np.uint8).reshape(len(fields), fields.shape[1] * width)
+
+
+def _read_fields(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndarray:
+    """n fields of ``width`` bits from bit ``offset`` of each row of ``packed`` [R, W] (LSB first)."""
+    if offset % 8 == 0:
+        first = offset // 8
+        if width == 8:
+            return packed[:, first:first + n]
+        if width == 16:
+            return np.ascontiguousarray(packed[:, first:first + 2 * n]).view("<u2")
+        if width == 4:
+            pairs = np.take(_NIBBLES, packed[:, first:first + (n + 1) // 2], axis=0)
+            return pairs.reshape(len(packed), -1)[:, :n]
+    dtype = np.uint32 if width <= 25 else np.uint64
+    starts = offset + width * np.arange(n)
+    first, shift = starts >> 3, (starts & 7).astype(dtype)
+    last = packed.shape[1] - 1
+    # a clipped byte only lands in bits above the field, which the mask drops
+    # np.take keeps rows contiguous (packed[:, cols] does not, and row sorts then crawl)
+    acc = np.take(packed, first, axis=1).astype(dtype)
+    for j in range(1, (7 + width + 7) // 8):
+        acc |= np.take(packed, np.minimum(first + j, last), axis=1).astype(dtype) << dtype(8 * j)
+    acc >>= shift
+    acc &= dtype((1 << width) - 1)
+    return acc
+
+
+# ---------------------------------------------------------------- ids
+def encode_ids(indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """Sets of k distinct class ids ``[..., k]`` (any order) -> ``[..., W]`` uint8 (:func:`id_layout`)."""
+    ids, lead = _rows(indices, None, "indices")
+    k = ids.shape[1]
+    lay = id_layout(k, num_classes)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise LogitCacheError(f"indices: expected integer class ids, got {ids.dtype}")
+    s = np.sort(ids.astype(np.int64), axis=1)
+    if len(s) and (s[:, 0].min() < 0 or s[:, -1].max() >= num_classes):
+        raise LogitCacheError(f"indices: class ids must be in [0, {num_classes}), got {s.min()}..{s.max()}")
+    repeats = (np.diff(s, axis=1) == 0).any(axis=1)
+    if repeats.any():
+        row = int(np.flatnonzero(repeats)[0])
+        raise LogitCacheError(f"indices: row {row} repeats a class id; a top-k row is a set")
+    bits = np.zeros((len(s), lay.nbytes * 8), np.uint8)
+    y = s - np.arange(k)  # non-decreasing, in [0, C - k]
+    np.put_along_axis(bits, (y >> lay.low_bits) + np.arange(k), 1, axis=1)
+    low = y & ((1 << lay.low_bits) - 1)
+    bits[:, lay.low_offset:lay.low_offset + k * lay.low_bits] = _field_bits(low, lay.low_bits)
+    return np.packbits(bits, axis=1, bitorder="little").reshape(*lead, lay.nbytes)
+
+
+def block_rows(k: int) -> int:
+    """Rows per decode block."""
+    return max(1, BLOCK_VALUES // k)
+
+
+@lru_cache(maxsize=16)
+def _bit_starts(lay: IdLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Where each row's bitmap starts among a block's unpacked bits ``[block_rows(k)]``, and
+    ``[block_rows(k), k]`` to take from (one's position << L) + low to get x_i: the i-th one sits at
+    h_i + i and x_i = (h_i << L) + low_i + i, so that is (start << L) + i (2^L - 1). int32 when
+    everything fits (about half the memory traffic of int64)."""
+    rows, L = block_rows(lay.k), lay.low_bits
+    starts = 8 * -(-lay.high_bits // 8) * np.arange(rows, dtype=np.int64)
+    take = (starts[:, None] << L) + np.arange(lay.k, dtype=np.int64) * ((1 << L) - 1)
+    small = (int(starts[-1]) + 8 * -(-lay.high_bits // 8)) << L < 2**31
+    return starts, take.astype(np.int32) if small else take
+
+
+def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
+    """Ascending ids ``[R, k]`` (int32 or int64) of at most ``block_rows(k)`` rows."""
+    k, R, hb = lay.k, len(p), -(-lay.high_bits // 8)
+    high = p[:, :hb]
+    if lay.high_bits % 8 and lay.low_offset < 8 * hb:  # low fields share the bitmap's last byte
+        high = high.copy()
+        high[:, -1] &= (1 << lay.high_bits % 8) - 1
+    ones = np.flatnonzero(np.unpackbits(high, axis=1, bitorder="little").view(bool))
+    if ones.size != R * k:
+        raise LogitCacheError(f"ids: {ones.size} ids in {R} rows, expected {k} per row (corrupt data)")
+    starts, take = _bit_starts(lay)
+    pos = ones.astype(take.dtype, copy=False).reshape(R, k)
+    # ones come out row-major: a row with too many or too few of them shifts every later row,
+    # and the first bad row then has a first or last one outside its own bitmap
+    if R and ((pos[:, 0] < starts[:R]).any() or (pos[:, -1] >= starts[:R] + 8 * hb).any()):
+        raise LogitCacheError(f"ids: some rows do not hold exactly {k} ids (corrupt data)")
+    pos <<= lay.low_bits
+    pos -= take[:R]
+    if lay.low_bits:
+        pos += _read_fields(p, lay.low_offset, k, lay.low_bits)
+    if R and pos[:, -1].max() >= lay.num_classes:
+        raise LogitCacheError(f"ids: decoded class id {pos[:, -1].max()} >= {lay.num_classes} classes "
+                              "(corrupt data)")
+    return pos
+
+
+def decode_ids(packed: np.ndarray, k: int, num_classes: int) -> np.ndarray:
+    """``[..., W]`` uint8 from :func:`encode_ids` -> ``[..., k]`` ascending ids (the index dtype of C)."""
+    lay = id_layout(k, num_classes)
+    p, lead = _rows(packed, lay.nbytes, "ids")
+    if p.dtype != np.uint8:
+        raise LogitCacheError(f"ids: expected uint8 rows, got {p.dtype}")
+    out = np.empty((len(p), k), index_dtype(num_classes))
+    B = block_rows(k)
+    for a in range(0, len(p), B):
+        out[a:a + B] = _ids_block(p[a:a + B], lay)
+    return out.reshape(*lead, k)
+
+
+# ---------------------------------------------------------------- values
+def encode_values(values: np.ndarray, value_bits: int = DEFAULT_VALUE_BITS) -> dict[str, np.ndarray]:
+    """Logits ``[..., k]`` (in the order the ids are stored) -> ``codes``, ``offset``, ``step``."""
+    _check_bits(value_bits)
+    v, lead = _rows(values, None, "values")
+    v = v.astype(np.float32)
+    if np.isnan(v).any():
+        raise LogitCacheError("values: NaN logits cannot be stored")
+    v = np.clip(v, -FLOAT16_MAX, FLOAT16_MAX)
+    offset = (v.max(axis=1) if v.size else np.zeros(len(v), np.float32)).astype(np.float16)
+    o = offset.astype(np.float32)
+    levels = (1 << value_bits) - 1
+    with np.errstate(over="ignore"):  # spacing(65504) is inf; the largest float16 spacing is 32
+        ulp = np.minimum(np.abs(np.spacing(offset)), 32).astype(np.float32)
+    # a step of at least float16's spacing at the offset keeps the top value's code at 0
+    need = np.maximum((o - (v.min(axis=1) if v.size else o)) / np.float32(levels), ulp)
+    step = np.searchsorted(STEPS, need).astype(np.uint8)
+    q = np.clip(np.rint((o[:, None] - v) / STEPS[step][:, None]), 0, levels).astype(np.uint32)
+    if value_bits == 8:
+        codes = q.astype(np.uint8)
+    else:
+        codes = np.packbits(_field_bits(q, value_bits), axis=1, bitorder="little")
+    return {"codes": codes.reshape(*lead, codes.shape[1]), "offset": offset.reshape(lead),
+            "step": step.reshape(lead)}
+
+
+def decode_values(codes: np.ndarray, offset: np.ndarray, step: np.ndarray, k: int,
+                  value_bits: int = DEFAULT_VALUE_BITS) -> np.ndarray:
+    """The ``encode_values`` arrays -> float32 logits ``[..., k]`` in stored (id) order."""
+    _check_bits(value_bits)
+    c, lead = _rows(codes, -(-k * value_bits // 8), "codes")
+    q = _read_fields(c, 0, k, value_bits)
+    v = _drops(q, np.reshape(step, -1))
+    v += np.reshape(offset, -1).astype(np.float32)[:, None]
+    return v.reshape(*lead, k)
+
+
+def _drops(q: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Decoded value minus the row's offset: -q * step, float32 (exact: q < 2^16)."""
+    w = q.astype(np.float32)
+    w *= -STEPS[step.astype(np.uint8)][:, None]
+    return w
+
+
+# ---------------------------------------------------------------- stat
+def encode_stat(values: np.ndarray, stat: np.ndarray, kind: str) -> np.ndarray:
+    """The stored float16 stat from the true (unquantised) values ``[..., k]`` and stat (module doc)."""
+    _check_kind(kind)
+    if np.isnan(stat).any():
+        raise LogitCacheError("stat: NaN tail statistics cannot be stored")
+    if kind == "multilabel":
+        return np.asarray(stat, np.float32).astype(np.float16)
+    mass = np.exp(np.asarray(values, np.float64) - np.asarray(stat, np.float64)[..., None]).sum(-1)
+    tail = np.clip(1.0 - mass, 0.0, 1.0)
+    with np.errstate(divide="ignore"):
+        return (np.log(tail) - np.log1p(-tail)).astype(np.float16)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise LogitCacheError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+
+
+# ---------------------------------------------------------------- rows
+def encode(values: np.ndarray, indices: np.ndarray, stat: np.ndarray, num_classes: int, kind: str,
+           value_bits: int = DEFAULT_VALUE_BITS) -> dict[str, np.ndarray]:
+    """Target rows (as logitcache.targets.topk_targets gives them: ``[..., k]``, ``[..., k]``,
+    ``[...]``) -> the fixed-shape arrays of :func:`array_specs`, rows first."""
+    _check_kind(kind)
+    v, lead = _rows(values, None, "values")
+    i, _ = _rows(indices, v.shape[1], "indices")
+    if i.shape[0] != v.shape[0] or np.shape(stat) != lead:
+        raise LogitCacheError(f"values {np.shape(values)}, indices {np.shape(indices)} and stat "
+                              f"{np.shape(stat)} do not describe the same rows")
+    by_id = np.argsort(i, axis=1, kind="stable")
+    out = {"ids": encode_ids(i, num_classes)}
+    out.update(encode_values(np.take_along_axis(v, by_id, axis=1), value_bits))
+    out["stat"] = encode_stat(v, np.reshape(stat, -1), kind)
+    return {name: a.reshape(*lead, *a.shape[1:]) for name, a in out.items()}
+
+
+def decode(arrays: dict[str, np.ndarray], k: int, num_classes: int, kind: str,
+           value_bits: int = DEFAULT_VALUE_BITS, sort: bool = True
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays of :func:`encode` -> (values float32, indices, stat float32) for kd_loss.
+
+    ``sort``: values descending as top-k rows are (ties: lower id first); ``False`` leaves them in
+    id order, which the losses do not mind (they gather and scatter by index) and is faster."""
+    _check_kind(kind)
+    specs = array_specs(k, num_classes, value_bits)
+    missing = sorted(set(specs) - set(arrays))
+    if missing:
+        raise LogitCacheError(f"compact rows: missing array(s) {', '.join(missing)}")
+    lead = np.shape(arrays["stat"])
+    flat = {}
+    for name, (dtype, shape) in specs.items():
+        a = np.asarray(arrays[name])
+        if a.shape != lead + shape or a.dtype != dtype:
+            raise LogitCacheError(f"compact rows: {name} is {a.dtype} {a.shape}, "
+                                  f"expected {dtype} {lead + shape}")
+        flat[name] = a.reshape(-1, *shape)
+    lay, N = id_layout(k, num_classes), len(flat["stat"])
+    values, ids = np.empty((N, k), np.float32), np.empty((N, k), index_dtype(num_classes))
+    stat = np.empty(N, np.float32)
+    for a in range(0, N, block_rows(k)):
+        rows = slice(a, a + block_rows(k))
+        _decode_block({n: x[rows] for n, x in flat.items()}, lay, kind, value_bits, sort,
+                      values[rows], ids[rows], stat[rows])
+    return values.reshape(*lead, k), ids.reshape(*lead, k), stat.reshape(lead)
+
+
+def _decode_block(rows: dict[str, np.ndarray], lay: IdLayout, kind: str, value_bits: int, sort: bool,
+                  values: np.ndarray, ids: np.ndarray, stat: np.ndarray) -> None:
+    """One block of encoded rows into the output slices ``values``, ``ids``, ``stat``."""
+    i = _ids_block(rows["ids"], lay)
+    q = _read_fields(rows["codes"], 0, lay.k, value_bits)
+    if sort:
+        q = _sort_by_code(q, i, value_bits, lay.num_classes, ids)
+    else:
+        ids[...] = i
+    w = _drops(q, rows["step"])
+    o = rows["offset"].astype(np.float32)
+    stat[...] = rows["stat"]
+    if kind == "multiclass":
+        # the top code is 0 (w = 0), so no exp overflows; matmul sums short rows ~6x faster than sum()
+        lse = np.log(np.exp(w) @ np.ones(lay.k, np.float32))
+        lse += o
+        # log(1 / (1 - t)) = softplus(logit t): the decoded top-k mass is exactly 1 - t
+        stat[...] = lse + np.logaddexp(np.float32(0), stat)
+    np.add(w, o[:, None], out=values)
+
+
+def _sort_by_code(q: np.ndarray, ids: np.ndarray, value_bits: int, num_classes: int,
+                  out_ids: np.ndarray) -> np.ndarray:
+    """Codes of each row ascending (values descending), ties by id; the ids in that order go to
+    ``out_ids``. One in-place sort of (code, id) integer keys: numpy's SIMD sort does that ~5x
+    faster than an argsort of the values."""
+    shift = max(1, (num_classes - 1).bit_length())
+    dtype = np.int32 if value_bits + shift <= 31 else np.int64
+    key = np.left_shift(q, shift, dtype=dtype)
+    key |= ids
+    key.sort(axis=1)
+    np.bitwise_and(key, dtype((1 << shift) - 1), out=out_ids, casting="unsafe")
+    key >>= dtype(shift)
+    return key

@@ -1,0 +1,103 @@
+"""How far stored target rows are from the teachers: the measures the codec tests and benchmark use.
+
+All in float64 on purpose (not logitcache.targets.teacher_probs, which works in float32): these
+measure what a row *stores*, so float32 arithmetic in the measure must not hide or add errors.
+A softmax row's stored tail mass counts as at least TAIL_FLOOR = 2^-24 (float32's resolution of
+a probability near 1; below it no float32 pipeline, kd_loss included, keeps a tail): a row whose
+stored top-k mass reached 1 has lost its tail, and pays about t log(t / 2^-24) for a teacher tail
+t instead of an infinite KL. ``tail_mass`` lets callers count such rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from logitcache.codecs.compact import _check_kind
+from logitcache.errors import LogitCacheError
+
+_BLOCK_VALUES = 1 << 22  # rows x classes per float64 block (32 MiB)
+TAIL_FLOOR = 2.0**-24
+
+
+def teacher_rows(rows: int, num_classes: int, k: int, kind: str, seed: int = 0, members: int = 3):
+    """Realistic ensemble targets: ``(logits [rows, C] float32, values, indices, stat)`` numpy.
+
+    ``members`` teachers from logitcache.plan.synthetic_logits (Zipf-like class prior, a few strong
+    events per clip, teachers that mostly agree), aggregated by mean probability as a dump does,
+    through the real ``topk_targets``. Made in blocks, so C = 151,936 fits in memory."""
+    from logitcache.plan import synthetic_logits
+    from logitcache.targets import aggregate, topk_targets
+
+    _check_kind(kind)
+    rng = np.random.default_rng(seed)
+    prior = -3.0 - 1.2 * np.log1p(rng.permutation(num_classes)).astype(np.float32)
+    step = max(1, _BLOCK_VALUES // (members * num_classes))
+    parts = []
+    for a in range(0, rows, step):
+        z = aggregate(synthetic_logits(rng, min(step, rows - a), num_classes, members, prior=prior), kind)
+        parts.append([z.numpy()] + [t.numpy() for t in topk_targets(z, k, kind)])
+    return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _log_probs(values, indices, stat, num_classes: int, kind: str):
+    """Dense float64 log-probabilities a row stores (tail spread evenly). Multilabel: (log q, log 1-q)."""
+    v = torch.as_tensor(np.asarray(values, np.float64))
+    i = torch.as_tensor(np.asarray(indices).astype(np.int64))
+    s = torch.as_tensor(np.asarray(stat, np.float64))[..., None]
+    k = v.shape[-1]
+    if kind == "multilabel":
+        x = s.expand(*v.shape[:-1], num_classes).clone().scatter_(-1, i, v)
+        return F.logsigmoid(x), F.logsigmoid(-x)
+    logp = v - s
+    tail = (1.0 - torch.exp(logp).sum(-1, keepdim=True)).clamp_min(TAIL_FLOOR)
+    fill = torch.log(tail / (num_classes - k)) if k < num_classes else torch.zeros_like(tail)
+    return fill.expand(*v.shape[:-1], num_classes).clone().scatter_(-1, i, logp), None
+
+
+def _kl(logp, log1mp, logq, log1mq) -> torch.Tensor:
+    """Row sums of KL(p || q): categorical, or per-class Bernoulli when the log(1-.) parts are given.
+    0 log 0 counts as 0; q = 0 where p > 0 gives inf."""
+    p = torch.exp(logp)
+    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+    if log1mp is not None:
+        p1 = torch.exp(log1mp)
+        kl = kl + torch.where(p1 > 0, p1 * (log1mp - log1mq), torch.zeros_like(p1))
+    return kl.sum(-1)
+
+
+def dense_kl(logits, values, indices, stat, kind: str) -> np.ndarray:
+    """Per row KL(teacher || stored row), float64: softmax over C classes, or the sum over C
+    classes of the per-class Bernoulli KL for sigmoid. ``logits`` are the teacher's, ``[R, C]``."""
+    _check_kind(kind)
+    R, C = np.shape(logits)
+    if np.shape(values)[0] != R:
+        raise LogitCacheError(f"dense_kl: {R} teacher rows but {np.shape(values)[0]} stored rows")
+    out = np.empty(R)
+    step = max(1, _BLOCK_VALUES // C)
+    for a in range(0, R, step):
+        z = torch.as_tensor(np.asarray(logits[a:a + step], np.float64))
+        logq = _log_probs(values[a:a + step], indices[a:a + step], stat[a:a + step], C, kind)
+        logp = (F.logsigmoid(z), F.logsigmoid(-z)) if kind == "multilabel" else (F.log_softmax(z, -1), None)
+        out[a:a + step] = _kl(logp[0], logp[1], *logq).numpy()
+    return out
+
+
+def stored_kl(reference: tuple, other: tuple, num_classes: int, kind: str) -> np.ndarray:
+    """Per row KL(reference row || other row), both ``(values, indices, stat)`` reconstructions:
+    the storage error alone (e.g. reference = float32 top-k), without the top-k truncation."""
+    _check_kind(kind)
+    R = len(reference[2])
+    out = np.empty(R)
+    step = max(1, _BLOCK_VALUES // num_classes)
+    for a in range(0, R, step):
+        p = _log_probs(*(x[a:a + step] for x in reference), num_classes, kind)
+        q = _log_probs(*(x[a:a + step] for x in other), num_classes, kind)
+        out[a:a + step] = _kl(p[0], p[1], q[0], q[1]).numpy()
+    return out
+
+
+def tail_mass(values, stat) -> np.ndarray:
+    """Softmax rows: the tail mass 1 - sum(exp(values - stat)) a row stores (float64, may be <= 0)."""
+    return 1.0 - np.exp(np.asarray(values, np.float64) - np.asarray(stat, np.float64)[..., None]).sum(-1)
