@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from logitcache import checks
 from logitcache.augment import Augmenter
 from logitcache.cache import TARGET_FIELDS, Cache, config_digest, open_cache
 from logitcache.data import AudioFolder, fingerprint
@@ -92,9 +93,8 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
     bytes_on_disk, bytes_per_sample_epoch, audio_bytes (scaled by samples), share_of_audio,
     groups (ensemble, members, params, order_seeds, ids, other).
     """
-    for flag, v in (("--project-samples", project_samples), ("--project-epochs", project_epochs)):
-        if v is not None and v < 1:
-            raise LogitCacheError(f"{flag} {v}: must be at least 1")
+    project_samples = checks.optional_whole("--project-samples", project_samples)
+    project_epochs = checks.optional_whole("--project-epochs", project_epochs)
     with open_cache(path) as cache:
         m = cache.manifest
         arrays = []
@@ -766,8 +766,8 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
     from logitcache.teachers import load_teacher, unique_names
     from logitcache.views import ViewSource, check_compatible
 
-    if samples < 1 or batch_size < 1:
-        raise LogitCacheError("--samples and --batch-size must be at least 1")
+    samples, batch_size = checks.whole("--samples", samples), checks.whole("--batch-size", batch_size)
+    seed = checks.seed("--seed", seed)
     if not teachers:
         raise LogitCacheError("at least one --teacher is needed")
     with open_cache(path) as cache:
@@ -938,6 +938,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
     from logitcache.train import load_student
     from logitcache.views import ViewSource, check_compatible
 
+    samples, batch_size = checks.whole("--samples", samples), checks.whole("--batch-size", batch_size)
+    seed = checks.seed("--seed", seed)
     run = Path(run)
     if not (run / "config.json").is_file():
         raise LogitCacheError(f"{run}: not a training run (no config.json; runs are made by 'logitcache train')")
@@ -951,8 +953,6 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         raise LogitCacheError(f"{run}: config.json or metrics.jsonl is not valid JSON ({e})") from None
     if "student" not in config:
         raise LogitCacheError(f"{run}/config.json: no 'student' entry")
-    if samples < 1 or batch_size < 1:
-        raise LogitCacheError("--samples and --batch-size must be at least 1")
     teachers = list(teachers or [])
     if teachers and eval_data is None:
         raise LogitCacheError("--teacher needs --eval-data: the teachers are re-run on the held-out clips")
