@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import numbers
 import sys
 import traceback
 
 import click
+import numpy as np
 
 from logitcache import __version__
 from logitcache.dump import PRECISIONS, VALUE_DTYPES
-from logitcache.errors import LogitCacheError
+from logitcache.errors import LogitCacheError, Terminated, sigterm_as_interrupt
 from logitcache.storage import BACKENDS
 from logitcache.targets import AGGREGATIONS, KINDS
 
@@ -46,24 +49,57 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+MAX_MESSAGE = 300  # characters of an error line; longer ones are cut with "..."
+
+# What an interrupted command leaves behind, and how to continue.
+_KEPT = {"dump": "the chunks written so far are kept: re-run with --resume",
+         "train": "the run's last checkpoint is kept: re-run with --resume"}
+
+
+def _interrupted(what: str, command: str | None) -> str:
+    kept = _KEPT.get(command or "")
+    return f"{what}; {kept}" if kept else what
+
+
+def _url_in_args() -> str | None:
+    return next((a for a in sys.argv[1:] if "://" in a), None)
+
+
 class _Group(click.Group):
-    """Turns the exceptions users cause into ``error: <one line>`` and an exit code."""
+    """Turns the exceptions users cause into ``error: <one line>`` and an exit code.
+
+    SIGTERM is treated like Ctrl-C (it unwinds the command, which keeps what it wrote) and exits
+    143, the status a process killed by SIGTERM has. Any other exception is a bug and keeps its
+    traceback."""
 
     def invoke(self, ctx: click.Context):
+        from logitcache.storage import credentials_message
+
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # click prints its own usage errors (exit 2)
+        except Terminated:
+            self._fail(ctx, _interrupted("terminated (SIGTERM)", ctx.invoked_subcommand), 143)
         except KeyboardInterrupt:
-            self._fail(ctx, "interrupted", 130)
+            self._fail(ctx, _interrupted("interrupted", ctx.invoked_subcommand), 130)
         except (LogitCacheError, OSError) as e:
             self._fail(ctx, _one_line(e), 1)
+        except Exception as e:  # an object store without credentials, from a path the library does not wrap
+            message = credentials_message(_url_in_args(), e)
+            if message is None:
+                raise
+            self._fail(ctx, message, 1)
 
     @staticmethod
     def _fail(ctx: click.Context, message: str, code: int) -> None:
         if ctx.params.get("debug"):
             traceback.print_exc()
-        click.echo(f"error: {message}", err=True)
+        line = (message.strip().splitlines() or [""])[0]
+        if len(line) > MAX_MESSAGE:
+            line = line[:MAX_MESSAGE - 3] + "..."
+        click.echo(f"error: {line}", err=True)
         ctx.exit(code)
 
 
@@ -99,8 +135,29 @@ def _quiet_stdout(as_json: bool):
         yield
 
 
+def _json_safe(obj):
+    """``obj`` with NaN/Infinity as None (JSON has no such numbers) and numpy scalars as Python's."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def _print_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    click.echo(json.dumps(_json_safe(obj), indent=2, default=str, allow_nan=False))
+
+
+def _threads_option(f):
+    return click.option("--threads", type=int, default=None, metavar="N",
+                        help="torch intra-op threads. [default: on CPU, the cores the --workers leave free, "
+                             "unless OMP_NUM_THREADS is set]")(f)
 
 
 def _kv_table(pairs: list[tuple[str, object]]) -> str:
@@ -177,6 +234,7 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
               help="DataLoader workers making the views. [default: min(2, cores-1) on CPU, min(8, cores-1) on CUDA]")
 @click.option("--chunk-rows", type=int, default=None, metavar="R",
               help="Rows per chunk (default: about 8 MiB of targets per chunk).")
+@_threads_option
 @click.option("--resume", is_flag=True,
               help="Continue an unfinished dump at --out (same settings), or extend a complete one to a larger "
                    "--epochs; creates --out if it is missing.")
@@ -185,8 +243,8 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
                    "zarr cache. [default: on when WORLD_SIZE > 1]")
 @_json_option
 def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
-         ensemble_weights, state_dicts, teacher_args, members, value_dtype, sample_rate, clip_seconds, backend, precision,
-         compile_, channels_last, workers, chunk_rows, resume, distributed, as_json):
+         ensemble_weights, state_dicts, teacher_args, members, value_dtype, sample_rate, clip_seconds, backend,
+         precision, compile_, channels_last, workers, chunk_rows, threads, resume, distributed, as_json):
     """Run the teachers on augmented views and write a cache.
 
     Each of EPOCHS passes draws one augmented view per sample (parameters stored, so the view
@@ -215,7 +273,7 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
             members=members,
             value_dtype=value_dtype, backend=backend, sample_rate=sample_rate, clip_seconds=clip_seconds,
             precision=precision, compile=compile_, channels_last=channels_last, num_workers=workers,
-            chunk_rows=chunk_rows, resume=resume, progress=True, distributed=distributed)
+            chunk_rows=chunk_rows, resume=resume, progress=True, distributed=distributed, threads=threads)
         if current_rank() != 0:
             return  # rank 0 reports for the job
         info = inspect_cache(path)
@@ -244,10 +302,11 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
 @click.option("--alpha", default=0.0, show_default=True, help="Weight of the hard-label loss (0 = pure KD).")
 @click.option("--member", default=None, help="Distil from one stored member instead of the ensemble.")
 @click.option("--eval-data", default=None, metavar="DIR",
-              help="Labelled folder to report mAP on after each epoch.")
+              help="Labelled folder to report mAP (multilabel) or top-1 accuracy (multiclass) on after each epoch.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True)
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers replaying views.")
+@_threads_option
 @click.option("--seed", default=0, show_default=True)
 @click.option("--allow-partial", is_flag=True, help="Train on the complete epochs of an unfinished cache.")
 @click.option("--distributed/--no-distributed", default=None,
@@ -259,7 +318,8 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
               help="Also write checkpoint.pt every STEPS steps (default: after each epoch only).")
 @_json_option
 def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, temperature, alpha, member,
-          eval_data, device, precision, workers, seed, allow_partial, distributed, resume, checkpoint_every, as_json):
+          eval_data, device, precision, workers, threads, seed, allow_partial, distributed, resume, checkpoint_every,
+          as_json):
     """Train a student from a cache (teachers are never loaded).
 
     Views are replayed from the stored augmentation parameters, targets stream from the cache
@@ -280,7 +340,7 @@ def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, tempe
                             weight_decay=weight_decay, temperature=temperature, alpha=alpha, member=member,
                             eval_data=eval_data, device=device, precision=precision, num_workers=workers,
                             seed=seed, allow_partial=allow_partial, progress=True, distributed=distributed,
-                            resume=resume, checkpoint_every=checkpoint_every)
+                            resume=resume, checkpoint_every=checkpoint_every, threads=threads)
     if current_rank() != 0:
         return  # rank 0 reports for the job
     if as_json:

@@ -149,13 +149,15 @@ _KILL_COUNTS: dict[str, int] = {}
 
 def _test_kill(point: str) -> None:
     """Test hook: ``LOGITCACHE_TEST_KILL=<point>:<n>`` SIGKILLs this process the n-th time it reaches
-    ``point`` (layout, write, resize, finish), so the tests can die exactly where they mean to."""
+    ``point`` (layout, write, resize, finish), so the tests can die exactly where they mean to;
+    ``<point>:<n>:TERM`` sends SIGTERM instead (what a scheduler sends first)."""
     spec = os.environ.get("LOGITCACHE_TEST_KILL")
     if not spec or spec.partition(":")[0] != point:
         return
+    _, n, sig = (spec.split(":") + ["", ""])[:3]
     _KILL_COUNTS[point] = _KILL_COUNTS.get(point, 0) + 1
-    if _KILL_COUNTS[point] == int(spec.partition(":")[2] or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _KILL_COUNTS[point] == int(n or 1):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
 
 
 def _remove(path: Path) -> None:
@@ -185,7 +187,28 @@ def _first_line(e: BaseException) -> str:
 
 
 def _min_free_bytes() -> int:
-    return int(os.environ.get("LOGITCACHE_MIN_FREE_BYTES", 64 << 20))
+    raw = os.environ.get("LOGITCACHE_MIN_FREE_BYTES", str(64 << 20))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise LogitCacheError(f"LOGITCACHE_MIN_FREE_BYTES={raw!r}: must be a whole number of bytes, at least 0")
+    return value
+
+
+HDF5_MIN_RESERVE = 16 << 20
+
+
+def reserve_bytes(backend: str, min_free: int, chunk_bytes: int) -> int:
+    """Free space a chunk write must leave: ``min_free`` (LOGITCACHE_MIN_FREE_BYTES), and at least
+    twice the chunk. HDF5 gets a floor of 16 MiB + 4 chunks whatever ``min_free`` says: a real
+    ENOSPC in the middle of its metadata flush left a file HDF5 could not reopen (measured on a
+    full tmpfs), so the written chunks would not be kept; zarr survives a real ENOSPC."""
+    need = max(min_free, 2 * chunk_bytes)
+    if backend == "hdf5":
+        need = max(need, HDF5_MIN_RESERVE + 4 * chunk_bytes)
+    return need
 
 
 @dataclass
@@ -238,6 +261,7 @@ class CacheWriter:
     def __init__(self, path: str | Path, manifest: dict, ids: list[str], param_specs: dict,
                  backend: str | None = None, queue_size: int = 4, resume: bool = False):
         cls = backend_for_new(path, backend)
+        self._min_free = _min_free_bytes()  # before the lock: a bad setting must not leave it held
         self.path = cache_location(path)
         # Object stores have no file locks: there, one dump per cache at a time is up to the user.
         self.lock = _NoLock() if is_url(self.path) else DumpLock(self.path).acquire()
@@ -255,7 +279,6 @@ class CacheWriter:
             raise
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
-        self._min_free = _min_free_bytes()
         self._thread = threading.Thread(target=self._run, name="logitcache-writer", daemon=True)
         self._thread.start()
 
@@ -445,12 +468,13 @@ class CacheWriter:
         reopen (measured on a full tmpfs), so both stop while there is still room."""
         if is_url(self.path):
             return  # object storage: no local disk to fill
-        need = max(self._min_free, 2 * sum(v.nbytes for v in block.values()))
+        need = reserve_bytes(self.store.name, self._min_free, sum(v.nbytes for v in block.values()))
         st = os.statvfs(self.path.parent)
         free = st.f_bavail * st.f_frsize
         if free < need:
+            floor = ", at least 16 MiB for HDF5" if self.store.name == "hdf5" else ""
             raise OSError(errno.ENOSPC, f"No space left on device: {free >> 10} KiB free, less than the "
-                                        f"{need >> 10} KiB kept in reserve (LOGITCACHE_MIN_FREE_BYTES)")
+                                        f"{need >> 10} KiB kept in reserve (LOGITCACHE_MIN_FREE_BYTES{floor})")
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

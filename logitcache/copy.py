@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from logitcache.cache import open_cache
 from logitcache.errors import LogitCacheError
 from logitcache.lock import DumpLock
-from logitcache.storage import cache_location, is_url, location_exists, stored_files, url_fs
+from logitcache.storage import BACKENDS, cache_location, is_url, location_exists, stored_files, url_fs
 
 
 def _files(path) -> dict[str, int]:
@@ -23,6 +23,25 @@ def _files(path) -> dict[str, int]:
     if not is_url(path) and Path(path).is_file():
         return {"": Path(path).stat().st_size}
     return stored_files(path)
+
+
+def _check_destination(src, dst, backend: str) -> None:
+    """Refuse a destination that overlaps the source (a copy into itself recurses and corrupts
+    the source) or whose suffix names another backend (it would be opened as one)."""
+    if is_url(src) == is_url(dst):  # URLs compare as written ("s3://b/x" -> "s3:/b/x" on both sides)
+        a, b = ((PurePosixPath(str(src)), PurePosixPath(str(dst))) if is_url(src)
+                else (Path(src).resolve(), Path(dst).resolve()))
+        if a == b:
+            raise LogitCacheError(f"{dst}: is the source itself; choose another destination")
+        if a in b.parents:
+            raise LogitCacheError(f"{dst}: is inside the source {src}; choose a destination outside it")
+        if b in a.parents:
+            raise LogitCacheError(f"{dst}: contains the source {src}; choose another destination")
+    named = next((b for b in BACKENDS.values() if Path(str(dst)).suffix.lower() in b.suffixes), None)
+    if named is not None and named.name != backend:
+        ours = " or ".join(BACKENDS[backend].suffixes)
+        raise LogitCacheError(f"{dst}: the name says {named.name}, but {src} is a {backend} cache; "
+                              f"give the copy a {ours} name")
 
 
 def copy_cache(src: str | Path, dst: str | Path, verify: bool = True, progress: bool = False) -> dict:
@@ -44,6 +63,7 @@ def copy_cache(src: str | Path, dst: str | Path, verify: bool = True, progress: 
         raise LogitCacheError(f"{src}: an unfinished dump; finish it (dump --resume) before copying")
     if backend != "zarr" and (is_url(src) or is_url(dst)):
         raise LogitCacheError(f"{src}: a {backend} cache; object storage holds zarr caches only")
+    _check_destination(src, dst, backend)
     if location_exists(dst):
         raise LogitCacheError(f"{dst}: already exists; remove it or choose another destination")
     started = time.perf_counter()

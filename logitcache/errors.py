@@ -3,9 +3,40 @@
 The CLI prints it without a traceback and exits non-zero; library users can catch it.
 """
 
+import contextlib
+import signal
+import threading
+
 
 class LogitCacheError(Exception):
     """Bad input or a cache that cannot be used as asked. ``str(err)`` is a one-line message."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (what SLURM, Kubernetes and ``kill`` send first) while inside
+    :func:`sigterm_as_interrupt`. A KeyboardInterrupt, so it unwinds like Ctrl-C: a dump keeps the
+    chunks it wrote and releases its lock, a training run keeps its last checkpoint."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated("terminated (SIGTERM)")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread instead of killing the
+    process at once; the previous handler is restored on the way out. The CLI wraps every command
+    in it; API users wrap their ``dump``/``train`` call (``with sigterm_as_interrupt(): dump(...)``).
+    Python handles signals in the main thread only, so elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def one_line_worker_errors(loader):

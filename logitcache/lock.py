@@ -6,7 +6,9 @@ writer's lifetime: the kernel drops it when the process dies, even by SIGKILL, s
 writer never blocks the next one. The file's JSON body (pid, host, start time) names the owner
 in errors, and is a second guard where flock is a no-op (some network or FUSE filesystems): a
 lock left by a pid that is dead on this host is taken over (and said so), one whose pid is alive
-or that was taken on another host (whose pids cannot be checked from here) is not.
+or that was taken on another host (whose pids cannot be checked from here) is not. The lock is
+the dump process's alone: a forked child (a DataLoader worker) closes its inherited copy at once,
+so a worker outliving a killed dump does not keep the next one out.
 """
 
 from __future__ import annotations
@@ -34,6 +36,26 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+_HELD: dict[int, "DumpLock"] = {}  # descriptor -> lock, for every lock this process holds
+
+
+def _drop_in_child() -> None:
+    """In a forked child (a DataLoader worker), close the inherited descriptors of held locks. The
+    flock belongs to the open file description, which the child's copy keeps alive: a worker left
+    running after its parent was SIGKILLed would otherwise hold the lock for seconds. The child
+    must not release (unlink) the lock either, so it forgets it."""
+    for fd, lock in list(_HELD.items()):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        lock.fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
 
 
 class DumpLock:
@@ -114,6 +136,7 @@ class DumpLock:
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": host, "started": started}).encode(), 0)
         self.fd = fd
+        _HELD[fd] = self
         return self
 
     def release(self) -> None:
@@ -124,5 +147,6 @@ class DumpLock:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        _HELD.pop(self.fd, None)
         os.close(self.fd)
         self.fd = None

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from logitcache import checks
 from logitcache.errors import LogitCacheError
 
 PCM_BYTES_PER_SECOND = 2  # --audio-hours is converted as 16-bit mono PCM at --sample-rate
@@ -284,33 +285,32 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     from logitcache.storage import BACKENDS
     from logitcache.targets import KINDS, index_dtype
 
-    for name, v in (("--samples", samples), ("--epochs", epochs), ("--classes", classes)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
-            raise LogitCacheError(f"{name} {v}: must be a whole number of at least 1")
-    if not 1 <= topk <= classes:
+    samples, epochs = checks.whole("--samples", samples), checks.whole("--epochs", epochs)
+    classes = checks.whole("--classes", classes)
+    if not (checks.is_whole(topk) and 1 <= topk <= classes):
         raise LogitCacheError(f"--topk {topk}: must be between 1 and --classes ({classes})")
-    if frames is not None and frames < 1:
-        raise LogitCacheError(f"--frames {frames}: must be at least 1 (leave it out for clip-level teachers)")
-    if members < 0:
-        raise LogitCacheError(f"--members {members}: must be 0 (ensemble only) or more")
+    frames = checks.optional_whole("--frames", frames)
+    members = checks.whole("--members", members, 0)
+    sample_rate = checks.whole("--sample-rate", sample_rate)
+    clip_seconds = checks.real("--clip-seconds", clip_seconds, 0, above=True)
+    audio_bytes = checks.optional_whole("--audio-bytes", audio_bytes)
+    audio_hours = checks.optional_real("--audio-hours", audio_hours, 0, above=True)
+    chunk_rows = checks.optional_whole("--chunk-rows", chunk_rows)
+    seed = checks.seed("seed", seed)
     if value_dtype not in VALUE_DTYPES:
         raise LogitCacheError(f"--value-dtype {value_dtype!r}: choose one of {', '.join(VALUE_DTYPES)}")
     if output_kind not in KINDS:
         raise LogitCacheError(f"--output-kind {output_kind!r}: choose one of {', '.join(KINDS)}")
     if audio_bytes is not None and audio_hours is not None:
         raise LogitCacheError("--audio-bytes and --audio-hours: give one, not both")
-    if (audio_bytes is not None and audio_bytes <= 0) or (audio_hours is not None and audio_hours <= 0):
-        raise LogitCacheError("--audio-bytes / --audio-hours: must be positive")
     for b in backends:
         if b not in BACKENDS:
             raise LogitCacheError(f"backend {b!r}: choose from {', '.join(BACKENDS)}")
-    if chunk_rows is not None and chunk_rows < 1:
-        raise LogitCacheError(f"--chunk-rows {chunk_rows}: must be at least 1")
     augmenter = Augmenter(load_ops_spec(augment), sample_rate, clip_seconds)
 
     idx_dtype = index_dtype(classes)
     row_bytes = (frames or 1) * topk * (np.dtype(value_dtype).itemsize + np.dtype(idx_dtype).itemsize)
-    R = int(chunk_rows or choose_chunk_rows(row_bytes, samples))
+    R = chunk_rows if chunk_rows is not None else choose_chunk_rows(row_bytes, samples)
     views = epochs * samples
     # Whole configuration if small; else one epoch of whole chunks, enough rows for the codecs'
     # ratios to level off (they do above a few thousand rows per chunk).

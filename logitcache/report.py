@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from logitcache import checks
 from logitcache.augment import Augmenter
 from logitcache.cache import SAMPLE_ARRAYS, TARGET_FIELDS, Cache, config_digest, open_cache
 from logitcache.data import AudioFolder, fingerprint
@@ -98,9 +99,8 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
     bytes_on_disk, bytes_per_sample_epoch, audio_bytes (scaled by samples), share_of_audio,
     groups (ensemble, members, params, order_seeds, ids, other).
     """
-    for flag, v in (("--project-samples", project_samples), ("--project-epochs", project_epochs)):
-        if v is not None and v < 1:
-            raise LogitCacheError(f"{flag} {v}: must be at least 1")
+    project_samples = checks.optional_whole("--project-samples", project_samples)
+    project_epochs = checks.optional_whole("--project-epochs", project_epochs)
     with open_cache(path, check_digest=False) as cache:
         m = cache.manifest
         arrays = []
@@ -772,8 +772,8 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
     from logitcache.teachers import load_teachers, probe_teachers, run_teachers, teacher_differences
     from logitcache.views import SourceContent, ViewSource, check_compatible
 
-    if samples < 1 or batch_size < 1:
-        raise LogitCacheError("--samples and --batch-size must be at least 1")
+    samples, batch_size = checks.whole("--samples", samples), checks.whole("--batch-size", batch_size)
+    seed = checks.seed("--seed", seed)
     if not teachers:
         raise LogitCacheError("at least one --teacher is needed")
     with open_cache(path) as cache:
@@ -984,6 +984,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
     from logitcache.train import check_student_output, load_student
     from logitcache.views import SourceContent, ViewSource, check_compatible
 
+    samples, batch_size = checks.whole("--samples", samples), checks.whole("--batch-size", batch_size)
+    seed = checks.seed("--seed", seed)
     run = Path(run)
     if not (run / "config.json").is_file():
         raise LogitCacheError(f"{run}: not a training run (no config.json; runs are made by 'logitcache train')")
@@ -1000,8 +1002,6 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
     if "student" not in config:
         raise LogitCacheError(f"{run}/config.json: no 'student' entry")
     student = _run_student(run, config, student, trust_run)
-    if samples < 1 or batch_size < 1:
-        raise LogitCacheError("--samples and --batch-size must be at least 1")
     teachers = list(teachers or [])
     if (state_dicts or teacher_args) and not teachers:
         raise LogitCacheError("--state-dict and --teacher-arg apply to --teacher teachers, and none is given")

@@ -9,6 +9,7 @@ Every chunk carries a checksum: zarr's crc32c codec, HDF5's fletcher32 filter.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -44,12 +45,47 @@ def url_fs(url: str):
         raise LogitCacheError(f"{url}: no filesystem for this URL ({_line(e)}; for s3:// install s3fs)") from None
 
 
+# Raised by botocore (S3) and google-auth (GCS) when no credentials are found; matched by name so
+# neither is imported unless an fsspec filesystem already did.
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError")
+
+
+def credentials_message(url: str | None, e: BaseException) -> str | None:
+    """A one-line "no credentials" message for ``e`` (or an exception it wraps), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(c.__name__ in _NO_CREDENTIALS for c in type(e).__mro__):
+            where = url or "object storage"
+            if str(url or "").startswith(("s3://", "s3a://")) or "botocore" in type(e).__module__:
+                how = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for an "
+                       "S3-compatible store), or AWS_PROFILE with ~/.aws/credentials")
+            else:
+                how = "set up that filesystem's credentials (see its fsspec documentation)"
+            return f"{where}: no credentials to reach it ({_line(e)}); {how}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def credentials_checked(url):
+    """Turn a missing-credentials error raised inside into a one-line :class:`LogitCacheError`."""
+    try:
+        yield
+    except Exception as e:
+        message = credentials_message(str(url), e)
+        if message is None:
+            raise
+        raise LogitCacheError(message) from None
+
+
 def location_exists(path: str | Path) -> bool:
     if not is_url(path):
         return Path(path).exists()
     fs, root = url_fs(str(path))
     fs.invalidate_cache()  # another fsspec instance (zarr's) may have written since we last listed
-    return bool(fs.exists(root))
+    with credentials_checked(path):
+        return bool(fs.exists(root))
 
 
 def stored_files(path: str | Path, prefix: str = "") -> dict[str, int]:
@@ -58,7 +94,8 @@ def stored_files(path: str | Path, prefix: str = "") -> dict[str, int]:
         fs, root = url_fs(str(path))
         fs.invalidate_cache()
         base = f"{root}/{prefix}".rstrip("/")
-        found = fs.find(base, detail=True) if fs.exists(base) else {}
+        with credentials_checked(path):
+            found = fs.find(base, detail=True) if fs.exists(base) else {}
         return {k[len(root) + 1:]: int(v.get("size") or 0) for k, v in found.items() if v.get("type") != "directory"}
     path = Path(path)
     base = path / prefix if prefix else path
@@ -187,8 +224,9 @@ class ZarrStore(ArrayStore):
             from zarr.storage import FsspecStore
 
             url_fs(self.path)  # a one-line error when no fsspec filesystem serves the URL
-            store = FsspecStore.from_url(self.path, read_only=mode == "r")
-            self.group = zarr.open_group(store, mode=zmode)
+            with credentials_checked(self.path):
+                store = FsspecStore.from_url(self.path, read_only=mode == "r")
+                self.group = zarr.open_group(store, mode=zmode)
         else:
             self.group = zarr.open_group(str(self.path), mode=zmode)
         self._arrays: dict = {}

@@ -18,13 +18,19 @@ import math
 import torch
 import torch.nn.functional as F
 
+from logitcache.checks import ensemble_weights
+
 KINDS = ("multilabel", "multiclass")
 AGGREGATIONS = ("mean_prob", "mean_logit")
 
 
 def aggregate(member_logits: list[torch.Tensor], kind: str, method: str = "mean_prob",
               weights: list[float] | None = None) -> torch.Tensor:
-    """Ensemble logits. mean_prob gives log(mean p) for softmax and logit(mean p) for sigmoid."""
+    """Ensemble logits. mean_prob gives log(mean p) for softmax and logit(mean p) for sigmoid.
+
+    ``weights``: one finite weight >= 0 per member with a positive sum (normalised here), else a
+    :class:`LogitCacheError`; a NaN or negative weight would make a NaN ensemble."""
+    weights = ensemble_weights(weights, len(member_logits), option="ensemble weights")
     w = torch.tensor(weights if weights else [1.0] * len(member_logits), dtype=torch.float32)
     w = (w / w.sum()).to(member_logits[0].device)
     z = torch.stack([m.float() for m in member_logits])  # [M, ..., C]

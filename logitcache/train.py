@@ -20,12 +20,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from logitcache import checks
 from logitcache.augment import Augmenter
 from logitcache.cache import Cache, open_cache
 from logitcache.data import AudioFolder
 from logitcache.distributed import setup as dist_setup
 from logitcache.distributed import shard_bounds
-from logitcache.dump import autocast, resolve_device
+from logitcache.dump import autocast, cpu_threads, resolve_device, set_threads
 from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.storage import is_url
 from logitcache.targets import hard_label_loss, kd_loss
@@ -114,7 +115,9 @@ def evaluate(model: torch.nn.Module, folder: AudioFolder, augmenter: Augmenter, 
     s = np.concatenate(scores)
     if kind == "multiclass":
         return {"top1": float((s.argmax(1) == folder.labels.argmax(1)).mean())}
-    return {"mAP": float(np.nanmean(average_precision(s, folder.labels)))}
+    ap = average_precision(s, folder.labels)
+    # No class with a positive clip: mAP is undefined, NaN (null under --json), without numpy's warning.
+    return {"mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else math.nan}
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int):
@@ -181,6 +184,7 @@ def train(
     distributed: bool | None = None,
     resume: bool = False,
     checkpoint_every: int | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Train ``student`` on the cache's targets; writes checkpoint.pt and metrics.jsonl to ``out``.
 
@@ -196,11 +200,25 @@ def train(
     stored epoch, every rank takes the same number of steps (the smallest share's; the rest of
     the longer shares is skipped that epoch), and only rank 0 writes the run folder. Losses in
     the metrics are averaged over ranks.
+
+    An existing run in ``out`` (checkpoint.pt or metrics.jsonl) is continued with ``resume`` and
+    refused without it. A loss that becomes NaN or infinite stops the run with a one-line
+    :class:`LogitCacheError` naming the epoch and batch; the last checkpoint written stays.
+    ``threads``: torch's intra-op threads during the run (see :func:`logitcache.dump.cpu_threads`),
+    restored on return.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise LogitCacheError(f"--alpha {alpha}: must be in [0, 1]")
-    if temperature <= 0:
-        raise LogitCacheError(f"--temperature {temperature}: must be positive")
+    epochs = checks.optional_whole("--epochs", epochs)
+    batch_size = checks.whole("--batch-size", batch_size)
+    lr = checks.real("--lr", lr, 0, above=True)
+    weight_decay = checks.real("--weight-decay", weight_decay, 0)
+    temperature = checks.real("--temperature", temperature, 0, above=True)
+    alpha = checks.real("--alpha", alpha, 0, 1)
+    num_workers = checks.whole("--workers", num_workers, 0)
+    seed = checks.seed("--seed", seed)
+    max_steps = checks.optional_whole("max_steps", max_steps)
+    checkpoint_every = checks.optional_whole("--checkpoint-every", checkpoint_every)
+    threads = checks.optional_whole("--threads", threads)
+    _check_run_folder(Path(out), resume)
     c = open_cache(cache)
     folder = AudioFolder(data)
     check_compatible(c, folder)
@@ -210,7 +228,7 @@ def train(
               f"(stored epochs {', '.join(map(str, stored))})", file=sys.stderr)
     if member is not None and member not in c.members:
         raise LogitCacheError(f"{cache}: unknown member {member!r} (members: {', '.join(c.members) or 'none stored'})")
-    epochs = int(epochs or len(stored))
+    epochs = epochs if epochs is not None else len(stored)
     if epochs > len(stored) and progress:
         tqdm.write(f"training {epochs} epochs over {len(stored)} stored epoch(s): epoch i replays stored epoch "
                    f"i mod {len(stored)}")
@@ -254,8 +272,9 @@ def train(
     if ctx.active:
         config.update(ranks=ctx.world, rank_batch_size=rank_batch)
     position = {"epoch": 0, "batch": 0, "steps": 0}  # where the next batch comes from
+    so_far = _NO_SUMS  # the job's loss sum, samples and seconds of position's epoch before position
     if resume and (out / "checkpoint.pt").exists():
-        position = _restore(out / "checkpoint.pt", config, model, optimizer, schedule)
+        position, so_far = _restore(out / "checkpoint.pt", config, model, optimizer, schedule)
     if lead:
         (out / "config.json").write_text(json.dumps(config, indent=2))
     log = open(out / "metrics.jsonl", "a" if position["steps"] else "w") if lead else None
@@ -263,14 +282,15 @@ def train(
     metrics: dict = {}
     steps = position["steps"]
 
-    def save(epoch: int, at: dict) -> None:
+    def save(epoch: int, at: dict, sums: dict = _NO_SUMS) -> None:
         if lead:  # written aside, then renamed: a kill while saving leaves the previous checkpoint
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "epoch": epoch, "position": at,
-                        "config": config}, out / "checkpoint.pt.tmp")
+                        "epoch_so_far": sums, "config": config}, out / "checkpoint.pt.tmp")
             (out / "checkpoint.pt.tmp").replace(out / "checkpoint.pt")
 
     model.train()
+    threads_before = set_threads(cpu_threads(dev, num_workers, threads))
     try:
         for epoch in range(position["epoch"], epochs):
             stored_epoch = stored[epoch % len(stored)]
@@ -279,12 +299,16 @@ def train(
                                  start=start + skip * rank_batch, stop=stop)
             loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
                                 prefetch_factor=4 if num_workers else None)
-            started, seen, total, done = time.perf_counter(), 0, 0.0, skip
+            started, seen, total, done, before = time.perf_counter(), 0, 0.0, skip, 0.0
+            if skip and ctx.rank == 0:  # the epoch's loss covers the batches before the resume too
+                total, seen, before = so_far["loss_sum"], so_far["samples"], so_far["seconds"]
             batches = itertools.islice(one_line_worker_errors(loader), steps_per_epoch - skip)
             bar = tqdm(batches, total=steps_per_epoch, initial=skip, unit="batch",
                        desc=f"train {epoch + 1}/{epochs}", disable=not progress, dynamic_ncols=True)
             for done, batch in enumerate(bar, start=skip + 1):
                 loss = distill_step(net, optimizer, batch, kind, dev, temperature, alpha, precision)
+                if not math.isfinite(loss):
+                    raise LogitCacheError(_diverged(out, loss, epoch, done))
                 schedule.step()
                 seen += len(batch["wave"])
                 total += loss * len(batch["wave"])
@@ -293,10 +317,11 @@ def train(
                     step_losses.append(_rank_mean(ctx, loss, dev))
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if checkpoint_every and steps % checkpoint_every == 0 and done < steps_per_epoch:
-                    save(epoch, {"epoch": epoch, "batch": done, "steps": steps})
+                    save(epoch, {"epoch": epoch, "batch": done, "steps": steps},
+                         _sums(ctx, total, seen, before + time.perf_counter() - started, dev))
                 if max_steps and steps >= max_steps:
                     break
-            seconds = time.perf_counter() - started
+            seconds = before + time.perf_counter() - started
             if ctx.active:  # the job's figures, not this rank's
                 total, seen = _rank_sum(ctx, [total, seen], dev)
                 seen = int(seen)
@@ -307,11 +332,15 @@ def train(
             if lead:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
-            save(epoch, {"epoch": epoch + 1, "batch": 0, "steps": steps} if done >= steps_per_epoch
-                 else {"epoch": epoch, "batch": done, "steps": steps})
+            if done >= steps_per_epoch:
+                save(epoch, {"epoch": epoch + 1, "batch": 0, "steps": steps})
+            else:  # total and seen are the job's already
+                save(epoch, {"epoch": epoch, "batch": done, "steps": steps},
+                     {"loss_sum": total, "samples": seen, "seconds": seconds})
             if max_steps and steps >= max_steps:
                 break
     finally:
+        torch.set_num_threads(threads_before)
         if log is not None:
             log.close()
         c.close()
@@ -324,8 +353,35 @@ def train(
 _RESUME_KEYS = ("student", "batch_size", "epochs", "cache_config_digest", "stored_epochs", "ranks")
 
 
-def _restore(path: Path, config: dict, model, optimizer, schedule) -> dict:
-    """Load a checkpoint into model, optimiser and schedule; returns the reader position saved."""
+def _check_run_folder(out: Path, resume: bool) -> None:
+    """One run per folder: another run's files are continued (``resume``), never overwritten."""
+    found = [name for name in ("checkpoint.pt", "metrics.jsonl") if (out / name).exists()]
+    if found and not resume:
+        raise LogitCacheError(f"{out}: already holds a training run ({' and '.join(found)}); add --resume to "
+                              f"continue it, or choose another --out")
+
+
+def _diverged(out: Path, loss: float, epoch: int, batch: int) -> str:
+    what = "NaN" if math.isnan(loss) else "infinite"
+    kept = (f"{out / 'checkpoint.pt'} keeps the last checkpoint before it" if (out / "checkpoint.pt").exists()
+            else "no checkpoint was written before it")
+    return (f"train: loss became {what} at epoch {epoch + 1}, batch {batch}; {kept} (try a lower --lr, "
+            f"--precision fp32, or check the cache with 'logitcache verify')")
+
+
+_NO_SUMS = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+
+
+def _sums(ctx, total: float, seen: int, seconds: float, dev: torch.device) -> dict:
+    """The job's running loss sum and samples of the epoch so far (what a resume continues from)."""
+    if ctx.active:
+        total, seen = _rank_sum(ctx, [total, seen], dev)
+    return {"loss_sum": total, "samples": int(seen), "seconds": seconds}
+
+
+def _restore(path: Path, config: dict, model, optimizer, schedule) -> tuple[dict, dict]:
+    """Load a checkpoint into model, optimiser and schedule; returns the reader position saved and
+    the job's running loss sum, samples and seconds of that epoch before it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -339,7 +395,7 @@ def _restore(path: Path, config: dict, model, optimizer, schedule) -> dict:
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
-    return dict(ckpt["position"])
+    return dict(ckpt["position"]), {**_NO_SUMS, **ckpt.get("epoch_so_far", {})}
 
 
 def _rank_sum(ctx, values: list[float], dev: torch.device) -> list[float]:
