@@ -153,7 +153,8 @@ def test_out_that_is_the_data_folder_is_refused(dataset, tmp_path):
 
 # ---------------------------------------------------------------- 4. NaN loss
 class _NanOnCall(torch.nn.Module):
-    """A student whose ``nan_call``-th forward returns NaN logits (a diverging run)."""
+    """A student whose ``nan_call``-th training forward returns NaN logits (a diverging run); forwards
+    in eval mode (train's shape probe) do not count."""
 
     def __init__(self, num_classes: int, nan_call: int = 5):
         super().__init__()
@@ -161,7 +162,7 @@ class _NanOnCall(torch.nn.Module):
         self.calls, self.nan_call = 0, nan_call
 
     def forward(self, x):
-        self.calls += 1
+        self.calls += self.training
         z = self.fc(x.abs().mean(-1, keepdim=True))
         return z * math.nan if self.calls == self.nan_call else z
 
@@ -174,8 +175,7 @@ def test_training_stops_on_a_nan_loss_and_keeps_the_last_good_checkpoint(strong_
     out = tmp_path / "run"  # 24 clips, batches of 8: 3 per epoch, so forward 5 is epoch 2, batch 2
     result = run("train", "--cache", strong_cache, "--data", dataset, "--student", "test_numbers:nan_student",
                  "--out", out, "--epochs", 2, "--batch-size", 8)
-    assert_error(result, f"train: loss became NaN at epoch 2, batch 2; {out / 'checkpoint.pt'} keeps the last "
-                         f"checkpoint before it")
+    assert_error(result, "train: loss became NaN at epoch 2, batch 2; ", "keeps the last checkpoint before it")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["position"] == {"epoch": 1, "batch": 0, "steps": 3}
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -501,7 +501,8 @@ def test_train_threads_option(strong_cache, dataset, tmp_path):
     result = run("train", "--cache", strong_cache, "--data", dataset, "--student", "test_numbers:thread_probe",
                  "--out", tmp_path / "run", "--epochs", 1, "--batch-size", 12, "--threads", 2)
     assert result.exit_code == 0, result.output
-    assert SEEN_THREADS == [2, 2] and torch.get_num_threads() == 1
+    # the first call is train's one-clip shape probe, before the run sets its threads
+    assert SEEN_THREADS[1:] == [2, 2] and torch.get_num_threads() == 1
 
 
 # ---------------------------------------------------------------- 14/15. help text and long messages
