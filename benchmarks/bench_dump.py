@@ -80,7 +80,8 @@ def run_dump(data, paths, out: Path, clip, batch_size, k, workers, dev) -> tuple
     time.sleep(1.0)  # let the previous run's workers exit first
     c0, t0 = C.cpu_seconds(), time.perf_counter()
     logitcache.dump(data, paths, out, topk=k, augment="ced", batch_size=batch_size, device=dev.type,
-                    num_workers=workers, sample_rate=C.SAMPLE_RATE, clip_seconds=clip, progress=False)
+                    num_workers=workers, sample_rate=C.SAMPLE_RATE, clip_seconds=clip, progress=False,
+                    threads=torch.get_num_threads())  # the benchmark's --threads, the same for every worker count
     wall, cpu = time.perf_counter() - t0, C.cpu_seconds() - c0
     loop = float(open_cache(out).manifest["dump_seconds"])
     shutil.rmtree(out, ignore_errors=True)

@@ -11,8 +11,8 @@
 
 Human output is plain aligned text on stdout; ``--json`` prints exactly one JSON object on
 stdout and nothing else (progress bars and chatter go to stderr). User errors print one
-``error: ...`` line on stderr and exit 1 (130 on Ctrl-C); ``logitcache --debug ...`` adds the
-traceback.
+``error: ...`` line on stderr and exit 1 (130 on Ctrl-C, 143 on SIGTERM); ``logitcache --debug ...``
+adds the traceback.
 """
 
 from __future__ import annotations

@@ -21,14 +21,14 @@ def is_whole(value) -> bool:
 
 def _bounds(low, high) -> str:
     if high is None:
-        return f"of at least {low}"
+        return f"at least {low}"
     return f"from {low} to {high}"
 
 
 def whole(option: str, value, low: int = 1, high: int | None = None) -> int:
     """``value`` as an int in ``[low, high]``."""
     if not is_whole(value) or value < low or (high is not None and value > high):
-        raise LogitCacheError(f"{option} {value}: must be a whole number {_bounds(low, high)}")
+        raise LogitCacheError(f"{option} {value}: must be {_bounds(low, high)} (a whole number)")
     return int(value)
 
 
@@ -51,12 +51,12 @@ def real(option: str, value, low: float | None = None, high: float | None = None
     ok = ok and (low is None or (x > low if above else x >= low)) and (high is None or x <= high)
     if not ok:
         if low is not None and high is not None:
-            bounds = f"from {low:g} to {high:g}"
+            bounds = f"from {low:g} to {high:g} (a finite number)"
         elif low is not None:
-            bounds = f"{'above' if above else 'of at least'} {low:g}"
+            bounds = f"{'above' if above else 'at least'} {low:g} (a finite number)"
         else:
-            bounds = f"of at most {high:g}" if high is not None else ""
-        raise LogitCacheError(f"{option} {value}: must be a finite number {bounds}".rstrip())
+            bounds = f"at most {high:g} (a finite number)" if high is not None else "a finite number"
+        raise LogitCacheError(f"{option} {value}: must be {bounds}")
     return x
 
 
@@ -78,6 +78,6 @@ def ensemble_weights(weights, n_teachers: int, option: str = "--teacher-weight")
     except (TypeError, ValueError):
         w = [math.nan]
     if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
-        raise LogitCacheError(f"{option} {shown}: each ensemble weight must be a finite number of at least 0, "
+        raise LogitCacheError(f"{option} {shown}: each ensemble weight must be at least 0 (a finite number), "
                               f"and their sum above 0")
     return w

@@ -7,6 +7,7 @@ on two CPU cores.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ C = toy_teachers.NUM_CLASSES
 # One intra-op thread: with tiny tensors on a busy 2-core box, OpenMP hand-offs cost 5-10 ms per op
 # (10-30x the op itself). DataLoader workers use one thread each anyway.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # or dump/train would pick cores - workers threads themselves
 
 
 @pytest.fixture(scope="session")

@@ -50,34 +50,34 @@ PLAN = ["plan", "--samples", 10, "--epochs", 1, "--topk", 4, "--classes", 10]
 
 
 @pytest.mark.parametrize("base,extra,needle", [
-    (DUMP, ["--epochs", -2], "--epochs -2: must be a whole number of at least 1"),
-    (DUMP, ["--epochs", 0], "--epochs 0: must be a whole number of at least 1"),
-    (DUMP, ["--chunk-rows", 0], "--chunk-rows 0: must be a whole number of at least 1"),
+    (DUMP, ["--epochs", -2], "--epochs -2: must be at least 1 (a whole number)"),
+    (DUMP, ["--epochs", 0], "--epochs 0: must be at least 1 (a whole number)"),
+    (DUMP, ["--chunk-rows", 0], "--chunk-rows 0: must be at least 1 (a whole number)"),
     (DUMP, ["--chunk-rows", -4], "--chunk-rows -4"),
-    (DUMP, ["--sample-rate", 0], "--sample-rate 0: must be a whole number of at least 1"),
+    (DUMP, ["--sample-rate", 0], "--sample-rate 0: must be at least 1 (a whole number)"),
     (DUMP, ["--sample-rate", -1], "--sample-rate -1"),
-    (DUMP, ["--clip-seconds", 0], "--clip-seconds 0.0: must be a finite number above 0"),
-    (DUMP, ["--clip-seconds", "nan"], "--clip-seconds nan: must be a finite number above 0"),
+    (DUMP, ["--clip-seconds", 0], "--clip-seconds 0.0: must be above 0 (a finite number)"),
+    (DUMP, ["--clip-seconds", "nan"], "--clip-seconds nan: must be above 0 (a finite number)"),
     (DUMP, ["--clip-seconds", "inf"], "--clip-seconds inf"),
-    (DUMP, ["--workers", -1], "--workers -1: must be a whole number of at least 0"),
-    (DUMP, ["--batch-size", 0], "--batch-size 0: must be a whole number of at least 1"),
-    (DUMP, ["--topk", 0], "--topk 0: must be a whole number of at least 1"),
-    (DUMP, ["--seed", -1], "--seed -1: must be a whole number from 0 to 18446744073709551615"),
-    (DUMP, ["--seed", 2**64], f"--seed {2**64}: must be a whole number from 0 to {2**64 - 1}"),
-    (DUMP, ["--threads", 0], "--threads 0: must be a whole number of at least 1"),
-    (TRAIN, ["--epochs", -2], "--epochs -2: must be a whole number of at least 1"),
-    (TRAIN, ["--epochs", 0], "--epochs 0: must be a whole number of at least 1"),
-    (TRAIN, ["--temperature", "nan"], "--temperature nan: must be a finite number above 0"),
+    (DUMP, ["--workers", -1], "--workers -1: must be at least 0 (a whole number)"),
+    (DUMP, ["--batch-size", 0], "--batch-size 0: must be at least 1 (a whole number)"),
+    (DUMP, ["--topk", 0], "--topk 0: must be at least 1 (a whole number)"),
+    (DUMP, ["--seed", -1], "--seed -1: must be from 0 to 18446744073709551615 (a whole number)"),
+    (DUMP, ["--seed", 2**64], f"--seed {2**64}: must be from 0 to {2**64 - 1} (a whole number)"),
+    (DUMP, ["--threads", 0], "--threads 0: must be at least 1 (a whole number)"),
+    (TRAIN, ["--epochs", -2], "--epochs -2: must be at least 1 (a whole number)"),
+    (TRAIN, ["--epochs", 0], "--epochs 0: must be at least 1 (a whole number)"),
+    (TRAIN, ["--temperature", "nan"], "--temperature nan: must be above 0 (a finite number)"),
     (TRAIN, ["--temperature", "inf"], "--temperature inf"),
     (TRAIN, ["--temperature", 0], "--temperature 0.0"),
-    (TRAIN, ["--lr", "nan"], "--lr nan: must be a finite number above 0"),
+    (TRAIN, ["--lr", "nan"], "--lr nan: must be above 0 (a finite number)"),
     (TRAIN, ["--lr", "inf"], "--lr inf"),
     (TRAIN, ["--lr", 0], "--lr 0.0"),
     (TRAIN, ["--lr", -1], "--lr -1.0"),
-    (TRAIN, ["--weight-decay", -1], "--weight-decay -1.0: must be a finite number of at least 0"),
+    (TRAIN, ["--weight-decay", -1], "--weight-decay -1.0: must be at least 0 (a finite number)"),
     (TRAIN, ["--weight-decay", "nan"], "--weight-decay nan"),
-    (TRAIN, ["--alpha", "nan"], "--alpha nan: must be a finite number from 0 to 1"),
-    (TRAIN, ["--checkpoint-every", 0], "--checkpoint-every 0: must be a whole number of at least 1"),
+    (TRAIN, ["--alpha", "nan"], "--alpha nan: must be from 0 to 1 (a finite number)"),
+    (TRAIN, ["--checkpoint-every", 0], "--checkpoint-every 0: must be at least 1 (a whole number)"),
     (TRAIN, ["--seed", -1], "--seed -1"),
     (TRAIN, ["--workers", -1], "--workers -1"),
     (TRAIN, ["--threads", 0], "--threads 0"),
@@ -110,7 +110,7 @@ def test_seed_range_is_that_of_uint64():
 def test_bad_ensemble_weights_are_refused(dataset, tmp_path, weights):
     with pytest.raises(LogitCacheError) as e:
         _dump(dataset, tmp_path / "w.zarr", ensemble_weights=weights)
-    assert_one_line_error(e, "--teacher-weight", "finite number of at least 0", "sum above 0")
+    assert_one_line_error(e, "--teacher-weight", "must be at least 0 (a finite number)", "sum above 0")
     assert not (tmp_path / "w.zarr").exists()
     with pytest.raises(LogitCacheError) as e:  # every other way in (fidelity and compare read the manifest's)
         logitcache.targets.aggregate([torch.zeros(2, C), torch.ones(2, C)], "multiclass", "mean_prob", weights)
