@@ -65,7 +65,7 @@ def optional_real(option: str, value, low: float | None = None, high: float | No
     return None if value is None else real(option, value, low, high, above)
 
 
-def ensemble_weights(weights, n_teachers: int, option: str = "--teacher-weight") -> list[float] | None:
+def ensemble_weights(weights, n_teachers: int, option: str = "--ensemble-weight") -> list[float] | None:
     """One finite weight >= 0 per teacher with a positive sum (they are normalised), or None for equal weights."""
     if weights is None or len(weights) == 0:
         return None

@@ -110,7 +110,7 @@ def test_seed_range_is_that_of_uint64():
 def test_bad_ensemble_weights_are_refused(dataset, tmp_path, weights):
     with pytest.raises(LogitCacheError) as e:
         _dump(dataset, tmp_path / "w.zarr", ensemble_weights=weights)
-    assert_one_line_error(e, "--teacher-weight", "must be at least 0 (a finite number)", "sum above 0")
+    assert_one_line_error(e, "--ensemble-weight", "must be at least 0 (a finite number)", "sum above 0")
     assert not (tmp_path / "w.zarr").exists()
     with pytest.raises(LogitCacheError) as e:  # every other way in (fidelity and compare read the manifest's)
         logitcache.targets.aggregate([torch.zeros(2, C), torch.ones(2, C)], "multiclass", "mean_prob", weights)
@@ -118,7 +118,7 @@ def test_bad_ensemble_weights_are_refused(dataset, tmp_path, weights):
 
 
 def test_ensemble_weight_count_is_one_per_teacher(dataset, tmp_path):
-    assert_error(run("dump", "--data", dataset, *TEACHERS, "--out", tmp_path / "w.zarr", "--teacher-weight", 1),
+    assert_error(run("dump", "--data", dataset, *TEACHERS, "--out", tmp_path / "w.zarr", "--ensemble-weight", 1),
                  "1 ensemble weights for 2 teachers")
     with pytest.raises(LogitCacheError):
         logitcache.targets.aggregate([torch.zeros(2, C)] * 2, "multiclass", "mean_prob", [1.0])
