@@ -30,7 +30,7 @@ from logitcache.dump import autocast, cpu_threads, resolve_device, set_threads
 from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.storage import is_url
 from logitcache.targets import hard_label_loss, kd_loss
-from logitcache.teachers import load_factory, load_state_dict
+from logitcache.teachers import first_line, load_state_dict
 from logitcache.views import CacheStream, check_compatible
 
 
@@ -44,14 +44,16 @@ def build_student(spec: str, num_classes: int, sample_rate: int, frames: int | N
     torch.manual_seed(seed)
     if ":" not in spec:
         return models.create_model(spec, num_classes=num_classes, sample_rate=sample_rate, frames=frames)
-    module_name, _, attr = spec.partition(":")
-    try:
-        fn = getattr(__import__(module_name, fromlist=[attr]), attr)
-    except (ImportError, AttributeError):
-        return load_factory(spec)  # raises the one-line error
+    from logitcache.teacher_factory import import_callable
+
+    fn = import_callable(spec)  # from sys.path and the current directory, as python -m does
     offered = {"num_classes": num_classes, "sample_rate": sample_rate, "frames": frames}
     accepted = inspect.signature(fn).parameters
-    model = fn(**{k: v for k, v in offered.items() if k in accepted})
+    try:
+        model = fn(**{k: v for k, v in offered.items() if k in accepted})
+    except TypeError as e:  # e.g. a required argument that is none of the three offered
+        raise LogitCacheError(f"{spec}: cannot build the student ({first_line(e)}; it is offered "
+                              f"num_classes, sample_rate and frames)") from None
     if not isinstance(model, torch.nn.Module):
         raise LogitCacheError(f"{spec}: returned {type(model).__name__}, not a torch.nn.Module")
     return model

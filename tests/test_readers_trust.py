@@ -5,6 +5,7 @@ targets, and code named in a run folder are refused with one line, never read or
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -367,3 +368,37 @@ def test_compare_refuses_a_student_at_another_level_than_the_cache(workspace, fr
         compare(run, cache=frame_cache, data=dataset, student="lc_students:clip_student", samples=4, device="cpu")
     assert str(e.value) == (f"student lc_students:clip_student outputs [B, C={C}] (clip level) but cache "
                             f"{frame_cache} holds frame-level targets [B, T={T}, C={C}]")
+
+
+CWD_STUDENT = '''
+import torch
+
+class Energy(torch.nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.fc = torch.nn.Linear(1, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.abs().mean(-1, keepdim=True))
+
+def student(num_classes):
+    return Energy(num_classes)
+
+def needs_width(num_classes, width):
+    return torch.nn.Linear(1, num_classes)
+'''
+
+
+def test_a_student_factory_is_imported_from_the_current_folder(workspace, tmp_path, monkeypatch):
+    # as `python -m` does, and as teacher factories are: no PYTHONPATH needed for a file beside you
+    (tmp_path / "cwd_students_lc.py").write_text(CWD_STUDENT)
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("cwd_students_lc", None)
+    metrics = train(workspace["cache"], workspace["data"], "cwd_students_lc:student", tmp_path / "run",
+                    epochs=1, batch_size=12, device="cpu", max_steps=1, progress=False)
+    assert math.isfinite(metrics["train_loss"])
+    with pytest.raises(LogitCacheError) as e:  # an argument none of num_classes/sample_rate/frames fills
+        train(workspace["cache"], workspace["data"], "cwd_students_lc:needs_width", tmp_path / "run2",
+              epochs=1, batch_size=12, device="cpu", progress=False)
+    assert "cwd_students_lc:needs_width: cannot build the student" in str(e.value) and "\n" not in str(e.value)
+    sys.modules.pop("cwd_students_lc", None)
