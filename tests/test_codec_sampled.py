@@ -223,3 +223,21 @@ def test_151936_classes_in_blocks(monkeypatch):
     assert torch.isfinite(value) and abs(float(s.grad.sum())) < 1e-5  # sum(q - w) = 0
     assert abs(float(a["entropy"][0]) - float(-(F.softmax(z[0].double(), -1) * F.log_softmax(
         z[0].double(), -1)).sum())) < 1e-4
+
+
+def test_check_accepts_encoded_rows_and_names_corruption():
+    z = torch.stack([teacher_row(seed=j) for j in range(4)])
+    for kind in ("multiclass", "multilabel"):
+        a = {k: v.numpy() for k, v in sc.encode(z, 9, kind, head=2, seeds=seeds(4)).items()}
+        sc.check(a, C, kind)
+        cases = [("counts", lambda x: x["counts"].__setitem__((2, 0), x["counts"][2, 0] + 1), "do not sum"),
+                 ("ids", lambda x: x["ids"].__setitem__((1, -1), 3), "sentinel with a count"),
+                 ("ids", lambda x: x["ids"].__setitem__((3, 0), C + 1), r"id >= 40"),
+                 ("entropy", lambda x: x["entropy"].__setitem__(0, np.nan), "finite number"),
+                 ("mass", lambda x: x["mass"].__setitem__(2, -1.0), "finite mass"),
+                 ("head_ids", lambda x: x["head_ids"].__setitem__((1, 1), x["head_ids"][1, 0]), "repeated")]
+        for name, spoil, msg in cases:
+            b = {k: v.copy() for k, v in a.items()}
+            spoil(b)
+            with pytest.raises(LogitCacheError, match=f"{name} of row .*{msg}"):
+                sc.check(b, C, kind)

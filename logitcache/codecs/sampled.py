@@ -58,8 +58,11 @@ Sampling, reproducibly and on the logits' device
     float rounding never puts mass on a zero-probability class, e.g. a head class in the tail
     draw), with uniforms from a counter-based generator: the uniforms of a row are
     ``logitcache.augment.uniforms(splitmix64(seed ^ SALT), 0, n)``, computed with int64 tensor
-    ops, so a row's arrays depend only on its seed and logits: not on the batch, the block, the
-    row's position or the device. Give every row its own seed (the view's uint64 seed); the
+    ops, so a row's arrays depend only on its seed and logits: not on the batch, the block or
+    the row's position, so a resumed dump writes identical arrays. The uniforms are bit-identical
+    on every device; the float64 cumulative sums are too on one device, but CPU and GPU may round
+    them differently, so across devices a draw within ~1e-16 of a class boundary may land on the
+    neighbouring class. Give every row its own seed (the view's uint64 seed); the
     salt keeps the draws independent of the augmentation draws read from the same seed. Rows are
     processed in blocks of at most ``BLOCK_VALUES`` row x class values, so at C = 151,936 a
     block holds a few float64 [rows, C] temporaries of ~16 MiB each.
@@ -260,6 +263,41 @@ def decode(arrays: dict) -> dict[str, torch.Tensor]:
     if "head_ids" in t:
         out["head_ids"], out["head_values"] = t["head_ids"].long(), t["head_values"].float()
     return out
+
+
+def check(arrays: dict, num_classes: int, kind: str) -> None:
+    """What verify can check in a block of encoded rows, else a LogitCacheError naming the array
+    and the first bad row (of the block, flattened): ids ascending and < C where counted, the
+    sentinel C exactly where the count is 0 and only after the counted slots, counts summing to
+    n (or 0: a row without tail mass), a finite entropy >= 0, a finite mass >= 0 (<= 1 softmax)."""
+    d = decode(arrays)
+    ids, counts = d["ids"].reshape(-1, d["ids"].shape[-1]), d["counts"].reshape(-1, d["ids"].shape[-1])
+    n, real = ids.shape[-1], counts > 0
+
+    def fail(name: str, bad: torch.Tensor, what: str) -> None:
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise LogitCacheError(f"sampled rows: {name} of row {row} {what} (corrupt data)")
+
+    total = counts.sum(-1)
+    fail("counts", (total != n) & (total != 0), f"do not sum to n = {n}")
+    fail("ids", (real & (ids >= num_classes)).any(-1) | (~real & (ids != num_classes)).any(-1),
+         f"hold an id >= {num_classes} classes or a sentinel with a count")
+    fail("counts", (~real[:, :-1] & real[:, 1:]).any(-1), "have a counted slot after an empty one")
+    fail("ids", ((ids[:, 1:] <= ids[:, :-1]) & real[:, 1:]).any(-1), "are not ascending and distinct")
+    e = d["entropy"].reshape(-1)
+    fail("entropy", ~torch.isfinite(e) | (e < 0), "is not a finite number >= 0")
+    if "mass" in arrays:
+        m = torch.as_tensor(np.asarray(arrays["mass"]) if not isinstance(arrays["mass"], torch.Tensor)
+                            else arrays["mass"]).float().reshape(-1)
+        top = 1.0 + 1e-3 if kind == "multiclass" else math.inf
+        fail("mass", ~torch.isfinite(m) | (m < 0) | (m > top), "is not a finite mass >= 0 (<= 1 softmax)")
+    if "head_ids" in d:
+        h = d["head_ids"].reshape(-1, d["head_ids"].shape[-1])
+        srt = h.sort(-1).values
+        fail("head_ids", (h >= num_classes).any(-1) | (srt[:, 1:] == srt[:, :-1]).any(-1),
+             f"hold an id >= {num_classes} or a repeated id")
+        fail("head_values", ~torch.isfinite(d["head_values"].reshape(len(h), -1)).all(-1), "are not finite")
 
 
 def _targets(decoded: dict, kind: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
