@@ -70,11 +70,11 @@ bias = RMS over rows of |E[gradient] - full gradient|, MSE = mean |gradient - fu
 
     At C = 151,936 (40 B: topk k = 6, sampled n = 7): bias 0.012 (topk), 0.125 (renormalised),
     < 0.018 (sampled, the bound limited by 32 rows x 128 draws); MSE 1.4e-4, 0.016, 0.045.
-    Multilabel behaves alike (MSE/topk 480-800x; 30-75x with a head). So: sampled is unbiased,
+    Multilabel behaves alike (MSE/topk 480-800x; 28-76x with a head). So: sampled is unbiased,
     7-16x less biased than a renormalised top-k, but logitcache's own topk, whose exact tail
     statistic already removes most of the bias (2-8% of the gradient), has 110-320x (softmax) and
     480-800x (sigmoid) less error per row at equal bytes; an exact head cuts sampled's error
-    3-8x. Sampled's error is noise that fresh draws per epoch and the rows of a batch average
+    2.5-28x. Sampled's error is noise that fresh draws per epoch and the rows of a batch average
     out, top-k's is a bias that stays. Encode: 70-100k rows/s at C = 527, 400-500 at C =
     151,936 (one CPU thread, float64).
 
