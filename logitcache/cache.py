@@ -299,11 +299,13 @@ class CacheWriter:
         return self
 
     def _create(self, cls, manifest: dict, ids: list[str], param_specs: dict) -> None:
-        self.manifest = dict(manifest)
+        self.manifest = json.loads(json.dumps(manifest))  # a deep copy: provenance gets written_at
         if "codec" not in self.manifest:  # a caller that predates codecs: today's default
             self.manifest.update(codec_entries("topk", manifest["value_dtype"], manifest["index_dtype"]))
         self.manifest.update(format="logitcache", format_version=FORMAT_VERSION, tool_version=__version__,
                              backend=cls.name, complete=False, created=_now())
+        for provenance in (self.manifest.get("target_sets") or {}).values():
+            provenance.setdefault("written_at", self.manifest["created"])
         self.manifest["config_digest"] = config_digest(self.manifest)
         if is_url(self.path):
             self._create_in_place(cls, ids, param_specs)

@@ -321,21 +321,15 @@ def dump(
 
 
 def _provenance(manifest: dict, teachers: list[Teacher], codec: str) -> dict:
-    """Per target set: the teachers it comes from (their fingerprints), its codec, when it was
-    written; so a target set can be added to a cache later."""
+    """Per target set: the teachers it comes from (their fingerprints) and its codec; the writer
+    adds when it was created. So a target set can be added to a cache later."""
     described = {t.name: d for t, d in zip(teachers, manifest["teachers"])}
     out = {}
     for ts in target_sets(manifest):
         names = [ts.removeprefix("members/")] if ts != "ensemble" else list(described)
         out[ts] = {"teachers": [{"name": n, "sha256": described[n].get("sha256")} for n in names],
-                   "codec": codec, "written_at": _now()}
+                   "codec": codec}
     return out
-
-
-def _now() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _warn_multi_label(folder: AudioFolder) -> None:
