@@ -155,7 +155,7 @@ def dump(
     distributed: bool | None = None,
     threads: int | None = None,
     codec: str = "topk",
-    codec_options: dict | None = None,
+    value_bits: int | None = None,
 ) -> Path:
     """Dump a cache of ``epochs`` augmented views per sample of the data folder ``data``.
 
@@ -175,9 +175,10 @@ def dump(
     the previous setting is restored on return. It does not change the cache's bytes.
 
     ``codec`` names the target codec of every target set (``topk``, ``compact``; see
-    :mod:`logitcache.codecs`), ``codec_options`` overrides its defaults (compact: ``value_bits``).
+    :mod:`logitcache.codecs`); ``value_bits`` (compact only, 1..16, default 8) its value resolution.
     """
     codec_cls = get_codec(codec)
+    codec_options = _codec_options(codec, value_bits)
     if output_kind not in KINDS:
         raise LogitCacheError(f"--output-kind {output_kind!r}: choose one of {', '.join(KINDS)}")
     if aggregation not in AGGREGATIONS:
@@ -224,7 +225,7 @@ def dump(
     N = len(folder)
     member_names = [t.name for t in loaded] if members else []
     entries = codec_entries(codec, value_dtype, index_dtype(num_classes))
-    entries["codec_options"].update(codec_options or {})
+    entries["codec_options"].update(codec_options)
     encoder = codec_cls(topk, num_classes, output_kind, frames, entries["codec_options"])
     encoder.fields()  # bad options fail here, before anything is written
     manifest = {
@@ -318,6 +319,17 @@ def dump(
         torch.set_num_threads(threads_before)
     writer.close()
     return cache_location(out)
+
+
+def _codec_options(codec: str, value_bits: int | None) -> dict:
+    if value_bits is None:
+        return {}
+    if codec != "compact":
+        raise LogitCacheError(f"--value-bits {value_bits}: applies to --codec compact only (this dump is --codec {codec})")
+    value_bits = checks.whole("--value-bits", value_bits)
+    if value_bits > 16:
+        raise LogitCacheError(f"--value-bits {value_bits}: must be between 1 and 16")
+    return {"value_bits": value_bits}
 
 
 def _provenance(manifest: dict, teachers: list[Teacher], codec: str) -> dict:
