@@ -1,0 +1,145 @@
+"""Target codecs through the whole cache: dump, verify, inspect, read, train, fidelity, resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+import logitcache
+from logitcache.cli.main import main
+from logitcache.codecs import compact as cc
+from logitcache.codecs import get_codec
+from logitcache.errors import LogitCacheError
+from logitcache.report import fidelity, inspect_cache, verify_cache
+from logitcache.train import train
+from test_format1 import CACHES, FIXTURE, _raw_arrays, _sha
+
+TEACHERS = ["toy_teachers:toy_a", "toy_teachers:toy_b"]
+C = 10
+K = 5
+# topk float32 and compact dumps of the same views: the topk cache is the compact one's reference
+KW = dict(topk=K, epochs=1, value_dtype="float32", output_kind="multiclass", augment="strong", chunk_rows=8)
+
+
+@pytest.fixture(scope="module")
+def pair(dumper):
+    return dumper(codec="topk", **KW), dumper(codec="compact", **KW)
+
+
+def test_compact_cache_verifies_and_inspects_smaller(pair):
+    topk, compact = pair
+    assert verify_cache(compact)["ok"], verify_cache(compact)["problems"]
+    a, b = inspect_cache(topk), inspect_cache(compact)
+    assert (a["codec"], b["codec"], a["format_version"], b["format_version"]) == ("topk", "compact", 2, 2)
+    assert b["codec_options"] == {"value_bits": 8}
+    # top-5 of 10: topk float32 20 + 5 + 4 B; compact ids 2 + codes 5 + offset 2 + step 1 + stat 2 B
+    assert (a["target_row_bytes"], b["target_row_bytes"]) == (29, cc.row_bytes(K, C)) == (29, 12)
+    views = a["samples"] * a["epochs"]
+    # raw bytes per view: stored bytes of 24 views are mostly array metadata (5 arrays against 3)
+    assert [(x["name"], x["raw_bytes"] / views) for x in a["targets_table"]] == \
+        [("ensemble", 29), ("toy_a", 29), ("toy_b", 29)]
+    assert [(x["name"], x["raw_bytes"] / views) for x in b["targets_table"]] == \
+        [("ensemble", 12), ("toy_a", 12), ("toy_b", 12)]
+    names = {n["name"] for n in b["arrays"]}
+    assert {"ensemble/ids", "ensemble/codes", "ensemble/offset", "ensemble/step", "ensemble/stat",
+            "members/toy_a/ids"} <= names and "ensemble/values" not in names
+
+
+@pytest.mark.parametrize("member", [None, "toy_b"])
+def test_compact_targets_are_the_codec_round_trip_of_topk_rows(pair, member):
+    topk, compact = pair
+    with logitcache.open_cache(topk) as a, logitcache.open_cache(compact) as b:
+        assert a.order(0).tolist() == b.order(0).tolist()
+        t = a.targets(0, member=member)
+        want = cc.decode(cc.encode(t.values, t.indices, t.stat, C, "multiclass"), K, C, "multiclass")
+        got = b.targets(0, member=member)
+        for w, g in zip(want, (got.values, got.indices, got.stat)):
+            assert w.dtype == g.dtype and np.array_equal(w, g)
+        some = [b.ids[i] for i in b.order(0)[[3, 0, 17]]]
+        picked = b.targets(0, some, member=member)
+        assert np.array_equal(picked.values, got.values[[3, 0, 17]])
+        block = b.read_block(0, 8, 16, member=member)
+        assert np.array_equal(block["indices"], got.indices[8:16]) and np.array_equal(block["stat"], got.stat[8:16])
+
+
+def test_compact_cache_trains_and_runs_fidelity(pair, dataset, tmp_path):
+    topk, compact = pair
+    result = train(compact, dataset, "cnn_tiny", tmp_path / "run", epochs=1, batch_size=8, max_steps=2,
+                   device="cpu", progress=False)
+    assert np.isfinite(result["train_loss"])
+    r = fidelity(compact, dataset, TEACHERS, samples=6, device="cpu")
+    ref = fidelity(topk, dataset, TEACHERS, samples=6, device="cpu")  # the same views (same seed)
+    assert r["samples_checked"] == 6 and r["teachers_match"]
+    # decoded 8-bit rows against the re-run teachers: within a quantisation step, KL as topk's
+    assert 0 < r["max_abs_logit_error"] < 0.05 and ref["max_abs_logit_error"] < 1e-5
+    assert r["top1_agreement"] == ref["top1_agreement"] == 1.0
+    assert abs(r["kl_mean"] - ref["kl_mean"]) <= 0.01 * ref["kl_mean"] + 1e-6
+
+
+def test_topk_codec_writes_format1_bytes(tmp_path):
+    """A topk dump of the format-1 fixture's data and settings writes the very target arrays format 1
+    wrote (the fixture's sha256s, read before codecs existed)."""
+    want = CACHES["strong.zarr"]["arrays"]
+    path = logitcache.dump(FIXTURE / "data", TEACHERS, tmp_path / "strong.zarr", epochs=2, seed=7, batch_size=4,
+                           value_dtype="float16", chunk_rows=4, device="cpu", num_workers=0, progress=False,
+                           augment="strong", output_kind="multilabel", topk=5, backend="zarr", codec="topk")
+    raw = _raw_arrays(path)
+    targets = {n for n in want if n.startswith(("ensemble/", "members/"))}
+    assert len(targets) == 9
+    assert {n: (str(raw[n].dtype), raw[n].shape, _sha(raw[n])) for n in want} == want
+    assert set(raw) - set(want) == {"content"}
+    with logitcache.open_cache(path) as cache:
+        assert cache.manifest["format_version"] == 2 and cache.manifest["codec"] == "topk"
+        assert cache.manifest["codec_options"] == {"value_dtype": "float16", "index_dtype": "uint8"}
+        assert sorted(cache.manifest["target_sets"]) == ["ensemble", "members/toy_a", "members/toy_b"]
+        assert [t["name"] for t in cache.manifest["target_sets"]["ensemble"]["teachers"]] == ["toy_a", "toy_b"]
+
+
+def test_format1_fixture_reports_codec_topk(tmp_path):
+    shutil.copytree(FIXTURE / "strong.zarr", tmp_path / "strong.zarr")
+    info = inspect_cache(tmp_path / "strong.zarr")
+    assert (info["format_version"], info["codec"], info["codec_options"]) == \
+        (1, "topk", {"value_dtype": "float16", "index_dtype": "uint8"})
+    assert info["target_row_bytes"] == 5 * 2 + 5 + 4
+    with logitcache.open_cache(tmp_path / "strong.zarr") as cache:
+        assert "codec" not in cache.manifest and cache.spec.codec == "topk"
+
+
+def test_unknown_codec_is_one_error_listing_the_known(dataset, tmp_path):
+    with pytest.raises(LogitCacheError, match=r"^codec 'nope' is not known \(known codecs: compact, topk\)$"):
+        get_codec("nope")
+    r = CliRunner().invoke(main, ["dump", "--data", str(dataset), "--teacher", TEACHERS[0], "--out",
+                                  str(tmp_path / "x.zarr"), "--codec", "nope"])
+    assert r.exit_code == 1 and r.output == "error: codec 'nope' is not known (known codecs: compact, topk)\n"
+    assert not (tmp_path / "x.zarr").exists()
+    r = CliRunner().invoke(main, ["dump", "--data", str(dataset), "--teacher", TEACHERS[0], "--out",
+                                  str(tmp_path / "x.zarr"), "--value-bits", "6"])
+    assert r.exit_code == 1 and r.output == \
+        "error: --value-bits 6: applies to --codec compact only (this dump is --codec topk)\n"
+
+
+def test_verify_names_a_corrupt_compact_row(pair, tmp_path):
+    _, compact = pair
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(compact, bad)
+    ids = zarr.open_array(str(bad / "members" / "toy_a" / "ids"), mode="r+")
+    row = np.asarray(ids[0, 9]).copy()
+    row[:] = 0xFF  # every bit set: far more than k ones in the high-part bitmap
+    ids[0, 9] = row  # written through zarr: the chunk checksum is valid, the content is not
+    r = verify_cache(bad)
+    assert not r["ok"]
+    assert r["problems"] == ["members/toy_a/ids: epoch 0 chunk 1 (rows 8..15): 43 ids in 8 rows, "
+                             "expected 5 per row (corrupt data)"]
+
+
+def test_resume_refuses_another_codec(pair, dataset):
+    topk, _ = pair
+    with pytest.raises(LogitCacheError) as e:
+        logitcache.dump(dataset, TEACHERS, topk, resume=True, codec="compact", sample_rate=16000, clip_seconds=1.0,
+                        batch_size=8, members=True, num_workers=0, progress=False, **KW)
+    assert "differs from the cache in codec (\"topk\" in the cache, \"compact\" now)" in str(e.value)
+    assert "\n" not in str(e.value)
