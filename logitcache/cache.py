@@ -40,8 +40,8 @@ import numpy as np
 
 from logitcache import __version__
 from logitcache.errors import LogitCacheError, quote
-from logitcache.layout import (FORMAT_VERSION, READABLE_VERSIONS, SAMPLE_ARRAYS, Layout, Manifest,  # noqa: F401
-                               codec_entries, config_digest)
+from logitcache.layout import (FORMAT_VERSION, PARAMS, READABLE_VERSIONS, SAMPLE_ARRAYS, Layout,  # noqa: F401
+                               Manifest, codec_entries, config_digest)
 from logitcache.lock import DumpLock
 from logitcache.storage import (ArrayStore, backend_for_new, cache_location, chunk_error, chunk_name, is_url,
                                 location_exists, open_store)
@@ -691,7 +691,7 @@ class Cache:
 
     def param_names(self) -> list[str]:
         if self._param_names is None:  # listing a store walks its tree: do it once
-            self._param_names = [n[len("params/"):] for n in self.store.arrays() if n.startswith("params/")]
+            self._param_names = [n[len(PARAMS):] for n in self.store.arrays() if n.startswith(PARAMS)]
         return self._param_names
 
     def _member_prefix(self, member: str | None) -> str:
@@ -706,7 +706,7 @@ class Cache:
         """Rows ``start:stop`` of stored order, all arrays in one ``read_many`` (zarr overlaps them):
         order, seeds, params/…, and the targets decoded by the codec: values, indices, stat."""
         epoch = self._check_epoch(epoch)
-        keys = ["order", "seeds"] + ([f"params/{n}" for n in self.param_names()] if params else [])
+        keys = ["order", "seeds"] + ([Layout.param_path(n) for n in self.param_names()] if params else [])
         names = list(keys)
         if targets:
             target_set = self._member_prefix(member)
@@ -779,7 +779,7 @@ class Cache:
         epoch = self._check_epoch(epoch)
         pos = self.positions(epoch)[self.dataset_index(list(ids))]
         names = self.param_names()
-        return dict(zip(names, self._gather(epoch, pos, [f"params/{n}" for n in names])))
+        return dict(zip(names, self._gather(epoch, pos, [Layout.param_path(n) for n in names])))
 
     def _gather(self, epoch: int, pos: np.ndarray, names: list[str]) -> list[np.ndarray]:
         """Rows at stored positions ``pos`` of each array: the chunks they fall in are fetched

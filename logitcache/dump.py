@@ -289,7 +289,7 @@ def dump(
                 rows = _run_batch(loaded, wave, dev, precision, encoder, output_kind, aggregation, ensemble_weights,
                                   members, folder, order[pos])
                 rows.update({"order": order[pos].astype(manifest["order_dtype"]), "seeds": seeds[pos]})
-                rows.update({f"params/{k}": v for k, v in params.items()})
+                rows.update({Layout.param_path(k): v for k, v in params.items()})
                 if epoch == 0 and store_content:
                     rows["content"] = decoded.own
                 # Stored order is sequential, so rows fill chunks front to back; split at chunk edges.
@@ -336,12 +336,10 @@ def _provenance(manifest: dict, teachers: list[Teacher], codec: str) -> dict:
     """Per target set: the teachers it comes from (their fingerprints) and its codec; the writer
     adds when it was created. So a target set can be added to a cache later."""
     described = {t.name: d for t, d in zip(teachers, manifest["teachers"])}
-    out = {}
-    for ts in target_sets(manifest):
-        names = [ts.removeprefix("members/")] if ts != "ensemble" else list(described)
-        out[ts] = {"teachers": [{"name": n, "sha256": described[n].get("sha256")} for n in names],
-                   "codec": codec}
-    return out
+    sources = {Layout.target_set_of(None): list(described)}
+    sources.update({Layout.target_set_of(n): [n] for n in manifest["members"]})
+    return {ts: {"teachers": [{"name": n, "sha256": described[n].get("sha256")} for n in names], "codec": codec}
+            for ts, names in sources.items()}
 
 
 def _warn_multi_label(folder: AudioFolder) -> None:

@@ -27,6 +27,7 @@ FORMAT_VERSION = 2  # what this logitcache writes
 READABLE_VERSIONS = (1, 2)
 # One row per sample, not per view: stored in epoch 0's positions, written with its chunks.
 SAMPLE_ARRAYS = ("content",)
+PARAMS = "params/"  # prefix of the augmentation parameter arrays
 # Written whole when the cache is created, so every chunk of them must be in storage.
 LAYOUT_ARRAYS = ("ids/utf8", "ids/offsets")
 # Written as the dump goes (absent: not done yet).
@@ -52,7 +53,7 @@ def _version(manifest: dict) -> int:
 
 def target_sets(manifest: dict) -> list[str]:
     """Names of a cache's target sets: the ensemble's, then each stored member's."""
-    return ["ensemble"] + [f"members/{n}" for n in manifest.get("members") or []]
+    return [Layout.target_set_of(None)] + [Layout.target_set_of(n) for n in manifest.get("members") or []]
 
 
 def codec_entries(codec: str, value_dtype: str, index_dtype: str) -> dict:
@@ -167,7 +168,8 @@ class Layout:
             "seeds": ArraySpec("seeds", (E, N), "uint64", (1, R), "view", compress=False),
         }
         for name, (dtype, shape) in param_specs.items():
-            a[f"params/{name}"] = ArraySpec(f"params/{name}", (E, N, *shape), dtype, (1, R, *shape), "view")
+            path = self.param_path(name)
+            a[path] = ArraySpec(path, (E, N, *shape), dtype, (1, R, *shape), "view")
         for ts in self.target_sets():
             for f, (dtype, trailing) in self.codec.fields().items():
                 path = self.target_path(ts, f)
@@ -179,7 +181,7 @@ class Layout:
         self.arrays = a
 
     def target_sets(self) -> list[str]:
-        return ["ensemble"] + [f"members/{n}" for n in self.spec.members]
+        return target_sets({"members": self.spec.members})
 
     @staticmethod
     def target_set_of(member: str | None) -> str:
@@ -188,6 +190,10 @@ class Layout:
     @staticmethod
     def target_path(target_set: str, field: str) -> str:
         return f"{target_set}/{field}"
+
+    @staticmethod
+    def param_path(name: str) -> str:
+        return f"{PARAMS}{name}"
 
     def target_arrays(self, target_set: str) -> dict[str, ArraySpec]:
         """field -> spec of one target set's arrays."""

@@ -199,15 +199,15 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
                 block["content"] = (seeds[a:b] >> np.uint64(32)).astype(np.uint32)
             pick = rng.integers(0, len(draws), b - a)
             for name in augmenter.param_specs:
-                block[f"params/{name}"] = np.stack([draws[i][name] for i in pick])
+                block[Layout.param_path(name)] = np.stack([draws[i][name] for i in pick])
             # Generated in slices so [rows, frames, C] logits never sit in memory whole.
             step = max(1, 4096 // (frames or 1))
             parts: dict[str, list[np.ndarray]] = {}
             for s in range(a, b, step):
                 logits = synthetic_logits(rng, min(step, b - s), classes, members, frames, prior)
                 # mean_logit, not the dump's default mean_prob: as teacher-like and 3x cheaper.
-                groups = [("ensemble", aggregate(logits, output_kind, "mean_logit"))]
-                groups += [(f"members/{n}", z) for n, z in zip(names, logits)]
+                groups = [(Layout.target_set_of(None), aggregate(logits, output_kind, "mean_logit"))]
+                groups += [(Layout.target_set_of(n), z) for n, z in zip(names, logits)]
                 for prefix, z in groups:
                     v, i, st = synthetic_targets(z, topk, output_kind)
                     for f, rows in encoder.encode_rows(v.float(), i, st.float()).items():
