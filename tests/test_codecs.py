@@ -13,7 +13,9 @@ import logitcache
 from logitcache.cli.main import main
 from logitcache.codecs import compact as cc
 from logitcache.codecs import get_codec
+from logitcache.cache import config_differences
 from logitcache.errors import LogitCacheError
+from logitcache.layout import codec_entries
 from logitcache.report import fidelity, inspect_cache, verify_cache
 from logitcache.train import train
 from test_format1 import CACHES, FIXTURE, _raw_arrays, _sha
@@ -143,3 +145,16 @@ def test_resume_refuses_another_codec(pair, dataset):
                         batch_size=8, members=True, num_workers=0, progress=False, **KW)
     assert "differs from the cache in codec (\"topk\" in the cache, \"compact\" now)" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_format1_cache_resumes_as_topk(tmp_path):
+    """A format-1 manifest has no codec entry: it migrates to topk with its dtypes, so a topk dump
+    of the same settings may resume it and a compact one is refused, naming the codec."""
+    shutil.copytree(FIXTURE / "strong.zarr", tmp_path / "strong.zarr")
+    with logitcache.open_cache(tmp_path / "strong.zarr") as cache:
+        old = cache.manifest
+    assert "codec" not in old
+    assert config_differences(old, {**old, **codec_entries("topk", "float16", "uint8")}) == []
+    assert config_differences(old, {**old, **codec_entries("compact", "float16", "uint8")}) == \
+        ['codec ("topk" in the cache, "compact" now)', "codec_options (a different value in the cache, "
+         '{"value_bits": 8} now)']
