@@ -158,3 +158,30 @@ def test_format1_cache_resumes_as_topk(tmp_path):
     assert config_differences(old, {**old, **codec_entries("compact", "float16", "uint8")}) == \
         ['codec ("topk" in the cache, "compact" now)', "codec_options (a different value in the cache, "
          '{"value_bits": 8} now)']
+
+
+@pytest.mark.parametrize("bits, message", [
+    (17, "error: --value-bits 17: must be between 1 and 16\n"),
+    (0, "error: --value-bits 0: must be at least 1 (a whole number)\n")])
+def test_value_bits_out_of_range_is_one_error(dataset, tmp_path, bits, message):
+    r = CliRunner().invoke(main, ["dump", "--data", str(dataset), "--teacher", TEACHERS[0], "--out",
+                                  str(tmp_path / "x.zarr"), "--codec", "compact", "--value-bits", str(bits)])
+    assert (r.exit_code, r.output) == (1, message)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_manifest_naming_an_unknown_codec_is_refused(pair, tmp_path):
+    from logitcache.storage import open_store
+
+    _, compact = pair
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(compact, bad)
+    store = open_store(bad, "r+")
+    store.write_manifest({**store.read_manifest(), "codec": "zstd-magic"})
+    store.close()
+    r = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert (r.exit_code, r.output) == \
+        (1, f"error: {bad}: codec 'zstd-magic' is not known (known codecs: compact, topk)\n")
+    r = CliRunner().invoke(main, ["verify", str(bad)])
+    assert (r.exit_code, r.output) == \
+        (1, f"error: {bad}: codec 'zstd-magic' is not known (known codecs: compact, topk)\n")
