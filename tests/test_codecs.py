@@ -185,3 +185,19 @@ def test_manifest_naming_an_unknown_codec_is_refused(pair, tmp_path):
     r = CliRunner().invoke(main, ["verify", str(bad)])
     assert (r.exit_code, r.output) == \
         (1, f"error: {bad}: codec 'zstd-magic' is not known (known codecs: compact, topk)\n")
+
+
+def test_compact_frames_in_hdf5_at_6_bits(dumper):
+    """Frame-level targets [E, N, T, ...], the HDF5 backend and a non-default value_bits."""
+    kw = dict(teachers=("toy_teachers:toy_frames",), topk=3, epochs=1, output_kind="multilabel", members=False)
+    ref = dumper(codec="topk", **kw)
+    path = dumper(codec="compact", value_bits=6, suffix=".h5", **kw)
+    assert verify_cache(path)["ok"]
+    with logitcache.open_cache(ref) as a, logitcache.open_cache(path) as b:
+        assert b.spec.codec_options == {"value_bits": 6} and b.frames == a.frames > 1
+        t, C = a.targets(0), len(a.classes)
+        want = cc.decode(cc.encode(t.values, t.indices, t.stat, C, "multilabel", 6), 3, C, "multilabel", 6)
+        got = b.targets(0)
+        assert got.values.shape == (b.num_samples, b.frames, 3)
+        assert all(np.array_equal(w, g) for w, g in zip(want, (got.values, got.indices, got.stat)))
+        assert tuple(b.store.info("ensemble/codes")["shape"]) == (1, b.num_samples, b.frames, 3)  # 3 x 6 bits
