@@ -395,7 +395,8 @@ def inspect(cache, project_samples, project_epochs, as_json):
         ("cache", f"{info['path']} ({info['backend']}, {'complete' if info['complete'] else 'INCOMPLETE'})"),
         ("views", f"{info['epochs']} epochs x {info['samples']} samples"),
         ("targets", (f"top-{info['topk']} of {info['classes']} classes{frames}, {info['output_kind']}, "
-                     f"{info['aggregation']}, {info['value_dtype']} values, {info['index_dtype']} indices")),
+                     f"{info['aggregation']}" + (f", {info['value_dtype']} values, {info['index_dtype']} indices"
+                                                 if info["codec"] == "topk" else ""))),
         ("codec", f"{info['codec']} {json.dumps(info['codec_options'])}, {info['target_row_bytes']} B raw per view "
                   f"and target set (format {info['format_version']})"),
         ("teachers", ", ".join(info["teachers"]) + members),

@@ -178,7 +178,7 @@ def dump(
     :mod:`logitcache.codecs`); ``value_bits`` (compact only, 1..16, default 8) its value resolution.
     """
     codec_cls = get_codec(codec)
-    codec_options = _codec_options(codec, value_bits)
+    codec_entries(codec, value_dtype, None, value_bits)  # a bad option fails before any work is done
     if output_kind not in KINDS:
         raise LogitCacheError(f"--output-kind {output_kind!r}: choose one of {', '.join(KINDS)}")
     if aggregation not in AGGREGATIONS:
@@ -224,8 +224,7 @@ def dump(
 
     N = len(folder)
     member_names = [t.name for t in loaded] if members else []
-    entries = codec_entries(codec, value_dtype, index_dtype(num_classes))
-    entries["codec_options"].update(codec_options)
+    entries = codec_entries(codec, value_dtype, index_dtype(num_classes), value_bits)
     encoder = codec_cls(topk, num_classes, output_kind, frames, entries["codec_options"])
     encoder.fields()  # bad options fail here, before anything is written
     manifest = {
@@ -319,17 +318,6 @@ def dump(
         torch.set_num_threads(threads_before)
     writer.close()
     return cache_location(out)
-
-
-def _codec_options(codec: str, value_bits: int | None) -> dict:
-    if value_bits is None:
-        return {}
-    if codec != "compact":
-        raise LogitCacheError(f"--value-bits {value_bits}: applies to --codec compact only (this dump is --codec {codec})")
-    value_bits = checks.whole("--value-bits", value_bits)
-    if value_bits > 16:
-        raise LogitCacheError(f"--value-bits {value_bits}: must be between 1 and 16")
-    return {"value_bits": value_bits}
 
 
 def _provenance(manifest: dict, teachers: list[Teacher], codec: str) -> dict:

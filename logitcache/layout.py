@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from logitcache import checks
 from logitcache.codecs import TargetCodec, get_codec
 from logitcache.errors import LogitCacheError
 
@@ -56,11 +57,19 @@ def target_sets(manifest: dict) -> list[str]:
     return [Layout.target_set_of(None)] + [Layout.target_set_of(n) for n in manifest.get("members") or []]
 
 
-def codec_entries(codec: str, value_dtype: str, index_dtype: str) -> dict:
-    """The manifest entries that name a new cache's codec (format 2)."""
+def codec_entries(codec: str, value_dtype: str, index_dtype: str, value_bits: int | None = None) -> dict:
+    """The manifest entries that name a new cache's codec (format 2); ``value_bits`` as ``--value-bits``."""
     options = get_codec(codec).default_options(value_dtype)
     if codec == "topk":
         options["index_dtype"] = index_dtype
+    if value_bits is not None:
+        if codec != "compact":
+            raise LogitCacheError(f"--value-bits {value_bits}: applies to --codec compact only "
+                                  f"(this dump is --codec {codec})")
+        value_bits = checks.whole("--value-bits", value_bits)
+        if value_bits > 16:
+            raise LogitCacheError(f"--value-bits {value_bits}: must be between 1 and 16")
+        options["value_bits"] = value_bits
     return {"codec": codec, "codec_options": options}
 
 

@@ -262,7 +262,7 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     """
     from logitcache.augment import Augmenter, load_ops_spec
     from logitcache.cache import choose_chunk_rows
-    from logitcache.dump import VALUE_DTYPES, _codec_options
+    from logitcache.dump import VALUE_DTYPES
     from logitcache.codecs import get_codec
     from logitcache.layout import Layout, codec_entries
     from logitcache.storage import BACKENDS
@@ -292,8 +292,7 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     augmenter = Augmenter(load_ops_spec(augment), sample_rate, clip_seconds)
 
     idx_dtype = index_dtype(classes)
-    entries = codec_entries(codec, value_dtype, idx_dtype)
-    entries["codec_options"].update(_codec_options(codec, value_bits))
+    entries = codec_entries(codec, value_dtype, idx_dtype, value_bits)
     encoder = get_codec(codec)(topk, classes, output_kind, frames, entries["codec_options"])
     R = chunk_rows if chunk_rows is not None else choose_chunk_rows(encoder.chunk_sizing_bytes(), samples)
     views = epochs * samples

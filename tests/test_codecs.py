@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -201,3 +202,18 @@ def test_compact_frames_in_hdf5_at_6_bits(dumper):
         assert got.values.shape == (b.num_samples, b.frames, 3)
         assert all(np.array_equal(w, g) for w, g in zip(want, (got.values, got.indices, got.stat)))
         assert tuple(b.store.info("ensemble/codes")["shape"]) == (1, b.num_samples, b.frames, 3)  # 3 x 6 bits
+
+
+def test_manifest_round_trips_through_its_type(pair):
+    from logitcache.layout import Manifest
+
+    _, compact = pair
+    with logitcache.open_cache(compact) as cache:
+        m = cache.manifest
+    spec = Manifest.from_json(m)
+    assert spec.to_json() == m
+    assert (spec.format_version, spec.codec, spec.topk, spec.num_classes, spec.members) == \
+        (2, "compact", K, C, ["toy_a", "toy_b"])
+    old = json.loads((FIXTURE / "strong.zarr" / "zarr.json").read_text())["attributes"]["logitcache"]
+    v1 = Manifest.from_json(old)
+    assert v1.to_json() == old and (v1.format_version, v1.codec) == (1, "topk")
