@@ -217,3 +217,35 @@ def test_manifest_round_trips_through_its_type(pair):
     old = json.loads((FIXTURE / "strong.zarr" / "zarr.json").read_text())["attributes"]["logitcache"]
     v1 = Manifest.from_json(old)
     assert v1.to_json() == old and (v1.format_version, v1.codec) == (1, "topk")
+
+
+def test_codec_loss_and_dense_match_topk_on_the_same_views(pair):
+    import torch
+
+    from logitcache.targets import kd_loss
+
+    topk, compact = pair
+    with logitcache.open_cache(topk) as a, logitcache.open_cache(compact) as b:
+        ta, tb = a.targets(0), b.targets(0)
+        ca, cb = a.codec, b.codec
+    student = torch.randn(len(ta.stat), C, generator=torch.Generator().manual_seed(0))
+    rows = [torch.from_numpy(np.asarray(x)) for x in (ta.values, ta.indices, ta.stat)]
+    assert float(ca.loss(student, rows, temperature=2.0)) == float(kd_loss(student, *rows, "multiclass", 2.0))
+    lb = float(cb.loss(student, [torch.from_numpy(np.asarray(x)) for x in (tb.values, tb.indices, tb.stat)]))
+    assert abs(lb - float(ca.loss(student, rows))) < 1e-3
+    pa, pb = ca.dense((ta.values, ta.indices, ta.stat)), cb.dense((tb.values, tb.indices, tb.stat))
+    assert pa.shape == pb.shape == (len(ta.stat), C)
+    assert torch.allclose(pa.sum(-1), torch.ones(len(ta.stat)), atol=1e-5)
+    assert float((pa - pb).abs().max()) < 0.02  # 8-bit values: within a step's worth of probability
+
+
+def test_plan_sizes_the_compact_codec():
+    from logitcache.plan import plan_cache
+
+    a = plan_cache(2000, 1, 20, 527, backends=("zarr",), augment="none")
+    b = plan_cache(2000, 1, 20, 527, backends=("zarr",), augment="none", codec="compact")
+    assert (a["codec"], a["target_row_bytes"], b["codec"], b["target_row_bytes"]) == ("topk", 84, "compact", 42)
+    raw_a, raw_b = (next(r for r in x["backends"] if r["backend"] == "raw") for x in (a, b))
+    assert (raw_a["groups"]["ensemble"], raw_b["groups"]["ensemble"]) == (84 * 2000, 42 * 2000)
+    zarr_a, zarr_b = (next(r for r in x["backends"] if r["backend"] == "zarr") for x in (a, b))
+    assert zarr_b["groups"]["ensemble"] < zarr_a["groups"]["ensemble"]
