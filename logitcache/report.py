@@ -260,7 +260,7 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
         try:
             E, N, k, C, R = int(m["epochs"]), int(m["dataset"]["num_samples"]), int(m["topk"]), \
                 len(m["classes"]), int(m["chunk_rows"])
-            frames, value_dtype, idx_dtype = m.get("frames"), m["value_dtype"], m["index_dtype"]
+            frames, idx_dtype = m.get("frames"), m["index_dtype"]
         except (KeyError, TypeError, ValueError) as e:
             raise LogitCacheError(f"{path}: manifest is missing required fields ({_first_line(e)})") from None
 
