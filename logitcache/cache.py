@@ -588,7 +588,12 @@ class Cache:
     def layout(self) -> Layout:
         """Every array this cache's manifest implies (built on first use)."""
         if self._layout is None:
-            self._layout = Layout(self.spec)
+            try:
+                self._layout = Layout(self.spec)
+            except (LogitCacheError, KeyError, TypeError):
+                # an augmentation spec this version cannot rebuild: targets stay readable (the
+                # reader lists params/* from storage), and replay says what is wrong with it
+                self._layout = Layout(self.spec, param_specs={})
         return self._layout
 
     @property
