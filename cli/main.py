@@ -220,6 +220,10 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
 @click.option("--members/--no-members", default=True, show_default=True,
               help="Also store each teacher's own top-k.")
 @click.option("--value-dtype", type=click.Choice(VALUE_DTYPES), default="float16", show_default=True)
+@click.option("--codec", default="topk", show_default=True, metavar="NAME",
+              help="Target codec: topk (raw top-k logits) or compact (about half the bytes; README, Target codecs).")
+@click.option("--value-bits", type=int, default=None, metavar="B",
+              help="compact: bits per stored value, 1..16. [default: 8]")
 @click.option("--sample-rate", type=int, default=None, metavar="HZ",
               help="Default: the dataset's (dataset.json).")
 @click.option("--clip-seconds", type=float, default=None, metavar="S",
@@ -243,8 +247,9 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
                    "zarr cache. [default: on when WORLD_SIZE > 1]")
 @_json_option
 def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
-         ensemble_weights, state_dicts, teacher_args, members, value_dtype, sample_rate, clip_seconds, backend,
-         precision, compile_, channels_last, workers, chunk_rows, threads, resume, distributed, as_json):
+         ensemble_weights, state_dicts, teacher_args, members, value_dtype, codec, value_bits, sample_rate,
+         clip_seconds, backend, precision, compile_, channels_last, workers, chunk_rows, threads, resume, distributed,
+         as_json):
     """Run the teachers on augmented views and write a cache.
 
     Each of EPOCHS passes draws one augmented view per sample (parameters stored, so the view
@@ -273,7 +278,8 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
             members=members,
             value_dtype=value_dtype, backend=backend, sample_rate=sample_rate, clip_seconds=clip_seconds,
             precision=precision, compile=compile_, channels_last=channels_last, num_workers=workers,
-            chunk_rows=chunk_rows, resume=resume, progress=True, distributed=distributed, threads=threads)
+            chunk_rows=chunk_rows, resume=resume, progress=True, distributed=distributed, threads=threads,
+            codec=codec, value_bits=value_bits)
         if current_rank() != 0:
             return  # rank 0 reports for the job
         info = inspect_cache(path)
@@ -282,7 +288,7 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
         return
     share = f", {100 * info['share_of_audio']:.2f}% of the audio" if info["share_of_audio"] else ""
     click.echo(f"{info['path']}: {info['epochs'] * info['samples']} views ({info['epochs']} epochs x "
-               f"{info['samples']} samples), top-{info['topk']} of {info['classes']}, "
+               f"{info['samples']} samples), top-{info['topk']} of {info['classes']} ({info['codec']}), "
                f"{human_bytes(info['bytes_on_disk'])}, "
                f"{info['bytes_per_sample_epoch']:.0f} B/sample-epoch{share}")
 
@@ -389,7 +395,10 @@ def inspect(cache, project_samples, project_epochs, as_json):
         ("cache", f"{info['path']} ({info['backend']}, {'complete' if info['complete'] else 'INCOMPLETE'})"),
         ("views", f"{info['epochs']} epochs x {info['samples']} samples"),
         ("targets", (f"top-{info['topk']} of {info['classes']} classes{frames}, {info['output_kind']}, "
-                     f"{info['aggregation']}, {info['value_dtype']} values, {info['index_dtype']} indices")),
+                     f"{info['aggregation']}" + (f", {info['value_dtype']} values, {info['index_dtype']} indices"
+                                                 if info["codec"] == "topk" else ""))),
+        ("codec", f"{info['codec']} {json.dumps(info['codec_options'])}, {info['target_row_bytes']} B raw per view "
+                  f"and target set (format {info['format_version']})"),
         ("teachers", ", ".join(info["teachers"]) + members),
         ("chunks", f"{info['chunk_rows']} rows each, {info['chunks_done']}/{info['chunks_total']} written"),
         ("size", (f"{human_bytes(info['bytes_on_disk'])} on disk "
@@ -558,6 +567,8 @@ def _fidelity_tables(r: dict) -> list[str]:
 @click.option("--members", type=int, default=0, show_default=True, metavar="M",
               help="Teachers whose own top-k are stored besides the ensemble's (0 = --no-members).")
 @click.option("--value-dtype", type=click.Choice(VALUE_DTYPES), default="float16", show_default=True)
+@click.option("--codec", default="topk", show_default=True, metavar="NAME", help="Target codec, as for dump.")
+@click.option("--value-bits", type=int, default=None, metavar="B", help="compact: bits per stored value, as for dump.")
 @click.option("--output-kind", type=click.Choice(KINDS), default="multilabel", show_default=True)
 @click.option("--augment", default="ced", show_default=True, metavar="NAME|FILE",
               help="Augmentation preset or ops file (its parameters are stored per view).")
@@ -572,8 +583,8 @@ def _fidelity_tables(r: dict) -> list[str]:
 @click.option("--chunk-rows", type=int, default=None, metavar="R",
               help="As for dump (default: about 8 MiB of targets per chunk).")
 @_json_option
-def plan(samples, epochs, topk, classes, frames, members, value_dtype, output_kind, augment, sample_rate,
-         clip_seconds, audio_bytes, audio_hours, backends, chunk_rows, as_json):
+def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, value_bits, output_kind, augment,
+         sample_rate, clip_seconds, audio_bytes, audio_hours, backends, chunk_rows, as_json):
     """Project a cache's size on disk before dumping it.
 
     Writes a synthetic sample of teacher-like top-k rows (sorted logits, class indices, view
@@ -590,7 +601,8 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, output_ki
     result = plan_cache(samples, epochs, topk, classes, frames=frames, members=members, value_dtype=value_dtype,
                         output_kind=output_kind, augment=augment, sample_rate=sample_rate,
                         clip_seconds=clip_seconds, audio_bytes=audio_bytes, audio_hours=audio_hours,
-                        backends=tuple(backends) or tuple(BACKENDS), chunk_rows=chunk_rows)
+                        backends=tuple(backends) or tuple(BACKENDS), chunk_rows=chunk_rows, codec=codec,
+                        value_bits=value_bits)
     if as_json:
         _print_json(result)
         return
@@ -598,7 +610,8 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, output_ki
     frame = f" x {r['frames']} frames" if r["frames"] else ""
     who = f"ensemble + {r['members']} member(s)" if r["members"] else "ensemble only"
     click.echo(f"plan: {r['epochs']} epochs x {r['samples']:,} samples = {r['views']:,} views{frame}, "
-               f"top-{r['topk']} of {r['classes']} ({r['index_dtype']} indices, {r['value_dtype']} values), {who}, "
+               f"top-{r['topk']} of {r['classes']} (codec {r['codec']}, {r['target_row_bytes']} B per target set; "
+               f"{r['index_dtype']} indices, {r['value_dtype']} values), {who}, "
                f"{r['chunk_rows']}-row chunks")
     rows = [[b["backend"], b["codec"], human_bytes(b["bytes_on_disk"]), round(b["bytes_per_sample_epoch"], 1),
              b["ratio"], f"{100 * b['share_of_audio']:.3g}%" if b["share_of_audio"] else "-"]

@@ -7,24 +7,23 @@ epoch's stored order, which is a seeded permutation written at dump time):
     order        [E, N]          dataset index of the sample stored at each position
     seeds        [E, N]          uint64 seed each view's augmentation was drawn from
     params/<op>.<name> [E, N, …] the drawn augmentation parameters, physical units
-    ensemble/values  [E, N, (T,) k]   top-k logits, sorted descending
-    ensemble/indices [E, N, (T,) k]   their class indices (smallest dtype that holds C)
-    ensemble/stat    [E, N, (T)]      tail statistic (see targets.py)
-    members/<name>/{values,indices,stat}   each teacher's own top-k, same shapes
+    ensemble/<field> [E, N, ...]      the ensemble's targets, one array per field of the
+                                      manifest's codec (topk: values, indices, stat; see codecs/)
+    members/<name>/<field>            each teacher's own targets, same shapes
     content      [N]             crc32 of the source file of the sample epoch 0 stores at each
                                  position (written with epoch 0's chunks; absent in older caches)
     done         [E, n_chunks]   1 once every array of that chunk is written
 
 All per-view arrays are chunked ``(1, chunk_rows, …)`` along positions, ``content`` ``(chunk_rows,)``;
 writers write whole chunks, readers read whole chunks. The manifest is JSON only; nothing here
-unpickles or runs code.
+unpickles or runs code. Which arrays exist, with which shapes and dtypes, is
+:class:`logitcache.layout.Layout`'s to say; this module writes and reads them.
 """
 
 from __future__ import annotations
 
 import datetime
 import errno
-import hashlib
 import json
 import operator
 import os
@@ -41,14 +40,11 @@ import numpy as np
 
 from logitcache import __version__
 from logitcache.errors import LogitCacheError, quote
+from logitcache.layout import (FORMAT_VERSION, PARAMS, READABLE_VERSIONS, SAMPLE_ARRAYS, Layout,  # noqa: F401
+                               Manifest, codec_entries, config_digest)
 from logitcache.lock import DumpLock
 from logitcache.storage import (ArrayStore, backend_for_new, cache_location, chunk_error, chunk_name, is_url,
                                 location_exists, open_store)
-
-FORMAT_VERSION = 1
-TARGET_FIELDS = ("values", "indices", "stat")
-# One row per sample, not per view: stored in epoch 0's positions, written with its chunks.
-SAMPLE_ARRAYS = ("content",)
 
 
 def choose_chunk_rows(row_bytes: int, num_samples: int, target_bytes: int = 8 << 20) -> int:
@@ -64,19 +60,11 @@ def choose_chunk_rows(row_bytes: int, num_samples: int, target_bytes: int = 8 <<
     return int(max(1, min(rows, 1 << 17, num_samples)))
 
 
-def config_digest(manifest: dict) -> str:
-    """sha256 of everything that determines the cache's contents (not timings or paths)."""
-    keys = ("dataset", "classes", "augment", "teachers", "output_kind", "aggregation", "weights",
-            "topk", "frames", "value_dtype", "seed", "chunk_rows")
-    doc = {k: manifest.get(k) for k in keys}
-    doc["dataset"] = {k: v for k, v in (doc["dataset"] or {}).items() if k != "path"}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
 # What a resumed dump must share with the cache it continues: everything in the digest, plus
 # the layout and inference settings that change stored bytes without being "configuration".
 RESUME_KEYS = ("dataset", "classes", "augment", "teachers", "members", "output_kind", "aggregation", "weights",
-               "topk", "frames", "value_dtype", "index_dtype", "order_dtype", "seed", "chunk_rows", "precision")
+               "topk", "frames", "value_dtype", "index_dtype", "order_dtype", "seed", "chunk_rows", "precision",
+               "codec", "codec_options")
 
 
 def _short(v) -> str:
@@ -87,6 +75,7 @@ def _short(v) -> str:
 def config_differences(stored: dict, new: dict) -> list[str]:
     """What differs between a cache's manifest and a new dump request, as short phrases."""
     out = []
+    stored, new = _with_codec(stored), _with_codec(new)
     for key in RESUME_KEYS:
         a, b = stored.get(key), new.get(key)
         if key == "dataset":
@@ -101,6 +90,13 @@ def config_differences(stored: dict, new: dict) -> list[str]:
         elif a != b:
             out.append(f"{key} ({_short(a)} in the cache, {_short(b)} now)")
     return out
+
+
+def _with_codec(m: dict) -> dict:
+    """A format-1 manifest (or request) with the codec it implies, so a resume compares codecs."""
+    if "codec" in m or "value_dtype" not in m:
+        return m
+    return {**m, "codec": "topk", "codec_options": {"value_dtype": m["value_dtype"], "index_dtype": m.get("index_dtype")}}
 
 
 def existing_manifest(path: str | Path, check_lock: bool = True) -> dict | None:
@@ -220,10 +216,6 @@ class Targets:
     stat: np.ndarray
 
 
-def _target_prefix(member: str | None) -> str:
-    return "ensemble" if member is None else f"members/{member}"
-
-
 def stored_content(store: ArrayStore, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
     """``content`` turned into dataset order through epoch 0's ``order``: (crc32 [N], known [N]).
     Only rows of chunks marked done count (the rest were never written). Reads N x 8 bytes."""
@@ -307,9 +299,13 @@ class CacheWriter:
         return self
 
     def _create(self, cls, manifest: dict, ids: list[str], param_specs: dict) -> None:
-        self.manifest = dict(manifest)
+        self.manifest = json.loads(json.dumps(manifest))  # a deep copy: provenance gets written_at
+        if "codec" not in self.manifest:  # a caller that predates codecs: today's default
+            self.manifest.update(codec_entries("topk", manifest["value_dtype"], manifest["index_dtype"]))
         self.manifest.update(format="logitcache", format_version=FORMAT_VERSION, tool_version=__version__,
                              backend=cls.name, complete=False, created=_now())
+        for provenance in (self.manifest.get("target_sets") or {}).values():
+            provenance.setdefault("written_at", self.manifest["created"])
         self.manifest["config_digest"] = config_digest(self.manifest)
         if is_url(self.path):
             self._create_in_place(cls, ids, param_specs)
@@ -353,9 +349,9 @@ class CacheWriter:
             raise LogitCacheError(f"{e}; {hint}") from None
         try:
             old = store.read_manifest()
-            if old.get("format_version") != FORMAT_VERSION:
+            if old.get("format_version") not in READABLE_VERSIONS:
                 raise LogitCacheError(f"{self.path}: cache format version {old.get('format_version')} cannot be "
-                                      f"resumed by this logitcache (format {FORMAT_VERSION})")
+                                      f"resumed by this logitcache (formats {', '.join(map(str, READABLE_VERSIONS))})")
             if backend and backend != old.get("backend"):
                 raise LogitCacheError(f"{self.path}: cannot resume: the cache is {old.get('backend')}, "
                                       f"not --backend {backend}")
@@ -410,28 +406,17 @@ class CacheWriter:
         return -(-int(self.manifest["dataset"]["num_samples"]) // int(self.manifest["chunk_rows"]))
 
     def _create_layout(self, ids: list[str], param_specs: dict) -> None:
-        m, s = self.manifest, self.store
-        E, N, R, k = m["epochs"], len(ids), m["chunk_rows"], m["topk"]
-        frame = (m["frames"],) if m.get("frames") else ()
+        s, N = self.store, len(ids)
         utf8 = np.frombuffer("".join(ids).encode(), dtype=np.uint8)
         offsets = np.zeros(N + 1, np.int64)
         offsets[1:] = np.cumsum([len(i.encode()) for i in ids])
-        s.create_array("ids/utf8", utf8.shape, "uint8", (max(min(len(utf8), 1 << 22), 1),))
-        s.create_array("ids/offsets", offsets.shape, "int64", (min(N + 1, 1 << 20),))
+        for x in Layout(self.manifest, param_specs).arrays.values():
+            if x.name == "ids/utf8":
+                s.create_array(x.name, utf8.shape, x.dtype, (max(min(len(utf8), 1 << 22), 1),))
+            else:
+                s.create_array(x.name, x.shape, x.dtype, x.chunks, compress=x.compress)
         s.write("ids/utf8", (slice(None),), utf8)
         s.write("ids/offsets", (slice(None),), offsets)
-        s.create_array("order", (E, N), m["order_dtype"], (1, R))
-        s.create_array("seeds", (E, N), "uint64", (1, R), compress=False)  # random bits: incompressible
-        for name, (dtype, shape) in param_specs.items():
-            s.create_array(f"params/{name}", (E, N, *shape), dtype, (1, R, *shape))
-        for prefix in ["ensemble"] + [f"members/{n}" for n in m["members"]]:
-            s.create_array(f"{prefix}/values", (E, N, *frame, k), m["value_dtype"], (1, R, *frame, k))
-            s.create_array(f"{prefix}/indices", (E, N, *frame, k), m["index_dtype"], (1, R, *frame, k))
-            s.create_array(f"{prefix}/stat", (E, N, *frame), "float32", (1, R, *frame))
-        if m.get("content"):
-            s.create_array("content", (N,), "uint32", (R,), compress=False)  # crc32s: incompressible
-        n_chunks = -(-N // R)
-        s.create_array("done", (E, n_chunks), "uint8", (1, 1), compress=False)
 
     def put(self, epoch: int, chunk: int, block: dict[str, np.ndarray]) -> None:
         """Queue one whole chunk: ``block`` maps array name -> rows of that chunk."""
@@ -580,20 +565,42 @@ class Cache:
         self._positions: dict[int, np.ndarray] = {}
         self._param_names: list[str] | None = None
         self._content: tuple[np.ndarray, np.ndarray] | None = None
+        self._layout: Layout | None = None
 
     def _checked_manifest(self, check_digest: bool) -> dict:
         manifest = self.store.read_manifest()
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_VERSIONS:
             raise LogitCacheError(
                 f"{self.path}: cache format version {manifest.get('format_version')} is not supported "
-                f"(this logitcache reads {FORMAT_VERSION})")
+                f"(this logitcache reads {', '.join(map(str, READABLE_VERSIONS))})")
         check_manifest(self.path, manifest)
+        try:
+            self.spec = Manifest.from_json(manifest)
+        except LogitCacheError as e:
+            raise LogitCacheError(f"{self.path}: {e}") from None
         if check_digest and manifest.get("config_digest") != config_digest(manifest):
             raise LogitCacheError(f"{self.path}: manifest does not match its config_digest (edited or damaged); "
                                   f"'logitcache verify' says more")
         return manifest
 
     # -- manifest shortcuts
+    @property
+    def layout(self) -> Layout:
+        """Every array this cache's manifest implies (built on first use)."""
+        if self._layout is None:
+            try:
+                self._layout = Layout(self.spec)
+            except (LogitCacheError, KeyError, TypeError):
+                # an augmentation spec this version cannot rebuild: targets stay readable (the
+                # reader lists params/* from storage), and replay says what is wrong with it
+                self._layout = Layout(self.spec, param_specs={})
+        return self._layout
+
+    @property
+    def codec(self):
+        """The target codec the manifest names (``topk`` for format 1)."""
+        return self.layout.codec
+
     @property
     def epochs(self) -> int:
         return int(self.manifest["epochs"])
@@ -689,30 +696,34 @@ class Cache:
 
     def param_names(self) -> list[str]:
         if self._param_names is None:  # listing a store walks its tree: do it once
-            self._param_names = [n[len("params/"):] for n in self.store.arrays() if n.startswith("params/")]
+            self._param_names = [n[len(PARAMS):] for n in self.store.arrays() if n.startswith(PARAMS)]
         return self._param_names
 
     def _member_prefix(self, member: str | None) -> str:
         if member is not None and member not in self.members:
             known = ", ".join(self.members) or "none stored"
             raise LogitCacheError(f"{self.path}: unknown member {member!r} (members: {known})")
-        return _target_prefix(member)
+        return Layout.target_set_of(member)
 
     # -- block reads (whole chunks, stored order): what training streams
     def read_block(self, epoch: int, start: int, stop: int, member: str | None = None,
                    params: bool = True, targets: bool = True) -> dict[str, np.ndarray]:
         """Rows ``start:stop`` of stored order, all arrays in one ``read_many`` (zarr overlaps them):
-        order, seeds, params/…, values, indices, stat."""
+        order, seeds, params/…, and the targets decoded by the codec: values, indices, stat."""
         epoch = self._check_epoch(epoch)
-        keys = ["order", "seeds"] + ([f"params/{n}" for n in self.param_names()] if params else [])
+        keys = ["order", "seeds"] + ([Layout.param_path(n) for n in self.param_names()] if params else [])
         names = list(keys)
         if targets:
-            prefix = self._member_prefix(member)
-            keys += list(TARGET_FIELDS)
-            names += [f"{prefix}/{field}" for field in TARGET_FIELDS]
+            target_set = self._member_prefix(member)
+            fields = self.layout.fields()
+            keys += [f"target:{f}" for f in fields]
+            names += [self.layout.target_path(target_set, f) for f in fields]
         self._require_chunks(names, epoch, start, stop)
         block = dict(zip(keys, self.store.read_many(names, (epoch, slice(start, stop)))))
         block["order"] = block["order"].astype(np.int64)
+        if targets:
+            stored = {f: block.pop(f"target:{f}") for f in fields}
+            block["values"], block["indices"], block["stat"] = self.codec.decode(stored)
         return block
 
     def chunks_done(self) -> np.ndarray:
@@ -758,19 +769,22 @@ class Cache:
     def targets(self, epoch: int, ids: list[str] | None = None, member: str | None = None) -> Targets:
         """Targets of ``ids`` (rows in the given order; default all, in stored order)."""
         epoch = self._check_epoch(epoch)
-        prefix = self._member_prefix(member)
+        target_set = self._member_prefix(member)
+        fields = self.layout.fields()
+        names = [self.layout.target_path(target_set, f) for f in fields]
         if ids is None:
-            arrays = [self._read(f"{prefix}/{f}", epoch) for f in TARGET_FIELDS]
-            return Targets(*arrays)
-        pos = self.positions(epoch)[self.dataset_index(list(ids))]
-        return Targets(*self._gather(epoch, pos, [f"{prefix}/{f}" for f in TARGET_FIELDS]))
+            arrays = [self._read(n, epoch) for n in names]
+        else:
+            pos = self.positions(epoch)[self.dataset_index(list(ids))]
+            arrays = self._gather(epoch, pos, names)
+        return Targets(*self.codec.decode(dict(zip(fields, arrays))))
 
     def params(self, epoch: int, ids: list[str]) -> dict[str, np.ndarray]:
         """Stored augmentation parameters of ``ids`` in ``epoch``: name -> rows."""
         epoch = self._check_epoch(epoch)
         pos = self.positions(epoch)[self.dataset_index(list(ids))]
         names = self.param_names()
-        return dict(zip(names, self._gather(epoch, pos, [f"params/{n}" for n in names])))
+        return dict(zip(names, self._gather(epoch, pos, [Layout.param_path(n) for n in names])))
 
     def _gather(self, epoch: int, pos: np.ndarray, names: list[str]) -> list[np.ndarray]:
         """Rows at stored positions ``pos`` of each array: the chunks they fall in are fetched
@@ -803,15 +817,7 @@ class Cache:
 
     def _row_nbytes(self, name: str) -> int | None:
         """Bytes per row of a target array, from the manifest alone (None for other arrays)."""
-        m, T = self.manifest, self.frames or 1
-        field = name.rpartition("/")[2]
-        if field == "values":
-            return T * self.topk * np.dtype(m["value_dtype"]).itemsize
-        if field == "indices":
-            return T * self.topk * np.dtype(m["index_dtype"]).itemsize
-        if field == "stat":
-            return T * 4
-        return None
+        return self.layout.row_nbytes(name)
 
     def _resident(self, name: str, epoch: int) -> np.ndarray | None:
         """A target array's whole epoch in memory, when it takes at most a third of the chunk

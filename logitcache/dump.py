@@ -23,12 +23,14 @@ from logitcache import checks
 from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
 from logitcache.cache import (CacheWriter, choose_chunk_rows, existing_cache_message, existing_manifest,
                               stored_content)
+from logitcache.codecs import get_codec
 from logitcache.data import AudioFolder
 from logitcache.distributed import deal_chunks
 from logitcache.distributed import setup as dist_setup
 from logitcache.errors import LogitCacheError, one_line_worker_errors, quote
+from logitcache.layout import FORMAT_VERSION, Layout, codec_entries, target_sets
 from logitcache.storage import backend_for_new, cache_location, is_url
-from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype, topk_targets
+from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype
 from logitcache.teachers import Teacher, load_teachers, probe_teachers, run_teachers
 from logitcache.views import DrawnViews, SourceContent, ViewSource, collate_views
 
@@ -122,13 +124,6 @@ def optimise_teachers(teachers: list[Teacher], dev: torch.device, compile: bool 
             t.module = torch.compile(t.module, dynamic=None)
 
 
-def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
-    v = values.float().cpu().numpy()
-    if dtype == "float16":
-        v = np.clip(v, -65504.0, 65504.0)  # log(0) = -inf would otherwise not round-trip
-    return v.astype(dtype)
-
-
 def dump(
     data: str | Path,
     teachers: list[str],
@@ -159,6 +154,8 @@ def dump(
     progress: bool = True,
     distributed: bool | None = None,
     threads: int | None = None,
+    codec: str = "topk",
+    value_bits: int | None = None,
 ) -> Path:
     """Dump a cache of ``epochs`` augmented views per sample of the data folder ``data``.
 
@@ -176,7 +173,12 @@ def dump(
 
     ``threads`` sets torch's intra-op threads while the teachers run (see :func:`cpu_threads`);
     the previous setting is restored on return. It does not change the cache's bytes.
+
+    ``codec`` names the target codec of every target set (``topk``, ``compact``; see
+    :mod:`logitcache.codecs`); ``value_bits`` (compact only, 1..16, default 8) its value resolution.
     """
+    codec_cls = get_codec(codec)
+    codec_entries(codec, value_dtype, None, value_bits)  # a bad option fails before any work is done
     if output_kind not in KINDS:
         raise LogitCacheError(f"--output-kind {output_kind!r}: choose one of {', '.join(KINDS)}")
     if aggregation not in AGGREGATIONS:
@@ -222,8 +224,9 @@ def dump(
 
     N = len(folder)
     member_names = [t.name for t in loaded] if members else []
-    vbytes = np.dtype(value_dtype).itemsize + np.dtype(index_dtype(num_classes)).itemsize
-    row_bytes = (frames or 1) * topk * vbytes
+    entries = codec_entries(codec, value_dtype, index_dtype(num_classes), value_bits)
+    encoder = codec_cls(topk, num_classes, output_kind, frames, entries["codec_options"])
+    encoder.fields()  # bad options fail here, before anything is written
     manifest = {
         "dataset": {"fingerprint": folder.fingerprint, "num_samples": N, "audio_bytes": folder.audio_bytes(),
                     "path": str(folder.root.resolve()),
@@ -244,13 +247,16 @@ def dump(
         "order_dtype": "uint32" if N < 2**32 else "uint64",
         "epochs": int(epochs),
         "seed": int(seed),
-        "chunk_rows": int(chunk_rows if chunk_rows is not None else choose_chunk_rows(row_bytes, N)),
+        "chunk_rows": int(chunk_rows if chunk_rows is not None else choose_chunk_rows(encoder.chunk_sizing_bytes(), N)),
         "precision": precision,
         "compile": bool(compile),
         "channels_last": bool(channels_last),
         "device": dev.type,
         "content": "crc32",  # the ``content`` array: zlib crc32 of each source file's bytes
+        "format_version": FORMAT_VERSION,
+        **entries,
     }
+    manifest["target_sets"] = _provenance(manifest, loaded, codec)
     writer = _open_writer(ctx, out, manifest, folder.ids, augmenter.param_specs, backend, resume)
     for note in writer.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -279,10 +285,10 @@ def dump(
             chunk: dict[str, list[np.ndarray]] = {}
             for wave, params, pos, decoded in one_line_worker_errors(loader):
                 content.record(folder, decoded.index, decoded.crc)  # before any teacher time is spent
-                rows = _run_batch(loaded, wave, dev, precision, topk, output_kind, aggregation, ensemble_weights,
-                                  value_dtype, manifest["index_dtype"], members, folder, order[pos])
+                rows = _run_batch(loaded, wave, dev, precision, encoder, output_kind, aggregation, ensemble_weights,
+                                  members, folder, order[pos])
                 rows.update({"order": order[pos].astype(manifest["order_dtype"]), "seeds": seeds[pos]})
-                rows.update({f"params/{k}": v for k, v in params.items()})
+                rows.update({Layout.param_path(k): v for k, v in params.items()})
                 if epoch == 0 and store_content:
                     rows["content"] = decoded.own
                 # Stored order is sequential, so rows fill chunks front to back; split at chunk edges.
@@ -312,6 +318,16 @@ def dump(
         torch.set_num_threads(threads_before)
     writer.close()
     return cache_location(out)
+
+
+def _provenance(manifest: dict, teachers: list[Teacher], codec: str) -> dict:
+    """Per target set: the teachers it comes from (their fingerprints) and its codec; the writer
+    adds when it was created. So a target set can be added to a cache later."""
+    described = {t.name: d for t, d in zip(teachers, manifest["teachers"])}
+    sources = {Layout.target_set_of(None): list(described)}
+    sources.update({Layout.target_set_of(n): [n] for n in manifest["members"]})
+    return {ts: {"teachers": [{"name": n, "sha256": described[n].get("sha256")} for n in names], "codec": codec}
+            for ts, names in sources.items()}
 
 
 def _warn_multi_label(folder: AudioFolder) -> None:
@@ -406,9 +422,9 @@ def _batching(todo: np.ndarray, rows: int, num_samples: int, batch_size: int) ->
     return {"batch_sampler": _TodoBatches(todo, rows, num_samples, batch_size)}
 
 
-def _run_batch(teachers, wave, dev, precision, k, kind, aggregation, weights, value_dtype, idx_dtype,
-               members, folder, dataset_index) -> dict[str, np.ndarray]:
-    """Teachers back to back on one batch; top-k on the device; only top-k comes back to host.
+def _run_batch(teachers, wave, dev, precision, codec, kind, aggregation, weights, members, folder,
+               dataset_index) -> dict[str, np.ndarray]:
+    """Teachers back to back on one batch; the codec encodes on the device; only its rows come back.
 
     Each teacher's output is held to the probed shape, and every stored target set (members and
     the ensemble, whose weights can make it NaN on their own) must be finite, or the batch is
@@ -424,19 +440,15 @@ def _run_batch(teachers, wave, dev, precision, k, kind, aggregation, weights, va
         with autocast(dev, precision):
             logits = run_teachers(teachers, x, ids)
         bad = torch.stack([~torch.isfinite(z).reshape(z.shape[0], -1).all(dim=1) for z in logits])
-        prefixes = ["ensemble"] + ([f"members/{t.name}" for t in teachers] if members else [])
-        # Ensemble and members stacked [G, B, (T,) C]: one top-k pass for all (row-wise, so the
+        prefixes = target_sets({"members": [t.name for t in teachers] if members else []})
+        # Ensemble and members stacked [G, B, (T,) C]: one encode pass for all (row-wise, so the
         # same bits as one group at a time), a quarter of the kernel launches of a 3-teacher dump.
         z = torch.stack([aggregate(logits, kind, aggregation, weights)] + (logits if members else []))
-        values, indices, stat = topk_targets(z, k, kind)
-        if value_dtype == "float16":
-            values = values.clamp(-65504.0, 65504.0)  # log(0) = -inf would otherwise not round-trip
-        values = values.to(getattr(torch, value_dtype))
+        encoded = codec.encode(z)
+        values, stat = encoded["values"], encoded["stat"]
         G, B = z.shape[:2]
         bad_sets = ~(torch.isfinite(values).reshape(G, B, -1).all(-1) & torch.isfinite(stat).reshape(G, B, -1).all(-1))
-        host = _to_host({"bad": bad, "bad_sets": bad_sets, "values": values,
-                         "indices": indices.to(torch.int32 if z.shape[-1] <= 2**31 else torch.int64),
-                         "stat": stat.float()}, dev)
+        host = _to_host({"bad": bad, "bad_sets": bad_sets, **encoded}, dev)
     for t, row_bad in zip(teachers, host["bad"]):
         if row_bad.any():
             raise LogitCacheError(f"teacher {t.name} produced NaN/Inf logits for sample(s) {', '.join(ids(row_bad)[:5])}")
@@ -445,12 +457,8 @@ def _run_batch(teachers, wave, dev, precision, k, kind, aggregation, weights, va
             hint = " (check --ensemble-weight)" if prefix == "ensemble" and weights else ""
             raise LogitCacheError(f"target set {prefix}: NaN/Inf values for sample(s) "
                                   f"{', '.join(ids(row_bad)[:5])}{hint}")
-    indices = host["indices"].astype(idx_dtype)
-    rows: dict[str, np.ndarray] = {}
-    for g, prefix in enumerate(prefixes):
-        rows[f"{prefix}/values"], rows[f"{prefix}/indices"], rows[f"{prefix}/stat"] = \
-            host["values"][g], indices[g], host["stat"][g]
-    return rows
+    stored = codec.pack({f: host[f] for f in encoded})  # all groups at once: [G, B, ...]
+    return {Layout.target_path(prefix, f): a[g] for g, prefix in enumerate(prefixes) for f, a in stored.items()}
 
 
 _PINNED: dict[tuple, torch.Tensor] = {}  # reusable page-locked buffers, by (name, shape, dtype)

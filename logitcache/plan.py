@@ -88,13 +88,6 @@ def synthetic_targets(z: torch.Tensor, k: int, kind: str) -> tuple[torch.Tensor,
     return values, indices, (torch.log(tail_p) - torch.log((C - k) - tail_p)).float()
 
 
-def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
-    v = values.float().numpy()
-    if dtype == "float16":
-        v = np.clip(v, -65504.0, 65504.0)
-    return v.astype(dtype)
-
-
 # ---------------------------------------------------------------- measuring
 def _disk_bytes(path: Path) -> int:
     if path.is_file():
@@ -160,7 +153,7 @@ def scale_arrays(arrays: dict[str, int], meta_bytes: int, epochs: int, samples: 
 
 def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, frames: int | None, members: int,
                      value_dtype: str, output_kind: str, augmenter, chunk_rows: int, seed: int,
-                     sample_of: int) -> tuple[dict, list[str], list[tuple[int, int, dict]]]:
+                     sample_of: int, codec: dict) -> tuple[dict, list[str], list[tuple[int, int, dict]]]:
     """(manifest, ids, [(epoch, chunk, block)]) of a synthetic cache of ``samples`` x ``epochs`` views,
     laid out as ``dump`` lays out a real one.
 
@@ -168,6 +161,7 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
     entropy (and hence their compressed size) is the full-scale one.
     """
     from logitcache.augment import epoch_order, id_hashes, view_seeds
+    from logitcache.layout import FORMAT_VERSION, Layout
     from logitcache.targets import aggregate, index_dtype
 
     rng = np.random.default_rng(seed)
@@ -185,7 +179,9 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
         "topk": topk, "frames": frames, "value_dtype": value_dtype, "index_dtype": index_dtype(classes),
         "order_dtype": "uint32" if sample_of < 2**32 else "uint64", "epochs": epochs, "seed": seed,
         "chunk_rows": chunk_rows, "precision": "fp32", "device": "cpu", "content": "crc32",
+        "format_version": FORMAT_VERSION, **codec,
     }
+    encoder = Layout(manifest, augmenter.param_specs).codec
     # Augmentation parameters: drawn for a subset of views and resampled, because drawing is slow.
     ctx = augmenter.context(num_samples=sample_of, sample_index=0, source_samples=augmenter.clip_samples)
     draws = [augmenter.draw(int(x), ctx)
@@ -203,20 +199,19 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
                 block["content"] = (seeds[a:b] >> np.uint64(32)).astype(np.uint32)
             pick = rng.integers(0, len(draws), b - a)
             for name in augmenter.param_specs:
-                block[f"params/{name}"] = np.stack([draws[i][name] for i in pick])
+                block[Layout.param_path(name)] = np.stack([draws[i][name] for i in pick])
             # Generated in slices so [rows, frames, C] logits never sit in memory whole.
             step = max(1, 4096 // (frames or 1))
             parts: dict[str, list[np.ndarray]] = {}
             for s in range(a, b, step):
                 logits = synthetic_logits(rng, min(step, b - s), classes, members, frames, prior)
                 # mean_logit, not the dump's default mean_prob: as teacher-like and 3x cheaper.
-                groups = [("ensemble", aggregate(logits, output_kind, "mean_logit"))]
-                groups += [(f"members/{n}", z) for n, z in zip(names, logits)]
+                groups = [(Layout.target_set_of(None), aggregate(logits, output_kind, "mean_logit"))]
+                groups += [(Layout.target_set_of(n), z) for n, z in zip(names, logits)]
                 for prefix, z in groups:
                     v, i, st = synthetic_targets(z, topk, output_kind)
-                    parts.setdefault(f"{prefix}/values", []).append(_to_storage(v, value_dtype))
-                    parts.setdefault(f"{prefix}/indices", []).append(i.numpy().astype(manifest["index_dtype"]))
-                    parts.setdefault(f"{prefix}/stat", []).append(st.float().numpy())
+                    for f, rows in encoder.encode_rows(v.float(), i, st.float()).items():
+                        parts.setdefault(Layout.target_path(prefix, f), []).append(rows)
             block.update({n: np.concatenate(p) for n, p in parts.items()})
             blocks.append((epoch, c, block))
     return manifest, ids, blocks
@@ -244,36 +239,22 @@ def _write_and_measure(path: Path, backend: str, manifest: dict, ids: list[str],
         store.close()
 
 
-def _raw_arrays(epochs: int, samples: int, topk: int, frames: int | None, members: int, value_dtype: str,
-                index_dtype: str, order_dtype: str, param_specs: dict, chunk_rows: int,
-                id_bytes: int) -> dict[str, int]:
-    """Uncompressed bytes of every array of the layout: what a memmap of the same data would take."""
-    views = epochs * samples
-    per_frame = (frames or 1) * topk
-    out = {"ids/utf8": id_bytes, "ids/offsets": 8 * (samples + 1), "order": views * np.dtype(order_dtype).itemsize,
-           "seeds": views * 8, "content": 4 * samples, "done": epochs * -(-samples // chunk_rows)}
-    for name, (dtype, shape) in param_specs.items():
-        out[f"params/{name}"] = views * np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
-    for prefix in ["ensemble"] + [f"members/teacher_{i + 1}" for i in range(members)]:
-        out[f"{prefix}/values"] = views * per_frame * np.dtype(value_dtype).itemsize
-        out[f"{prefix}/indices"] = views * per_frame * np.dtype(index_dtype).itemsize
-        out[f"{prefix}/stat"] = views * (frames or 1) * 4
-    return out
-
-
 # ---------------------------------------------------------------- the plan
 def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: int | None = None, members: int = 0,
                value_dtype: str = "float16", output_kind: str = "multilabel", augment: str = "ced",
                sample_rate: int = 16000, clip_seconds: float = 10.0, audio_bytes: int | None = None,
                audio_hours: float | None = None, backends: tuple[str, ...] = ("zarr", "hdf5"),
-               chunk_rows: int | None = None, seed: int = 0) -> dict:
+               chunk_rows: int | None = None, seed: int = 0, codec: str = "topk",
+               value_bits: int | None = None) -> dict:
     """Projected size of a cache per backend (and uncompressed), measured on a synthetic sample.
 
+    ``codec`` (and ``value_bits`` for compact) choose the target codec, as for ``dump``.
     ``members`` is the number of teachers whose own top-k are stored besides the ensemble's
     (0 = ``--no-members``). The share of the audio uses ``audio_bytes``, or ``audio_hours``
     converted as 16-bit mono PCM at ``sample_rate``.
 
-    Keys: samples, epochs, topk, classes, frames, members, value_dtype, index_dtype, output_kind,
+    Keys: samples, epochs, topk, classes, frames, members, value_dtype, index_dtype, output_kind, codec,
+    codec_options, target_row_bytes (raw bytes per view of one target set),
     augment, chunk_rows, views, method, measured_views, extrapolated, seconds, audio_bytes,
     audio_basis, backends (list of {backend, codec, bytes_on_disk, bytes_per_sample_epoch, ratio,
     share_of_audio, groups}). ``ratio`` is uncompressed / projected; ``groups`` splits the bytes
@@ -282,6 +263,8 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     from logitcache.augment import Augmenter, load_ops_spec
     from logitcache.cache import choose_chunk_rows
     from logitcache.dump import VALUE_DTYPES
+    from logitcache.codecs import get_codec
+    from logitcache.layout import Layout, codec_entries
     from logitcache.storage import BACKENDS
     from logitcache.targets import KINDS, index_dtype
 
@@ -309,8 +292,9 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     augmenter = Augmenter(load_ops_spec(augment), sample_rate, clip_seconds)
 
     idx_dtype = index_dtype(classes)
-    row_bytes = (frames or 1) * topk * (np.dtype(value_dtype).itemsize + np.dtype(idx_dtype).itemsize)
-    R = chunk_rows if chunk_rows is not None else choose_chunk_rows(row_bytes, samples)
+    entries = codec_entries(codec, value_dtype, idx_dtype, value_bits)
+    encoder = get_codec(codec)(topk, classes, output_kind, frames, entries["codec_options"])
+    R = chunk_rows if chunk_rows is not None else choose_chunk_rows(encoder.chunk_sizing_bytes(), samples)
     views = epochs * samples
     # Whole configuration if small; else one epoch of whole chunks, enough rows for the codecs'
     # ratios to level off (they do above a few thousand rows per chunk).
@@ -330,7 +314,7 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     manifest, ids, blocks = _synthetic_cache(samples=s_samples, epochs=s_epochs, topk=topk, classes=classes,
                                              frames=frames, members=members, value_dtype=value_dtype,
                                              output_kind=output_kind, augmenter=augmenter, chunk_rows=s_chunk,
-                                             seed=seed, sample_of=samples)
+                                             seed=seed, sample_of=samples, codec=entries)
     measured: dict[str, tuple[dict, int]] = {}
     with tempfile.TemporaryDirectory(prefix="logitcache-plan-") as tmp:
         for b in backends:
@@ -344,8 +328,9 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     else:
         basis = "stated (--audio-bytes)" if audio_bytes is not None else None
     id_bytes = len("audio/00000000.flac") * samples
-    raw = _raw_arrays(epochs, samples, topk, frames, members, value_dtype, idx_dtype,
-                      "uint32" if samples < 2**32 else "uint64", augmenter.param_specs, R, id_bytes)
+    full = {**manifest, "dataset": {**manifest["dataset"], "num_samples": samples}, "epochs": epochs,
+            "chunk_rows": R, "order_dtype": "uint32" if samples < 2**32 else "uint64"}
+    raw = Layout(full, augmenter.param_specs).raw_bytes(id_bytes)
     raw_total = sum(raw.values())
     rows = []
     for b, (arrays, meta) in measured.items():
@@ -365,6 +350,7 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     return {
         "samples": samples, "epochs": epochs, "topk": topk, "classes": classes, "frames": frames,
         "members": members, "value_dtype": value_dtype, "index_dtype": idx_dtype, "output_kind": output_kind,
+        "codec": codec, "codec_options": entries["codec_options"], "target_row_bytes": encoder.row_bytes(),
         "augment": augment, "chunk_rows": R, "views": views,
         "method": (f"measured: synthetic teacher-like top-k rows written through logitcache's cache writer with "
                    f"each backend's codecs ({how}); real logits compress a little differently, so re-check with "

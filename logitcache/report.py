@@ -26,20 +26,16 @@ from tqdm.auto import tqdm
 
 from logitcache import checks
 from logitcache.augment import Augmenter
-from logitcache.cache import SAMPLE_ARRAYS, TARGET_FIELDS, Cache, config_digest, open_cache
+from logitcache.cache import Cache, config_digest, open_cache
 from logitcache.data import AudioFolder, fingerprint
 from logitcache.dump import VALUE_DTYPES
 from logitcache.errors import LogitCacheError
 from logitcache.html import human_bytes  # noqa: F401  (the CLI's text tables use it from here)
+from logitcache.layout import LAYOUT_ARRAYS, MARKER_ARRAYS, SAMPLE_ARRAYS, Layout, Manifest
 from logitcache.storage import cache_location, is_url, url_fs
 from logitcache.targets import aggregate, teacher_probs, topk_targets
 
 MAX_PROBLEMS = 100  # a wholly damaged cache would otherwise list one problem per chunk
-# Arrays besides the per-view ones (whose list the manifest implies, see _expected_arrays):
-# written whole when the cache is created, so every chunk of them must be in storage.
-LAYOUT_ARRAYS = ["ids/utf8", "ids/offsets"]
-# ... and the done markers, whose chunks are written as the dump goes (absent: not done yet).
-MARKER_ARRAYS = ["done"]
 
 
 # ---------------------------------------------------------------- inspect
@@ -122,8 +118,9 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
         views = max(samples * epochs, 1)
         by_name = {a["name"]: a for a in arrays}
         targets_table = []
-        for prefix in ["ensemble"] + [f"members/{n}" for n in cache.members]:
-            parts = [by_name[f"{prefix}/{f}"] for f in TARGET_FIELDS if f"{prefix}/{f}" in by_name]
+        for prefix in cache.layout.target_sets():
+            parts = [by_name[n] for n in (x.name for x in cache.layout.target_arrays(prefix).values())
+                     if n in by_name]
             stored, raw = sum(a["stored_bytes"] for a in parts), sum(a["raw_bytes"] for a in parts)
             targets_table.append({"name": prefix.rpartition("/")[2], "stored_bytes": stored, "raw_bytes": raw,
                                   "ratio": round(raw / stored, 3) if stored else None,
@@ -144,9 +141,7 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
             from logitcache.plan import measure, scale_arrays
 
             N2, E2 = int(project_samples or samples), int(project_epochs or epochs)
-            row_bytes = (cache.frames or 1) * cache.topk * (np.dtype(m["value_dtype"]).itemsize
-                                                            + np.dtype(m["index_dtype"]).itemsize)
-            R2 = choose_chunk_rows(row_bytes, N2)
+            R2 = choose_chunk_rows(cache.codec.chunk_sizing_bytes(), N2)
             chunk_bytes, meta = measure(cache.store, cache.path)
             p = scale_arrays(chunk_bytes, meta, epochs, samples, cache.chunk_rows, E2, N2, R2)
             audio2 = audio * N2 / samples if audio else None
@@ -169,6 +164,10 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
             "teachers": [t.get("name") for t in m.get("teachers", [])],
             "value_dtype": m.get("value_dtype"),
             "index_dtype": m.get("index_dtype"),
+            "format_version": cache.spec.format_version,
+            "codec": cache.spec.codec,
+            "codec_options": cache.spec.codec_options,
+            "target_row_bytes": cache.codec.row_bytes(),
             "chunk_rows": cache.chunk_rows,
             "chunks_done": chunks_done,
             "chunks_total": chunks_total,
@@ -208,25 +207,18 @@ def _read_reason(e: BaseException) -> str:
     return getattr(e, "reason", None) or _first_line(e)
 
 
-def _expected_arrays(m: dict, problems: _Problems) -> dict[str, tuple[tuple, str]]:
-    """name -> (shape, dtype) of every per-position array the manifest implies (per view, and
-    ``content`` per epoch-0 position when the manifest says the cache has it)."""
-    E, N, k = int(m["epochs"]), int(m["dataset"]["num_samples"]), int(m["topk"])
-    frame = (int(m["frames"]),) if m.get("frames") else ()
-    out: dict[str, tuple[tuple, str]] = {"order": ((E, N), m.get("order_dtype", "uint32")),
-                                         "seeds": ((E, N), "uint64")}
+def _expected_arrays(m: dict, problems: _Problems) -> Layout | None:
+    """The layout the manifest implies (None, with the problem listed, if it cannot be built)."""
     try:
-        for name, (dtype, shape) in Augmenter.from_spec(m["augment"]).param_specs.items():
-            out[f"params/{name}"] = ((E, N, *shape), dtype)
+        spec = Manifest.from_json(m)
+    except (LogitCacheError, KeyError, TypeError, ValueError) as e:
+        problems.add(f"manifest: the layout cannot be rebuilt ({_first_line(e)})")
+        return None
+    try:
+        return Layout(spec)
     except (LogitCacheError, KeyError, TypeError) as e:
         problems.add(f"manifest: augmentation spec cannot be rebuilt ({_first_line(e)})")
-    for prefix in ["ensemble"] + [f"members/{n}" for n in m.get("members", [])]:
-        out[f"{prefix}/values"] = ((E, N, *frame, k), m["value_dtype"])
-        out[f"{prefix}/indices"] = ((E, N, *frame, k), m["index_dtype"])
-        out[f"{prefix}/stat"] = ((E, N, *frame), "float32")
-    if m.get("content"):
-        out["content"] = ((N,), "uint32")
-    return out
+        return Layout(spec, param_specs={})
 
 
 def _missing_chunks(cache: Cache, name: str) -> list[tuple[int, ...]]:
@@ -236,56 +228,16 @@ def _missing_chunks(cache: Cache, name: str) -> list[tuple[int, ...]]:
     return [xs for xs in itertools.product(*grid) if cache.store.chunk_stored(name, xs) is False]
 
 
-def _check_rows(name: str, rows: np.ndarray, num_classes: int, num_samples: int) -> list[str]:
-    """Content checks of one chunk of one array; returns what is wrong (empty when fine)."""
+def _check_rows(name: str, rows: np.ndarray, num_samples: int) -> list[str]:
+    """Content checks of one chunk of a non-target array; returns what is wrong (empty when fine).
+    Target arrays are their codec's to check."""
     bad = []
-    if name.endswith("/values"):
-        if not np.isfinite(rows).all():
-            bad.append(f"{int((~np.isfinite(rows)).sum())} non-finite value(s)")
-        elif rows.shape[-1] > 1 and not (rows[..., :-1] >= rows[..., 1:]).all():
-            n = int((~(rows[..., :-1] >= rows[..., 1:]).all(-1)).sum())
-            bad.append(f"{n} row(s) not sorted descending along k")
-    elif name.endswith("/indices"):
-        top = int(rows.max()) if rows.size else 0
-        if top >= num_classes:
-            bad.append(f"class index {top} out of range (C={num_classes})")
-        if rows.shape[-1] > 1:
-            s = np.sort(rows, axis=-1)
-            dup = int((s[..., 1:] == s[..., :-1]).any(-1).sum())
-            if dup:
-                bad.append(f"{dup} row(s) repeat a class index")
-    elif name.endswith("/stat"):
-        if not np.isfinite(rows).all():
-            bad.append(f"{int((~np.isfinite(rows)).sum())} non-finite value(s)")
-    elif name.startswith("params/") and rows.dtype.kind == "f":  # +inf is a legal "off" (noise SNR)
+    if name.startswith("params/") and rows.dtype.kind == "f":  # +inf is a legal "off" (noise SNR)
         if np.isnan(rows).any():
             bad.append(f"{int(np.isnan(rows).sum())} NaN parameter(s)")
     elif name.endswith(".partner") and rows.size and (rows.min() < -1 or rows.max() >= num_samples):
         bad.append(f"mixup partner index out of range [-1, {num_samples})")  # -1 means no mix
     return bad
-
-
-def _check_stat(stat: np.ndarray, values: np.ndarray, kind: str, num_classes: int, value_dtype: str) -> str:
-    """The tail statistic must agree with the top-k it was computed with (see targets.py).
-
-    softmax: stat = logsumexp of all logits >= the top logit. sigmoid: stat = logit of the mean
-    tail probability <= the k-th logit (every tail class is below it), and exactly 0 when k == C.
-    Catches a stat chunk that was zeroed or mixed up with another chunk's.
-    """
-    v = values.astype(np.float64)
-    s = stat.astype(np.float64)
-    tol = np.abs(v) * 2 * np.finfo(np.dtype(value_dtype)).eps + 1e-4  # values were rounded to value_dtype
-    if kind == "multiclass":
-        bad = s < v[..., 0] - tol[..., 0]
-        what = "below the top logit (a log-sum-exp cannot be)"
-    elif values.shape[-1] == num_classes:
-        bad = s != 0
-        what = "not 0 although k == C (no tail)"
-    else:
-        bad = s > v[..., -1] + tol[..., -1]
-        what = "above the k-th logit (the tail mean cannot be)"
-    n = int(np.asarray(bad).reshape(len(stat), -1).any(-1).sum())
-    return f"{n} row(s) with a tail statistic {what}" if n else ""
 
 
 def verify_cache(path: str | Path, progress: bool = False) -> dict:
@@ -308,7 +260,7 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
         try:
             E, N, k, C, R = int(m["epochs"]), int(m["dataset"]["num_samples"]), int(m["topk"]), \
                 len(m["classes"]), int(m["chunk_rows"])
-            frames, value_dtype, idx_dtype = m.get("frames"), m["value_dtype"], m["index_dtype"]
+            frames, idx_dtype = m.get("frames"), m["index_dtype"]
         except (KeyError, TypeError, ValueError) as e:
             raise LogitCacheError(f"{path}: manifest is missing required fields ({_first_line(e)})") from None
 
@@ -328,7 +280,8 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
             problems.add(f"manifest: frames={frames} is not a positive count")
 
         # -- layout: every expected array present with the expected shape, dtype and chunking
-        expected = _expected_arrays(m, problems)
+        layout = _expected_arrays(m, problems)
+        expected = {n: (x.shape, x.dtype) for n, x in layout.per_position().items()} if layout else {}
         present = set(cache.store.arrays())
         for name in sorted(set(expected) - present):
             problems.add(f"{name}: array missing")
@@ -356,7 +309,7 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
             if np.dtype(info["dtype"]) != np.dtype(dtype):
                 problems.add(f"{name}: dtype {info['dtype']}, manifest says {dtype}")
                 ok = False
-            want = (R,) if name in SAMPLE_ARRAYS else (1, R)
+            want = tuple(layout.arrays[name].chunks[:1 if name in SAMPLE_ARRAYS else 2])
             if tuple(info["chunks"][:len(want)]) != want:
                 implied = f"({R},)" if name in SAMPLE_ARRAYS else f"(1, {R}, ...)"
                 problems.add(f"{name}: chunks {tuple(info['chunks'])}, manifest says {implied}")
@@ -407,7 +360,7 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
                         order_complete = False
                         bar.update(1)
                         continue
-                    values_of: dict[str, np.ndarray] = {}  # target prefix -> this chunk's values
+                    target_rows: dict[str, dict[str, np.ndarray]] = {}  # target set -> field -> this chunk
                     for name in names:
                         if name in SAMPLE_ARRAYS and epoch:
                             continue  # stored once, with epoch 0's chunks
@@ -430,15 +383,11 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
                             continue
                         chunks_checked += 1
                         checked.add(name)
-                        for msg in _check_rows(name, rows, C, N):
+                        spec = layout.arrays[name]
+                        if spec.target_set:
+                            target_rows.setdefault(spec.target_set, {})[spec.field] = rows
+                        for msg in _check_rows(name, rows, N):
                             problems.add(f"{name}: {where}: {msg}")
-                        prefix = name.rpartition("/")[0]
-                        if name.endswith("/values"):
-                            values_of[prefix] = rows
-                        elif name.endswith("/stat") and prefix in values_of:
-                            msg = _check_stat(rows, values_of.pop(prefix), m.get("output_kind"), C, value_dtype)
-                            if msg:
-                                problems.add(f"{name}: {where}: {msg}")
                         if name == "order":
                             o = rows.astype(np.int64)
                             if o.size and (o.min() < 0 or o.max() >= N):
@@ -446,6 +395,9 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
                                 order_complete = False
                             else:
                                 np.add.at(order_seen, o, 1)
+                    for ts, rows in target_rows.items():
+                        for f, msg in layout.codec.check(rows):
+                            problems.add(f"{layout.target_path(ts, f)}: {where}: {msg}")
                     rows_checked += b - a
                     bar.update(1)
                 if order_complete and "order" in names and not (order_seen == 1).all():
@@ -670,13 +622,14 @@ def _size_model(cache: Cache):
     views = max(cache.epochs * cache.num_samples, 1)
     k, stored_dtype = cache.topk, m["value_dtype"]
     vals = idxs = rest = 0
-    for name in cache.store.arrays():
-        b = int(cache.store.info(name)["stored_bytes"])
-        if name.startswith(("ids/", "done")) or name in SAMPLE_ARRAYS:
+    present = set(cache.store.arrays())
+    for name, spec in cache.layout.arrays.items():
+        if spec.per != "view" or name not in present:
             continue
-        if name.endswith("/values"):
+        b = int(cache.store.info(name)["stored_bytes"])
+        if spec.field in ("values", "codes"):  # what grows with k' (compact: ids about so)
             vals += b
-        elif name.endswith("/indices"):
+        elif spec.field in ("indices", "ids"):
             idxs += b
         else:
             rest += b
@@ -838,7 +791,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
                     groups += [(n, n, logits[i]) for i, n in member_of.items()]
                     for key, member, z in groups:
                         t = cache.targets(int(epoch), ids, member=member)
-                        stored = {f: torch.from_numpy(np.asarray(getattr(t, f))) for f in TARGET_FIELDS}
+                        stored = {f: torch.from_numpy(np.asarray(getattr(t, f))) for f in ("values", "indices", "stat")}
                         parts[key].append(_compare(stored, z.cpu(), kind))
                         if member is None:
                             acc.add(stored, z.cpu(), [x.cpu() for x in logits])

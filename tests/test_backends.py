@@ -36,7 +36,9 @@ def test_zarr_and_hdf5_hold_identical_arrays(strong_cache, hdf5_cache, strong_vi
     for name in za:
         assert za[name].dtype == ha[name].dtype and za[name].shape == ha[name].shape, name
         assert np.array_equal(za[name], ha[name]), name
-    volatile = {"backend", "created", "dump_seconds"}
+    volatile = {"backend", "created", "dump_seconds", "target_sets"}  # target sets: written_at
+    assert [{k: v for k, v in t.items() if k != "written_at"} for t in z.manifest["target_sets"].values()] == \
+        [{k: v for k, v in t.items() if k != "written_at"} for t in h.manifest["target_sets"].values()]
     assert {k: v for k, v in z.manifest.items() if k not in volatile} == \
         {k: v for k, v in h.manifest.items() if k not in volatile}
     # and through the reading API

@@ -422,3 +422,53 @@ def _sort_by_code(q: np.ndarray, ids: np.ndarray, value_bits: int, num_classes: 
     np.bitwise_and(key, dtype((1 << shift) - 1), out=out_ids, casting="unsafe")
     key >>= dtype(shift)
     return key
+
+
+# ---------------------------------------------------------------- the registered codec
+from logitcache.codecs import FLOAT16_MAX as _CLAMP, TargetCodec, register_codec  # noqa: E402
+
+
+@register_codec
+class CompactCodec(TargetCodec):
+    """The arrays of :func:`array_specs` per row (frames included); option ``value_bits``."""
+
+    name = "compact"
+
+    @classmethod
+    def default_options(cls, value_dtype: str = "float16") -> dict:
+        return {"value_bits": DEFAULT_VALUE_BITS}
+
+    @property
+    def value_bits(self) -> int:
+        return int(self.options.get("value_bits", DEFAULT_VALUE_BITS))
+
+    def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {n: (d, (*self.frame, *s)) for n, (d, s) in array_specs(self.k, self.num_classes,
+                                                                         self.value_bits).items()}
+
+    def encode(self, logits):
+        import torch
+
+        from logitcache.targets import topk_targets
+
+        values, indices, stat = topk_targets(logits, self.k, self.kind)
+        return {"values": values.clamp(-_CLAMP, _CLAMP), "indices": indices.to(torch.int64), "stat": stat.float()}
+
+    def pack(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return encode(host["values"], host["indices"], host["stat"], self.num_classes, self.kind, self.value_bits)
+
+    def decode(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return decode(arrays, self.k, self.num_classes, self.kind, self.value_bits)
+
+    def check(self, rows: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+        bad = []
+        if "offset" in rows and not np.isfinite(rows["offset"]).all():
+            bad.append(("offset", f"{int((~np.isfinite(rows['offset'])).sum())} non-finite value(s)"))
+        if "stat" in rows and np.isnan(rows["stat"]).any():
+            bad.append(("stat", f"{int(np.isnan(rows['stat']).sum())} NaN value(s)"))
+        if "ids" in rows:
+            try:
+                decode_ids(rows["ids"], self.k, self.num_classes)
+            except LogitCacheError as e:
+                bad.append(("ids", str(e).removeprefix("ids: ")))
+        return bad

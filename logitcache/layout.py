@@ -1,0 +1,233 @@
+"""The cache format, owned here: the typed manifest, its versions, and every array it implies.
+
+    spec = Manifest.from_json(manifest_dict)      # format 1 migrates here, explicitly
+    layout = Layout(spec)
+    layout.target_sets()                          # ["ensemble", "members/a", ...]
+    layout.arrays["ensemble/values"].shape        # (E, N, (T,) k)
+    layout.target_path("ensemble", "stat")        # the only place a target array path is spelled
+
+Format 1 (logitcache <= 0.1) stored ``topk`` targets only and had no ``codec`` entry; it migrates
+to codec ``topk`` with its stored value and index dtypes. Format 2 adds ``codec``,
+``codec_options`` and per target set provenance (``target_sets``). The JSON keys of format 1 are
+all kept (the README documents them); readers that want a plain dict keep reading one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from logitcache import checks
+from logitcache.codecs import TargetCodec, get_codec
+from logitcache.errors import LogitCacheError
+
+FORMAT_VERSION = 2  # what this logitcache writes
+READABLE_VERSIONS = (1, 2)
+# One row per sample, not per view: stored in epoch 0's positions, written with its chunks.
+SAMPLE_ARRAYS = ("content",)
+PARAMS = "params/"  # prefix of the augmentation parameter arrays
+# Written whole when the cache is created, so every chunk of them must be in storage.
+LAYOUT_ARRAYS = ("ids/utf8", "ids/offsets")
+# Written as the dump goes (absent: not done yet).
+MARKER_ARRAYS = ("done",)
+
+_DIGEST_KEYS = ("dataset", "classes", "augment", "teachers", "output_kind", "aggregation", "weights",
+                "topk", "frames", "value_dtype", "seed", "chunk_rows")
+
+
+def config_digest(manifest: dict) -> str:
+    """sha256 of everything that determines the cache's contents (not timings or paths). Format 2
+    adds the codec and its options; a format-1 manifest's digest is computed as format 1 did."""
+    keys = _DIGEST_KEYS + (("codec", "codec_options") if _version(manifest) >= 2 else ())
+    doc = {k: manifest.get(k) for k in keys}
+    doc["dataset"] = {k: v for k, v in (doc["dataset"] or {}).items() if k != "path"}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _version(manifest: dict) -> int:
+    v = manifest.get("format_version", 1)
+    return v if isinstance(v, int) and not isinstance(v, bool) else 1
+
+
+def target_sets(manifest: dict) -> list[str]:
+    """Names of a cache's target sets: the ensemble's, then each stored member's."""
+    return [Layout.target_set_of(None)] + [Layout.target_set_of(n) for n in manifest.get("members") or []]
+
+
+def codec_entries(codec: str, value_dtype: str, index_dtype: str, value_bits: int | None = None) -> dict:
+    """The manifest entries that name a new cache's codec (format 2); ``value_bits`` as ``--value-bits``."""
+    options = get_codec(codec).default_options(value_dtype)
+    if codec == "topk":
+        options["index_dtype"] = index_dtype
+    if value_bits is not None:
+        if codec != "compact":
+            raise LogitCacheError(f"--value-bits {value_bits}: applies to --codec compact only "
+                                  f"(this dump is --codec {codec})")
+        value_bits = checks.whole("--value-bits", value_bits)
+        if value_bits > 16:
+            raise LogitCacheError(f"--value-bits {value_bits}: must be between 1 and 16")
+        options["value_bits"] = value_bits
+    return {"codec": codec, "codec_options": options}
+
+
+@dataclass
+class Manifest:
+    """A cache's manifest, typed. ``raw`` is the JSON document as stored (format 1 stays format 1
+    on disk); the typed fields are read from it through the migration."""
+
+    format_version: int  # 1 or 2
+    codec: str  # the target codec of every target set ("topk" for format 1)
+    codec_options: dict  # the codec's options (topk: value_dtype, index_dtype; compact: value_bits)
+    epochs: int  # stored epochs E
+    num_samples: int  # N, the dataset's samples
+    num_classes: int  # C
+    topk: int  # k
+    frames: int | None  # T for frame-level targets, else None
+    chunk_rows: int  # rows per chunk along positions
+    output_kind: str  # multilabel | multiclass
+    members: list[str]  # teachers whose own top-k are stored besides the ensemble's
+    value_dtype: str  # topk's stored value dtype (kept in every manifest: it is in the digest)
+    index_dtype: str  # the dtype class ids decode to
+    order_dtype: str  # dtype of ``order``
+    content: bool  # the ``content`` array exists
+    augment: dict  # the augmentation spec (params/* arrays follow from it)
+    target_sets: dict = field(default_factory=dict)  # name -> provenance (teachers, codec, written_at)
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, m: dict) -> "Manifest":
+        version = _version(m)
+        if version not in READABLE_VERSIONS:
+            raise LogitCacheError(f"cache format version {m.get('format_version')} is not supported "
+                                  f"(this logitcache reads {', '.join(map(str, READABLE_VERSIONS))})")
+        if version == 1:  # format 1: topk with the stored dtypes, no provenance
+            codec, options = "topk", {"value_dtype": m["value_dtype"], "index_dtype": m["index_dtype"]}
+        else:
+            codec, options = m.get("codec"), m.get("codec_options") or {}
+            if not isinstance(codec, str):
+                raise LogitCacheError(f"manifest entry 'codec' is {codec!r}, not a codec name (edited or damaged)")
+            get_codec(codec)
+        return cls(format_version=version, codec=codec, codec_options=dict(options), epochs=int(m["epochs"]),
+                   num_samples=int(m["dataset"]["num_samples"]), num_classes=len(m["classes"]),
+                   topk=int(m["topk"]), frames=m.get("frames"), chunk_rows=int(m["chunk_rows"]),
+                   output_kind=m["output_kind"], members=list(m.get("members") or []),
+                   value_dtype=m.get("value_dtype", "float16"), index_dtype=m["index_dtype"],
+                   order_dtype=m.get("order_dtype", "uint32"), content=bool(m.get("content")),
+                   augment=m.get("augment") or {}, target_sets=dict(m.get("target_sets") or {}), raw=dict(m))
+
+    def to_json(self) -> dict:
+        """The JSON document: ``raw`` with the typed fields written back (format 2 entries only
+        for a format-2 manifest)."""
+        out = dict(self.raw)
+        out.update(epochs=self.epochs, topk=self.topk, frames=self.frames, chunk_rows=self.chunk_rows,
+                   output_kind=self.output_kind, members=list(self.members), value_dtype=self.value_dtype,
+                   index_dtype=self.index_dtype, order_dtype=self.order_dtype)
+        if self.format_version >= 2:
+            out.update(format_version=self.format_version, codec=self.codec,
+                       codec_options=dict(self.codec_options), target_sets=dict(self.target_sets))
+        return out
+
+    def codec_instance(self) -> TargetCodec:
+        return get_codec(self.codec)(self.topk, self.num_classes, self.output_kind, self.frames,
+                                     self.codec_options)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the layout. ``per``: "view" ([E, N, ...], chunked (1, R, ...)), "sample" ([N],
+    chunked (R,)), "whole" (written at creation) or "marker" (done)."""
+
+    name: str
+    shape: tuple | None  # None: known only at creation (ids/utf8, the ids' UTF-8 bytes)
+    dtype: str
+    chunks: tuple | None
+    per: str
+    compress: bool = True
+    target_set: str | None = None
+    field: str | None = None
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one position's row (per-view and per-sample arrays)."""
+        trailing = self.shape[2:] if self.per == "view" else self.shape[1:]
+        return np.dtype(self.dtype).itemsize * int(np.prod(trailing, dtype=np.int64))
+
+
+class Layout:
+    """Every array a manifest implies: names, shapes, dtypes, chunks, compression. ``param_specs``
+    (name -> (dtype, shape)) default to the manifest's augmentation spec's."""
+
+    def __init__(self, spec: Manifest | dict, param_specs: dict | None = None):
+        self.spec = spec if isinstance(spec, Manifest) else Manifest.from_json(spec)
+        self.codec = self.spec.codec_instance()
+        if param_specs is None:
+            from logitcache.augment import Augmenter
+
+            param_specs = Augmenter.from_spec(self.spec.augment).param_specs
+        s = self.spec
+        E, N, R = s.epochs, s.num_samples, s.chunk_rows
+        a: dict[str, ArraySpec] = {
+            "ids/utf8": ArraySpec("ids/utf8", None, "uint8", None, "whole"),
+            "ids/offsets": ArraySpec("ids/offsets", (N + 1,), "int64", (min(N + 1, 1 << 20),), "whole"),
+            "order": ArraySpec("order", (E, N), s.order_dtype, (1, R), "view"),
+            # random bits: incompressible
+            "seeds": ArraySpec("seeds", (E, N), "uint64", (1, R), "view", compress=False),
+        }
+        for name, (dtype, shape) in param_specs.items():
+            path = self.param_path(name)
+            a[path] = ArraySpec(path, (E, N, *shape), dtype, (1, R, *shape), "view")
+        for ts in self.target_sets():
+            for f, (dtype, trailing) in self.codec.fields().items():
+                path = self.target_path(ts, f)
+                a[path] = ArraySpec(path, (E, N, *trailing), dtype, (1, R, *trailing), "view",
+                                    target_set=ts, field=f)
+        if s.content:  # crc32s: incompressible
+            a["content"] = ArraySpec("content", (N,), "uint32", (R,), "sample", compress=False)
+        a["done"] = ArraySpec("done", (E, -(-N // R)), "uint8", (1, 1), "marker", compress=False)
+        self.arrays = a
+
+    def target_sets(self) -> list[str]:
+        return target_sets({"members": self.spec.members})
+
+    @staticmethod
+    def target_set_of(member: str | None) -> str:
+        return "ensemble" if member is None else f"members/{member}"
+
+    @staticmethod
+    def target_path(target_set: str, field: str) -> str:
+        return f"{target_set}/{field}"
+
+    @staticmethod
+    def param_path(name: str) -> str:
+        return f"{PARAMS}{name}"
+
+    def target_arrays(self, target_set: str) -> dict[str, ArraySpec]:
+        """field -> spec of one target set's arrays."""
+        return {x.field: x for x in self.arrays.values() if x.target_set == target_set}
+
+    def fields(self) -> list[str]:
+        return list(self.codec.fields())
+
+    def per_position(self) -> dict[str, ArraySpec]:
+        """Arrays with one row per stored position (per view, and per sample)."""
+        return {n: x for n, x in self.arrays.items() if x.per in ("view", "sample")}
+
+    def row_nbytes(self, name: str) -> int | None:
+        """Bytes per row of a target array, from the manifest alone (None for other arrays)."""
+        x = self.arrays.get(name)
+        return x.row_nbytes if x is not None and x.target_set else None
+
+    def target_row_bytes(self) -> int:
+        """Bytes per view of one target set, uncompressed."""
+        return self.codec.row_bytes()
+
+    def raw_bytes(self, id_bytes: int) -> dict[str, int]:
+        """Uncompressed bytes of every array (``id_bytes``: the ids' UTF-8 length)."""
+        out = {}
+        for n, x in self.arrays.items():
+            shape = (id_bytes,) if x.shape is None else x.shape
+            out[n] = int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        return out
