@@ -221,9 +221,17 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
               help="Also store each teacher's own top-k.")
 @click.option("--value-dtype", type=click.Choice(VALUE_DTYPES), default="float16", show_default=True)
 @click.option("--codec", default="topk", show_default=True, metavar="NAME",
-              help="Target codec: topk (raw top-k logits) or compact (about half the bytes; README, Target codecs).")
+              help="Target codec: topk (raw top-k logits), compact (about half the bytes) or sampled "
+                   "(ids drawn from the teacher, unbiased; README, Target codecs).")
 @click.option("--value-bits", type=int, default=None, metavar="B",
               help="compact: bits per stored value, 1..16. [default: 8]")
+@click.option("--sample-n", type=int, default=None, metavar="N",
+              help="sampled (required): ids drawn per row, 1..65535.")
+@click.option("--sample-head", type=int, default=None, metavar="H",
+              help="sampled: classes stored exactly before sampling the rest, 0..C-1. [default: 0]")
+@click.option("--sample-temperature", type=float, default=None, metavar="T",
+              help="sampled: teacher temperature the ids are drawn at; train at the same T for an "
+                   "unbiased loss. [default: 1]")
 @click.option("--sample-rate", type=int, default=None, metavar="HZ",
               help="Default: the dataset's (dataset.json).")
 @click.option("--clip-seconds", type=float, default=None, metavar="S",
@@ -247,8 +255,8 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
                    "zarr cache. [default: on when WORLD_SIZE > 1]")
 @_json_option
 def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
-         ensemble_weights, state_dicts, teacher_args, members, value_dtype, codec, value_bits, sample_rate,
-         clip_seconds, backend, precision, compile_, channels_last, workers, chunk_rows, threads, resume, distributed,
+         ensemble_weights, state_dicts, teacher_args, members, value_dtype, codec, value_bits, sample_n,
+         sample_head, sample_temperature, sample_rate, clip_seconds, backend, precision, compile_, channels_last, workers, chunk_rows, threads, resume, distributed,
          as_json):
     """Run the teachers on augmented views and write a cache.
 
@@ -279,7 +287,8 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
             value_dtype=value_dtype, backend=backend, sample_rate=sample_rate, clip_seconds=clip_seconds,
             precision=precision, compile=compile_, channels_last=channels_last, num_workers=workers,
             chunk_rows=chunk_rows, resume=resume, progress=True, distributed=distributed, threads=threads,
-            codec=codec, value_bits=value_bits)
+            codec=codec, value_bits=value_bits, sample_n=sample_n, sample_head=sample_head,
+            sample_temperature=sample_temperature)
         if current_rank() != 0:
             return  # rank 0 reports for the job
         info = inspect_cache(path)
@@ -288,9 +297,17 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
         return
     share = f", {100 * info['share_of_audio']:.2f}% of the audio" if info["share_of_audio"] else ""
     click.echo(f"{info['path']}: {info['epochs'] * info['samples']} views ({info['epochs']} epochs x "
-               f"{info['samples']} samples), top-{info['topk']} of {info['classes']} ({info['codec']}), "
+               f"{info['samples']} samples), {_rows_what(info)} of {info['classes']} ({info['codec']}), "
                f"{human_bytes(info['bytes_on_disk'])}, "
                f"{info['bytes_per_sample_epoch']:.0f} B/sample-epoch{share}")
+
+
+def _rows_what(info: dict) -> str:
+    """What one stored row holds, for the one-line summary."""
+    if info["codec"] == "sampled":
+        o = info["codec_options"]
+        return f"{o['n']} draws" + (f" + head {o['head']}" if o.get("head") else "")
+    return f"top-{info['topk']}"
 
 
 # ---------------------------------------------------------------- train
