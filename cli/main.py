@@ -535,8 +535,9 @@ def fidelity(cache, data, teachers, state_dicts, teacher_args, samples, seed, ba
             "kl_mean", "kl_max"]
     rows = [["ensemble", *[result[k] for k in keys]]]
     rows += [[name, *[m[k] for k in keys]] for name, m in result["members"].items()]
-    click.echo(f"{cache}: {result['samples_checked']} stored views re-run, top-{result['topk']}, "
-               f"{result['value_dtype']} values; teachers match the manifest: "
+    stored = (f"top-{result['topk']}, {result['value_dtype']} values" if result.get("per_k") is not None
+              else f"codec {result['codec']}")
+    click.echo(f"{cache}: {result['samples_checked']} stored views re-run, {stored}; teachers match the manifest: "
                f"{'yes' if result['teachers_match'] else 'NO'}")
     headers = ["targets", "max |dz|", "mean |dz|", "top-k agree", "top-1 agree", "KL mean", "KL max"]
     click.echo(format_table(rows, headers))
@@ -548,6 +549,8 @@ def _fidelity_tables(r: dict) -> list[str]:
     """The report part of ``fidelity`` as text: per k', value dtype, members, weakest classes."""
     from logitcache.report import format_table
 
+    if r["per_k"] is None:
+        return ["", f"not applicable: {r['not_applicable']}"]
     softmax = r["output_kind"] == "multiclass"
     out = ["", f"per k' (the cache truncated to its top k'; {r['rows_checked']} rows):",
            format_table([[x["k"], x["kl_mean"], x["kl_max"], x["top1_agreement"], x["topk_agreement"],
