@@ -589,6 +589,10 @@ def _fidelity_tables(r: dict) -> list[str]:
 @click.option("--value-dtype", type=click.Choice(VALUE_DTYPES), default="float16", show_default=True)
 @click.option("--codec", default="topk", show_default=True, metavar="NAME", help="Target codec, as for dump.")
 @click.option("--value-bits", type=int, default=None, metavar="B", help="compact: bits per stored value, as for dump.")
+@click.option("--sample-n", type=int, default=None, metavar="N", help="sampled: ids drawn per row, as for dump.")
+@click.option("--sample-head", type=int, default=None, metavar="H", help="sampled: exact head classes, as for dump.")
+@click.option("--sample-temperature", type=float, default=None, metavar="T",
+              help="sampled: the temperature ids are drawn at, as for dump.")
 @click.option("--output-kind", type=click.Choice(KINDS), default="multilabel", show_default=True)
 @click.option("--augment", default="ced", show_default=True, metavar="NAME|FILE",
               help="Augmentation preset or ops file (its parameters are stored per view).")
@@ -603,7 +607,8 @@ def _fidelity_tables(r: dict) -> list[str]:
 @click.option("--chunk-rows", type=int, default=None, metavar="R",
               help="As for dump (default: about 8 MiB of targets per chunk).")
 @_json_option
-def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, value_bits, output_kind, augment,
+def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, value_bits, sample_n, sample_head,
+         sample_temperature, output_kind, augment,
          sample_rate, clip_seconds, audio_bytes, audio_hours, backends, chunk_rows, as_json):
     """Project a cache's size on disk before dumping it.
 
@@ -622,7 +627,8 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, va
                         output_kind=output_kind, augment=augment, sample_rate=sample_rate,
                         clip_seconds=clip_seconds, audio_bytes=audio_bytes, audio_hours=audio_hours,
                         backends=tuple(backends) or tuple(BACKENDS), chunk_rows=chunk_rows, codec=codec,
-                        value_bits=value_bits)
+                        value_bits=value_bits, sample_n=sample_n, sample_head=sample_head,
+                        sample_temperature=sample_temperature)
     if as_json:
         _print_json(result)
         return

@@ -184,3 +184,14 @@ def test_nan_teacher_is_named_not_the_sampler(dataset, tmp_path):
     with pytest.raises(LogitCacheError, match=r"^teacher toy_nan produced NaN/Inf logits for sample\(s\) "):
         logitcache.dump(dataset, ["toy_teachers:toy_nan"], tmp_path / "x.zarr", codec="sampled", sample_n=4, topk=5,
                         epochs=1, num_workers=0, progress=False)
+
+
+def test_plan_sizes_the_sampled_codec():
+    from logitcache.plan import plan_cache
+
+    r = plan_cache(2000, 1, 20, 527, members=0, backends=("zarr",), augment="none", codec="sampled", sample_n=25,
+                   output_kind="multiclass")
+    assert (r["codec"], r["codec_options"], r["target_row_bytes"]) == \
+        ("sampled", {"n": 25, "head": 0, "temperature": 1.0}, 3 * 25 + 4)
+    raw = next(b for b in r["backends"] if b["backend"] == "raw")
+    assert raw["groups"]["ensemble"] == 79 * 2000
