@@ -8,6 +8,7 @@ seeds derived from the stored view seeds.
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -195,3 +196,29 @@ def test_plan_sizes_the_sampled_codec():
         ("sampled", {"n": 25, "head": 0, "temperature": 1.0}, 3 * 25 + 4)
     raw = next(b for b in r["backends"] if b["backend"] == "raw")
     assert raw["groups"]["ensemble"] == 79 * 2000
+
+
+def test_failed_dump_resumes_to_the_same_arrays(cache8, dumper, dataset, tmp_path, monkeypatch):
+    """A dump that dies mid-epoch (batches of 5) and is resumed (batches of 8, only the missing
+    chunks) stores what an uninterrupted dump stores: draws follow the views, not the run."""
+    dump_mod = sys.modules["logitcache.dump"]  # the module: logitcache.dump is also the function
+    real, calls = dump_mod._run_batch, []
+
+    def fails_on_batch_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("teacher crashed")
+        return real(*a, **k)
+
+    out = tmp_path / "run.zarr"
+    kw = {**dumper.defaults(), **KW}  # cache8's settings
+    del kw["batch_size"]
+    monkeypatch.setattr(dump_mod, "_run_batch", fails_on_batch_3)
+    with pytest.raises(RuntimeError):
+        logitcache.dump(dataset, TEACHERS, out, batch_size=5, **kw)
+    monkeypatch.setattr(dump_mod, "_run_batch", real)
+    with logitcache.open_cache(out) as c:
+        assert c.chunks_done().tolist() == [[True, False, False]]
+    logitcache.dump(dataset, TEACHERS, out, batch_size=8, resume=True, **kw)
+    a, b = _stored(cache8), _stored(out)
+    assert sorted(a) == sorted(b) and [n for n in a if not np.array_equal(a[n], b[n])] == []
