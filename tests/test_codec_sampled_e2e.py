@@ -222,3 +222,15 @@ def test_failed_dump_resumes_to_the_same_arrays(cache8, dumper, dataset, tmp_pat
     logitcache.dump(dataset, TEACHERS, out, batch_size=8, resume=True, **kw)
     a, b = _stored(cache8), _stored(out)
     assert sorted(a) == sorted(b) and [n for n in a if not np.array_equal(a[n], b[n])] == []
+
+
+def test_fidelity_cli_and_html_of_a_sampled_cache(cache8, dataset, tmp_path):
+    out = tmp_path / "f.html"
+    r = CliRunner().invoke(main, ["fidelity", str(cache8), "--data", str(dataset), "--teacher", TEACHERS[0],
+                                  "--teacher", TEACHERS[1], "--samples", "4", "--device", "cpu",
+                                  "--html", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "4 stored views re-run, codec sampled; teachers match the manifest: yes" in r.output
+    assert "not applicable: the codec stores no top-k logits" in r.output
+    page = out.read_text()
+    assert "codec sampled" in page and "Not applicable: the codec stores no top-k logits" in page
