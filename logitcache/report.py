@@ -1032,9 +1032,12 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                     with torch.inference_mode(), autocast(dev, "fp32"):
                         zs = net(wave).float().cpu()
                     t = c.targets(epoch, ids, member=member)
-                    q = teacher_probs(torch.from_numpy(np.asarray(t.values)).float(),
-                                      torch.from_numpy(np.asarray(t.indices).astype(np.int64)),
-                                      torch.from_numpy(np.asarray(t.stat)).float(), C, kind)
+                    if not c.codec.triple:  # sampled: its stored (empirical) distribution
+                        q = c.codec.dense(t)
+                    else:
+                        q = teacher_probs(torch.from_numpy(np.asarray(t.values)).float(),
+                                          torch.from_numpy(np.asarray(t.indices).astype(np.int64)),
+                                          torch.from_numpy(np.asarray(t.stat)).float(), C, kind)
                     a1, k1 = _student_figures(zs.reshape(-1, C), q.reshape(-1, C), kind)
                     top1.append(a1)
                     kl.append(k1)

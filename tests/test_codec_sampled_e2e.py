@@ -22,7 +22,7 @@ from logitcache.cli.main import main
 from logitcache.codecs import sampled as sc
 from logitcache.codecs import target_set_seeds
 from logitcache.errors import LogitCacheError
-from logitcache.report import fidelity, inspect_cache, verify_cache
+from logitcache.report import compare, fidelity, inspect_cache, verify_cache
 from logitcache.targets import aggregate
 from logitcache.train import distill_step, train
 from logitcache.views import CacheStream
@@ -122,6 +122,10 @@ def test_sampled_cache_trains_and_runs_fidelity(cache8, dataset, tmp_path, capsy
         assert 0 <= figures["kl_mean"] <= figures["kl_max"] < float("inf")
         assert 0 <= figures["top1_agreement"] <= 1
     assert r["per_k"] is None and "do not apply" in r["not_applicable"]
+    # compare: the student against the cache's stored (empirical) distribution
+    c = compare(tmp_path / "run", samples=8, device="cpu")
+    assert c["views"]["views"] == 8 and 0 <= c["views"]["top1_agreement"] <= 1
+    assert np.isfinite(c["views"]["kl_mean"])
 
 
 def test_training_at_another_temperature_warns(cache8, dataset, tmp_path, capsys):
