@@ -91,6 +91,12 @@ Sampling, reproducibly and on the logits' device
     salt keeps the draws independent of the augmentation draws read from the same seed. Rows are
     processed in blocks of at most ``BLOCK_VALUES`` row x class values, so at C = 151,936 a
     block holds a few float64 [rows, C] temporaries of ~16 MiB each.
+
+In a cache (:class:`SampledCodec`, ``dump --codec sampled --sample-n N [--sample-head H]
+[--sample-temperature T]``): the dump gives each target set of each view its own seed,
+``codecs.target_set_seeds(view seeds, G)`` (ensemble 0, then the members), and frame-level rows
+one sub-stream per frame; the manifest's ``codec_options`` hold ``n``, ``head`` and
+``temperature`` (T_d), and ``train`` warns when its --temperature differs from T_d.
 """
 
 from __future__ import annotations
