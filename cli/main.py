@@ -256,8 +256,8 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
 @_json_option
 def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
          ensemble_weights, state_dicts, teacher_args, members, value_dtype, codec, value_bits, sample_n,
-         sample_head, sample_temperature, sample_rate, clip_seconds, backend, precision, compile_, channels_last, workers, chunk_rows, threads, resume, distributed,
-         as_json):
+         sample_head, sample_temperature, sample_rate, clip_seconds, backend, precision, compile_, channels_last,
+         workers, chunk_rows, threads, resume, distributed, as_json):
     """Run the teachers on augmented views and write a cache.
 
     Each of EPOCHS passes draws one augmented view per sample (parameters stored, so the view

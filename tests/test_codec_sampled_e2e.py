@@ -152,7 +152,8 @@ def test_multilabel_frames_through_the_cli(dataset, tmp_path):
     """multilabel, frame-level rows (one sub-stream per frame), HDF5, a dump temperature, the CLI."""
     out = tmp_path / "frames.h5"
     r = CliRunner().invoke(main, ["dump", "--data", str(dataset), "--teacher", "toy_teachers:toy_frames",
-                                  "--out", str(out), "--epochs", "1", "--topk", "3", "--codec", "sampled", "--sample-n", "5",
+                                  "--out", str(out), "--epochs", "1", "--topk", "3", "--codec", "sampled",
+                                  "--sample-n", "5",
                                   "--sample-temperature", "2", "--output-kind", "multilabel", "--no-members",
                                   "--workers", "0", "--batch-size", "7"])
     assert r.exit_code == 0, r.output
