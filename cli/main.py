@@ -411,7 +411,7 @@ def inspect(cache, project_samples, project_epochs, as_json):
     click.echo(_kv_table([
         ("cache", f"{info['path']} ({info['backend']}, {'complete' if info['complete'] else 'INCOMPLETE'})"),
         ("views", f"{info['epochs']} epochs x {info['samples']} samples"),
-        ("targets", (f"top-{info['topk']} of {info['classes']} classes{frames}, {info['output_kind']}, "
+        ("targets", (f"{_rows_what(info)} of {info['classes']} classes{frames}, {info['output_kind']}, "
                      f"{info['aggregation']}" + (f", {info['value_dtype']} values, {info['index_dtype']} indices"
                                                  if info["codec"] == "topk" else ""))),
         ("codec", f"{info['codec']} {json.dumps(info['codec_options'])}, {info['target_row_bytes']} B raw per view "
@@ -636,7 +636,7 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, va
     frame = f" x {r['frames']} frames" if r["frames"] else ""
     who = f"ensemble + {r['members']} member(s)" if r["members"] else "ensemble only"
     click.echo(f"plan: {r['epochs']} epochs x {r['samples']:,} samples = {r['views']:,} views{frame}, "
-               f"top-{r['topk']} of {r['classes']} (codec {r['codec']}, {r['target_row_bytes']} B per target set; "
+               f"{_rows_what(r)} of {r['classes']} (codec {r['codec']}, {r['target_row_bytes']} B per target set; "
                f"{r['index_dtype']} indices, {r['value_dtype']} values), {who}, "
                f"{r['chunk_rows']}-row chunks")
     rows = [[b["backend"], b["codec"], human_bytes(b["bytes_on_disk"]), round(b["bytes_per_sample_epoch"], 1),

@@ -239,3 +239,9 @@ def test_fidelity_cli_and_html_of_a_sampled_cache(cache8, dataset, tmp_path):
     assert "not applicable: the codec stores no top-k logits" in r.output
     page = out.read_text()
     assert "codec sampled" in page and "Not applicable: the codec stores no top-k logits" in page
+
+
+def test_inspect_cli_says_draws_not_top_k(cache8):
+    r = CliRunner().invoke(main, ["inspect", str(cache8)])
+    assert r.exit_code == 0, r.output
+    assert "6 draws + head 2 of 10 classes, multiclass" in r.output and "top-5" not in r.output
