@@ -221,9 +221,17 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
               help="Also store each teacher's own top-k.")
 @click.option("--value-dtype", type=click.Choice(VALUE_DTYPES), default="float16", show_default=True)
 @click.option("--codec", default="topk", show_default=True, metavar="NAME",
-              help="Target codec: topk (raw top-k logits) or compact (about half the bytes; README, Target codecs).")
+              help="Target codec: topk (raw top-k logits), compact (about half the bytes) or sampled "
+                   "(ids drawn from the teacher, unbiased; README, Target codecs).")
 @click.option("--value-bits", type=int, default=None, metavar="B",
               help="compact: bits per stored value, 1..16. [default: 8]")
+@click.option("--sample-n", type=int, default=None, metavar="N",
+              help="sampled (required): ids drawn per row, 1..65535.")
+@click.option("--sample-head", type=int, default=None, metavar="H",
+              help="sampled: classes stored exactly before sampling the rest, 0..C-1. [default: 0]")
+@click.option("--sample-temperature", type=float, default=None, metavar="T",
+              help="sampled: teacher temperature the ids are drawn at; train at the same T for an "
+                   "unbiased loss. [default: 1]")
 @click.option("--sample-rate", type=int, default=None, metavar="HZ",
               help="Default: the dataset's (dataset.json).")
 @click.option("--clip-seconds", type=float, default=None, metavar="S",
@@ -247,9 +255,9 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
                    "zarr cache. [default: on when WORLD_SIZE > 1]")
 @_json_option
 def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
-         ensemble_weights, state_dicts, teacher_args, members, value_dtype, codec, value_bits, sample_rate,
-         clip_seconds, backend, precision, compile_, channels_last, workers, chunk_rows, threads, resume, distributed,
-         as_json):
+         ensemble_weights, state_dicts, teacher_args, members, value_dtype, codec, value_bits, sample_n,
+         sample_head, sample_temperature, sample_rate, clip_seconds, backend, precision, compile_, channels_last,
+         workers, chunk_rows, threads, resume, distributed, as_json):
     """Run the teachers on augmented views and write a cache.
 
     Each of EPOCHS passes draws one augmented view per sample (parameters stored, so the view
@@ -279,7 +287,8 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
             value_dtype=value_dtype, backend=backend, sample_rate=sample_rate, clip_seconds=clip_seconds,
             precision=precision, compile=compile_, channels_last=channels_last, num_workers=workers,
             chunk_rows=chunk_rows, resume=resume, progress=True, distributed=distributed, threads=threads,
-            codec=codec, value_bits=value_bits)
+            codec=codec, value_bits=value_bits, sample_n=sample_n, sample_head=sample_head,
+            sample_temperature=sample_temperature)
         if current_rank() != 0:
             return  # rank 0 reports for the job
         info = inspect_cache(path)
@@ -288,9 +297,17 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
         return
     share = f", {100 * info['share_of_audio']:.2f}% of the audio" if info["share_of_audio"] else ""
     click.echo(f"{info['path']}: {info['epochs'] * info['samples']} views ({info['epochs']} epochs x "
-               f"{info['samples']} samples), top-{info['topk']} of {info['classes']} ({info['codec']}), "
+               f"{info['samples']} samples), {_rows_what(info)} of {info['classes']} ({info['codec']}), "
                f"{human_bytes(info['bytes_on_disk'])}, "
                f"{info['bytes_per_sample_epoch']:.0f} B/sample-epoch{share}")
+
+
+def _rows_what(info: dict) -> str:
+    """What one stored row holds, for the one-line summary."""
+    if info["codec"] == "sampled":
+        o = info["codec_options"]
+        return f"{o['n']} draws" + (f" + head {o['head']}" if o.get("head") else "")
+    return f"top-{info['topk']}"
 
 
 # ---------------------------------------------------------------- train
@@ -394,7 +411,7 @@ def inspect(cache, project_samples, project_epochs, as_json):
     click.echo(_kv_table([
         ("cache", f"{info['path']} ({info['backend']}, {'complete' if info['complete'] else 'INCOMPLETE'})"),
         ("views", f"{info['epochs']} epochs x {info['samples']} samples"),
-        ("targets", (f"top-{info['topk']} of {info['classes']} classes{frames}, {info['output_kind']}, "
+        ("targets", (f"{_rows_what(info)} of {info['classes']} classes{frames}, {info['output_kind']}, "
                      f"{info['aggregation']}" + (f", {info['value_dtype']} values, {info['index_dtype']} indices"
                                                  if info["codec"] == "topk" else ""))),
         ("codec", f"{info['codec']} {json.dumps(info['codec_options'])}, {info['target_row_bytes']} B raw per view "
@@ -518,8 +535,9 @@ def fidelity(cache, data, teachers, state_dicts, teacher_args, samples, seed, ba
             "kl_mean", "kl_max"]
     rows = [["ensemble", *[result[k] for k in keys]]]
     rows += [[name, *[m[k] for k in keys]] for name, m in result["members"].items()]
-    click.echo(f"{cache}: {result['samples_checked']} stored views re-run, top-{result['topk']}, "
-               f"{result['value_dtype']} values; teachers match the manifest: "
+    stored = (f"top-{result['topk']}, {result['value_dtype']} values" if result.get("per_k") is not None
+              else f"codec {result['codec']}")
+    click.echo(f"{cache}: {result['samples_checked']} stored views re-run, {stored}; teachers match the manifest: "
                f"{'yes' if result['teachers_match'] else 'NO'}")
     headers = ["targets", "max |dz|", "mean |dz|", "top-k agree", "top-1 agree", "KL mean", "KL max"]
     click.echo(format_table(rows, headers))
@@ -531,6 +549,8 @@ def _fidelity_tables(r: dict) -> list[str]:
     """The report part of ``fidelity`` as text: per k', value dtype, members, weakest classes."""
     from logitcache.report import format_table
 
+    if r["per_k"] is None:
+        return ["", f"not applicable: {r['not_applicable']}"]
     softmax = r["output_kind"] == "multiclass"
     out = ["", f"per k' (the cache truncated to its top k'; {r['rows_checked']} rows):",
            format_table([[x["k"], x["kl_mean"], x["kl_max"], x["top1_agreement"], x["topk_agreement"],
@@ -569,6 +589,10 @@ def _fidelity_tables(r: dict) -> list[str]:
 @click.option("--value-dtype", type=click.Choice(VALUE_DTYPES), default="float16", show_default=True)
 @click.option("--codec", default="topk", show_default=True, metavar="NAME", help="Target codec, as for dump.")
 @click.option("--value-bits", type=int, default=None, metavar="B", help="compact: bits per stored value, as for dump.")
+@click.option("--sample-n", type=int, default=None, metavar="N", help="sampled: ids drawn per row, as for dump.")
+@click.option("--sample-head", type=int, default=None, metavar="H", help="sampled: exact head classes, as for dump.")
+@click.option("--sample-temperature", type=float, default=None, metavar="T",
+              help="sampled: the temperature ids are drawn at, as for dump.")
 @click.option("--output-kind", type=click.Choice(KINDS), default="multilabel", show_default=True)
 @click.option("--augment", default="ced", show_default=True, metavar="NAME|FILE",
               help="Augmentation preset or ops file (its parameters are stored per view).")
@@ -583,7 +607,8 @@ def _fidelity_tables(r: dict) -> list[str]:
 @click.option("--chunk-rows", type=int, default=None, metavar="R",
               help="As for dump (default: about 8 MiB of targets per chunk).")
 @_json_option
-def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, value_bits, output_kind, augment,
+def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, value_bits, sample_n, sample_head,
+         sample_temperature, output_kind, augment,
          sample_rate, clip_seconds, audio_bytes, audio_hours, backends, chunk_rows, as_json):
     """Project a cache's size on disk before dumping it.
 
@@ -602,7 +627,8 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, va
                         output_kind=output_kind, augment=augment, sample_rate=sample_rate,
                         clip_seconds=clip_seconds, audio_bytes=audio_bytes, audio_hours=audio_hours,
                         backends=tuple(backends) or tuple(BACKENDS), chunk_rows=chunk_rows, codec=codec,
-                        value_bits=value_bits)
+                        value_bits=value_bits, sample_n=sample_n, sample_head=sample_head,
+                        sample_temperature=sample_temperature)
     if as_json:
         _print_json(result)
         return
@@ -610,7 +636,7 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, va
     frame = f" x {r['frames']} frames" if r["frames"] else ""
     who = f"ensemble + {r['members']} member(s)" if r["members"] else "ensemble only"
     click.echo(f"plan: {r['epochs']} epochs x {r['samples']:,} samples = {r['views']:,} views{frame}, "
-               f"top-{r['topk']} of {r['classes']} (codec {r['codec']}, {r['target_row_bytes']} B per target set; "
+               f"{_rows_what(r)} of {r['classes']} (codec {r['codec']}, {r['target_row_bytes']} B per target set; "
                f"{r['index_dtype']} indices, {r['value_dtype']} values), {who}, "
                f"{r['chunk_rows']}-row chunks")
     rows = [[b["backend"], b["codec"], human_bytes(b["bytes_on_disk"]), round(b["bytes_per_sample_epoch"], 1),

@@ -709,7 +709,9 @@ class Cache:
     def read_block(self, epoch: int, start: int, stop: int, member: str | None = None,
                    params: bool = True, targets: bool = True) -> dict[str, np.ndarray]:
         """Rows ``start:stop`` of stored order, all arrays in one ``read_many`` (zarr overlaps them):
-        order, seeds, params/…, and the targets decoded by the codec: values, indices, stat."""
+        order, seeds, params/…, and the targets decoded by the codec, under the names of its
+        ``decoded_arrays`` (topk, compact: values, indices, stat; sampled: ids, counts, weights,
+        entropy, head_ids, head_values)."""
         epoch = self._check_epoch(epoch)
         keys = ["order", "seeds"] + ([Layout.param_path(n) for n in self.param_names()] if params else [])
         names = list(keys)
@@ -723,7 +725,7 @@ class Cache:
         block["order"] = block["order"].astype(np.int64)
         if targets:
             stored = {f: block.pop(f"target:{f}") for f in fields}
-            block["values"], block["indices"], block["stat"] = self.codec.decode(stored)
+            block.update(self.codec.decoded_arrays(self.codec.decode(stored)))
         return block
 
     def chunks_done(self) -> np.ndarray:
@@ -767,7 +769,12 @@ class Cache:
 
     # -- random access (inspection, fidelity): vectorised gathers over whole chunks
     def targets(self, epoch: int, ids: list[str] | None = None, member: str | None = None) -> Targets:
-        """Targets of ``ids`` (rows in the given order; default all, in stored order)."""
+        """Targets of ``ids`` (rows in the given order; default all, in stored order).
+
+        A :class:`Targets` (values, indices, stat) for codecs that decode to a top-k triple
+        (topk, compact); for ``sampled`` the codec's decoded form, a dict of numpy arrays (ids,
+        counts, weights, entropy, and head_ids, head_values with a head; see
+        :mod:`logitcache.codecs.sampled`) that ``self.codec.loss`` and ``.dense`` take."""
         epoch = self._check_epoch(epoch)
         target_set = self._member_prefix(member)
         fields = self.layout.fields()
@@ -777,7 +784,8 @@ class Cache:
         else:
             pos = self.positions(epoch)[self.dataset_index(list(ids))]
             arrays = self._gather(epoch, pos, names)
-        return Targets(*self.codec.decode(dict(zip(fields, arrays))))
+        decoded = self.codec.decode(dict(zip(fields, arrays)))
+        return Targets(*decoded) if self.codec.triple else decoded
 
     def params(self, epoch: int, ids: list[str]) -> dict[str, np.ndarray]:
         """Stored augmentation parameters of ``ids`` in ``epoch``: name -> rows."""

@@ -23,7 +23,7 @@ from logitcache import checks
 from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
 from logitcache.cache import (CacheWriter, choose_chunk_rows, existing_cache_message, existing_manifest,
                               stored_content)
-from logitcache.codecs import get_codec
+from logitcache.codecs import get_codec, target_set_seeds
 from logitcache.data import AudioFolder
 from logitcache.distributed import deal_chunks
 from logitcache.distributed import setup as dist_setup
@@ -156,6 +156,9 @@ def dump(
     threads: int | None = None,
     codec: str = "topk",
     value_bits: int | None = None,
+    sample_n: int | None = None,
+    sample_head: int | None = None,
+    sample_temperature: float | None = None,
 ) -> Path:
     """Dump a cache of ``epochs`` augmented views per sample of the data folder ``data``.
 
@@ -174,11 +177,16 @@ def dump(
     ``threads`` sets torch's intra-op threads while the teachers run (see :func:`cpu_threads`);
     the previous setting is restored on return. It does not change the cache's bytes.
 
-    ``codec`` names the target codec of every target set (``topk``, ``compact``; see
-    :mod:`logitcache.codecs`); ``value_bits`` (compact only, 1..16, default 8) its value resolution.
+    ``codec`` names the target codec of every target set (``topk``, ``compact``, ``sampled``; see
+    :mod:`logitcache.codecs`); ``value_bits`` (compact only, 1..16, default 8) its value resolution;
+    ``sample_n`` (sampled, required: ids drawn per row), ``sample_head`` (sampled: exact head
+    classes, default 0) and ``sample_temperature`` (sampled: the teacher temperature drawn from,
+    default 1). Sampled rows are drawn with seeds derived from each view's seed, so they do not
+    depend on the batch size or on a resume.
     """
     codec_cls = get_codec(codec)
-    codec_entries(codec, value_dtype, None, value_bits)  # a bad option fails before any work is done
+    sampling = {"sample_n": sample_n, "sample_head": sample_head, "sample_temperature": sample_temperature}
+    codec_entries(codec, value_dtype, None, value_bits, **sampling)  # a bad option fails before any work
     if output_kind not in KINDS:
         raise LogitCacheError(f"--output-kind {output_kind!r}: choose one of {', '.join(KINDS)}")
     if aggregation not in AGGREGATIONS:
@@ -224,7 +232,7 @@ def dump(
 
     N = len(folder)
     member_names = [t.name for t in loaded] if members else []
-    entries = codec_entries(codec, value_dtype, index_dtype(num_classes), value_bits)
+    entries = codec_entries(codec, value_dtype, index_dtype(num_classes), value_bits, **sampling)
     encoder = codec_cls(topk, num_classes, output_kind, frames, entries["codec_options"])
     encoder.fields()  # bad options fail here, before anything is written
     manifest = {
@@ -286,7 +294,7 @@ def dump(
             for wave, params, pos, decoded in one_line_worker_errors(loader):
                 content.record(folder, decoded.index, decoded.crc)  # before any teacher time is spent
                 rows = _run_batch(loaded, wave, dev, precision, encoder, output_kind, aggregation, ensemble_weights,
-                                  members, folder, order[pos])
+                                  members, folder, order[pos], seeds[pos])
                 rows.update({"order": order[pos].astype(manifest["order_dtype"]), "seeds": seeds[pos]})
                 rows.update({Layout.param_path(k): v for k, v in params.items()})
                 if epoch == 0 and store_content:
@@ -423,7 +431,7 @@ def _batching(todo: np.ndarray, rows: int, num_samples: int, batch_size: int) ->
 
 
 def _run_batch(teachers, wave, dev, precision, codec, kind, aggregation, weights, members, folder,
-               dataset_index) -> dict[str, np.ndarray]:
+               dataset_index, view_seeds=None) -> dict[str, np.ndarray]:
     """Teachers back to back on one batch; the codec encodes on the device; only its rows come back.
 
     Each teacher's output is held to the probed shape, and every stored target set (members and
@@ -444,10 +452,10 @@ def _run_batch(teachers, wave, dev, precision, codec, kind, aggregation, weights
         # Ensemble and members stacked [G, B, (T,) C]: one encode pass for all (row-wise, so the
         # same bits as one group at a time), a quarter of the kernel launches of a 3-teacher dump.
         z = torch.stack([aggregate(logits, kind, aggregation, weights)] + (logits if members else []))
-        encoded = codec.encode(z)
-        values, stat = encoded["values"], encoded["stat"]
         G, B = z.shape[:2]
-        bad_sets = ~(torch.isfinite(values).reshape(G, B, -1).all(-1) & torch.isfinite(stat).reshape(G, B, -1).all(-1))
+        seeds = None if view_seeds is None else target_set_seeds(view_seeds, G)
+        encoded = codec.encode(z, seeds)
+        bad_sets = ~codec.finite_rows(encoded).reshape(G, B, -1).all(-1)
         host = _to_host({"bad": bad, "bad_sets": bad_sets, **encoded}, dev)
     for t, row_bad in zip(teachers, host["bad"]):
         if row_bad.any():

@@ -243,14 +243,19 @@ def plot_disagreement(f: dict):
 
 def fidelity_section(f: dict) -> str:
     k = f["topk"]
-    head = (f"<p>{f['samples_checked']} stored views re-run ({f['rows_checked']} rows), top-{k} of {f['classes']} "
-            f"classes, {html.escape(f['output_kind'])}, {html.escape(f['value_dtype'])} values; teachers match the "
+    stored = (f"top-{k} of {f['classes']} classes, {html.escape(f['output_kind'])}, "
+              f"{html.escape(f['value_dtype'])} values" if f.get("per_k") is not None
+              else f"codec {html.escape(str(f.get('codec')))}, {f['classes']} classes, {html.escape(f['output_kind'])}")
+    head = (f"<p>{f['samples_checked']} stored views re-run ({f['rows_checked']} rows), {stored}; teachers match the "
             f"manifest: <b>{'yes' if f['teachers_match'] else 'NO'}</b>.</p>")
     summary = table([["ensemble", f["max_abs_logit_error"], f["mean_abs_logit_error"], f["topk_index_agreement"],
                       f["top1_agreement"], f["kl_mean"], f["kl_max"]]]
                     + [[n, m["max_abs_logit_error"], m["mean_abs_logit_error"], m["topk_index_agreement"],
                         m["top1_agreement"], m["kl_mean"], m["kl_max"]] for n, m in f["members"].items()],
                     ["targets", "max |Δz|", "mean |Δz|", "top-k agree", "top-1 agree", "KL mean", "KL max"])
+    if f.get("per_k") is None:  # a codec without top-k rows (sampled): the summary is all there is
+        return (f"<h2>Fidelity: cache vs re-run teachers</h2>{head}{summary}"
+                f"<p>Not applicable: {html.escape(f['not_applicable'])}.</p>")
     err = "covered mass" if f["output_kind"] == "multiclass" else "max |Δp|"
     per_k = table([[r["k"], r["kl_mean"], r["kl_max"], r["top1_agreement"], r["topk_agreement"],
                     r["covered_mass_mean"] if f["output_kind"] == "multiclass" else r["prob_max_abs_error"],

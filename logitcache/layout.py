@@ -57,9 +57,20 @@ def target_sets(manifest: dict) -> list[str]:
     return [Layout.target_set_of(None)] + [Layout.target_set_of(n) for n in manifest.get("members") or []]
 
 
-def codec_entries(codec: str, value_dtype: str, index_dtype: str, value_bits: int | None = None) -> dict:
-    """The manifest entries that name a new cache's codec (format 2); ``value_bits`` as ``--value-bits``."""
+def codec_entries(codec: str, value_dtype: str, index_dtype: str, value_bits: int | None = None,
+                  sample_n: int | None = None, sample_head: int | None = None,
+                  sample_temperature: float | None = None) -> dict:
+    """The manifest entries that name a new cache's codec (format 2); ``value_bits`` as
+    ``--value-bits``, ``sample_*`` as ``--sample-n/-head/-temperature`` (codec sampled only)."""
     options = get_codec(codec).default_options(value_dtype)
+    given = [f"--sample-{o} {v}" for o, v in (("n", sample_n), ("head", sample_head),
+                                               ("temperature", sample_temperature)) if v is not None]
+    if codec == "sampled":
+        from logitcache.codecs.sampled import codec_options
+
+        options.update(codec_options(sample_n, sample_head, sample_temperature))
+    elif given:
+        raise LogitCacheError(f"{given[0]}: applies to --codec sampled only (this dump is --codec {codec})")
     if codec == "topk":
         options["index_dtype"] = index_dtype
     if value_bits is not None:

@@ -161,6 +161,7 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
     entropy (and hence their compressed size) is the full-scale one.
     """
     from logitcache.augment import epoch_order, id_hashes, view_seeds
+    from logitcache.codecs import target_set_seeds
     from logitcache.layout import FORMAT_VERSION, Layout
     from logitcache.targets import aggregate, index_dtype
 
@@ -208,13 +209,22 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
                 # mean_logit, not the dump's default mean_prob: as teacher-like and 3x cheaper.
                 groups = [(Layout.target_set_of(None), aggregate(logits, output_kind, "mean_logit"))]
                 groups += [(Layout.target_set_of(n), z) for n, z in zip(names, logits)]
-                for prefix, z in groups:
-                    v, i, st = synthetic_targets(z, topk, output_kind)
-                    for f, rows in encoder.encode_rows(v.float(), i, st.float()).items():
+                derived = target_set_seeds(seeds[s:s + len(groups[0][1])], len(groups))
+                for g, (prefix, z) in enumerate(groups):
+                    for f, rows in _encoded_rows(encoder, z, topk, output_kind, derived[g]).items():
                         parts.setdefault(Layout.target_path(prefix, f), []).append(rows)
             block.update({n: np.concatenate(p) for n, p in parts.items()})
             blocks.append((epoch, c, block))
     return manifest, ids, blocks
+
+
+def _encoded_rows(encoder, z, topk: int, kind: str, seeds: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored arrays of synthetic logits ``z``: top-k codecs from teacher-like top-k rows,
+    others (sampled) from the logits themselves, drawn with the seeds a dump would use."""
+    if encoder.triple:
+        v, i, st = synthetic_targets(z, topk, kind)
+        return encoder.encode_rows(v.float(), i, st.float())
+    return encoder.pack({f: t.cpu().numpy() for f, t in encoder.encode(z, seeds).items()})
 
 
 def _write_and_measure(path: Path, backend: str, manifest: dict, ids: list[str], param_specs: dict,
@@ -245,10 +255,12 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
                sample_rate: int = 16000, clip_seconds: float = 10.0, audio_bytes: int | None = None,
                audio_hours: float | None = None, backends: tuple[str, ...] = ("zarr", "hdf5"),
                chunk_rows: int | None = None, seed: int = 0, codec: str = "topk",
-               value_bits: int | None = None) -> dict:
+               value_bits: int | None = None, sample_n: int | None = None, sample_head: int | None = None,
+               sample_temperature: float | None = None) -> dict:
     """Projected size of a cache per backend (and uncompressed), measured on a synthetic sample.
 
-    ``codec`` (and ``value_bits`` for compact) choose the target codec, as for ``dump``.
+    ``codec`` (and ``value_bits`` for compact, ``sample_n``, ``sample_head``,
+    ``sample_temperature`` for sampled) choose the target codec, as for ``dump``.
     ``members`` is the number of teachers whose own top-k are stored besides the ensemble's
     (0 = ``--no-members``). The share of the audio uses ``audio_bytes``, or ``audio_hours``
     converted as 16-bit mono PCM at ``sample_rate``.
@@ -292,7 +304,7 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     augmenter = Augmenter(load_ops_spec(augment), sample_rate, clip_seconds)
 
     idx_dtype = index_dtype(classes)
-    entries = codec_entries(codec, value_dtype, idx_dtype, value_bits)
+    entries = codec_entries(codec, value_dtype, idx_dtype, value_bits, sample_n, sample_head, sample_temperature)
     encoder = get_codec(codec)(topk, classes, output_kind, frames, entries["codec_options"])
     R = chunk_rows if chunk_rows is not None else choose_chunk_rows(encoder.chunk_sizing_bytes(), samples)
     views = epochs * samples

@@ -655,15 +655,7 @@ def _compare(stored: dict[str, torch.Tensor], logits: torch.Tensor, kind: str) -
     in_topk = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, torch.topk(z, k, dim=-1).indices, True)
     agree = in_topk.gather(-1, idx).float().mean(-1)  # fraction of stored indices in the fresh top-k
     top1 = (idx[..., 0] == z.argmax(-1)).float()
-    q = teacher_probs(v, idx, stat, C, kind).clamp(1e-12, 1.0)
-    if kind == "multiclass":
-        logp = F.log_softmax(z, dim=-1)
-        kl = (logp.exp() * (logp - q.log())).sum(-1)
-    else:  # mean over classes of the Bernoulli KL(p || q)
-        p = torch.sigmoid(z).clamp(1e-12, 1 - 1e-7)
-        q = q.clamp(max=1 - 1e-7)
-        kl = (p * (p.log() - q.log()) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q))).mean(-1)
-    kl = kl.clamp_min(0.0)  # tiny negatives are float rounding, not information
+    kl = _kl_to(teacher_probs(v, idx, stat, C, kind), z, kind)
     S = z.shape[0]
     err, agree, top1, kl = (t.reshape(S, -1) for t in (err, agree, top1, kl))  # frame rows -> one per view
     return {"err_max": err.max(1).values, "err_sum": err.sum(1),
@@ -671,8 +663,40 @@ def _compare(stored: dict[str, torch.Tensor], logits: torch.Tensor, kind: str) -
             "kl": kl.mean(1), "kl_max": kl.max(1).values}
 
 
+def _kl_to(q: torch.Tensor, z: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row KL(fresh teacher logits ``z`` || stored probabilities ``q``), q clamped away from 0
+    and 1 (a class the cache gives no mass would make it infinite); sigmoid: mean Bernoulli KL."""
+    q = q.clamp(1e-12, 1.0)
+    if kind == "multiclass":
+        logp = F.log_softmax(z, dim=-1)
+        kl = (logp.exp() * (logp - q.log())).sum(-1)
+    else:
+        p = torch.sigmoid(z).clamp(1e-12, 1 - 1e-7)
+        q = q.clamp(max=1 - 1e-7)
+        kl = (p * (p.log() - q.log()) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q))).mean(-1)
+    return kl.clamp_min(0.0)  # tiny negatives are float rounding, not information
+
+
+def _compare_dense(q: torch.Tensor, logits: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """Per-view figures of a codec's dense distribution ``q`` (no top-k triple, e.g. sampled)
+    against fresh logits: KL and top-1 agreement only (see :data:`NOT_TOPK`)."""
+    z = logits.float()
+    S = z.shape[0]
+    kl, top1 = _kl_to(q.float(), z, kind).reshape(S, -1), (q.argmax(-1) == z.argmax(-1)).float().reshape(S, -1)
+    return {"top1": top1.mean(1), "kl": kl.mean(1), "kl_max": kl.max(1).values}
+
+
+NOT_TOPK = ("the codec stores no top-k logits (sampled: ids drawn from the teacher and their counts), so "
+            "logit errors, top-k index agreement and the per-k/dtype figures do not apply; KL and top-1 "
+            "agreement compare the stored (empirical) distribution with the fresh teacher")
+
+
 def _summary(parts: list[dict[str, torch.Tensor]]) -> dict:
     cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    if "err_max" not in cat:  # a codec without a top-k triple
+        return {"max_abs_logit_error": None, "mean_abs_logit_error": None, "topk_index_agreement": None,
+                "top1_agreement": float(cat["top1"].mean()), "kl_mean": float(cat["kl"].mean()),
+                "kl_max": float(cat["kl_max"].max())}
     return {
         "max_abs_logit_error": float(cat["err_max"].max()),
         "mean_abs_logit_error": float(cat["err_sum"].sum() / cat["err_n"].sum()),
@@ -791,6 +815,9 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
                     groups += [(n, n, logits[i]) for i, n in member_of.items()]
                     for key, member, z in groups:
                         t = cache.targets(int(epoch), ids, member=member)
+                        if not cache.codec.triple:
+                            parts[key].append(_compare_dense(cache.codec.dense(t), z.cpu(), kind))
+                            continue
                         stored = {f: torch.from_numpy(np.asarray(getattr(t, f))) for f in ("values", "indices", "stat")}
                         parts[key].append(_compare(stored, z.cpu(), kind))
                         if member is None:
@@ -813,8 +840,15 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         "path": str(cache_location(path)),
         "classes": len(m["classes"]),
         "frames": m.get("frames"),
-        **acc.result(m["classes"], size_of),
+        "codec": cache.spec.codec,
+        **(acc.result(m["classes"], size_of) if cache.codec.triple else _not_topk_report(len(flat))),
     }
+
+
+def _not_topk_report(rows: int) -> dict:
+    """The report part for a codec without a top-k triple: every top-k figure None, and why."""
+    keys = ("k_grid", "per_k", "dtype_effect", "tail_mass", "per_class", "disagreement")
+    return {**dict.fromkeys(keys), "rows_checked": rows, "not_applicable": NOT_TOPK}
 
 
 # ---------------------------------------------------------------- compare: a trained student vs the ensemble
@@ -998,9 +1032,12 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                     with torch.inference_mode(), autocast(dev, "fp32"):
                         zs = net(wave).float().cpu()
                     t = c.targets(epoch, ids, member=member)
-                    q = teacher_probs(torch.from_numpy(np.asarray(t.values)).float(),
-                                      torch.from_numpy(np.asarray(t.indices).astype(np.int64)),
-                                      torch.from_numpy(np.asarray(t.stat)).float(), C, kind)
+                    if not c.codec.triple:  # sampled: its stored (empirical) distribution
+                        q = c.codec.dense(t)
+                    else:
+                        q = teacher_probs(torch.from_numpy(np.asarray(t.values)).float(),
+                                          torch.from_numpy(np.asarray(t.indices).astype(np.int64)),
+                                          torch.from_numpy(np.asarray(t.stat)).float(), C, kind)
                     a1, k1 = _student_figures(zs.reshape(-1, C), q.reshape(-1, C), kind)
                     top1.append(a1)
                     kl.append(k1)

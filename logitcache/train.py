@@ -132,15 +132,21 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total
 
 
 def distill_step(model, optimizer, batch: dict, kind: str, device: torch.device, temperature: float = 1.0,
-                 alpha: float = 0.0, precision: str = "fp32") -> float:
-    """One optimiser step on a CacheStream batch; returns the loss."""
+                 alpha: float = 0.0, precision: str = "fp32", codec=None) -> float:
+    """One optimiser step on a CacheStream batch; returns the loss. ``codec`` (the cache's,
+    ``cache.codec``) computes the KD loss from the batch's decoded targets; None means a top-k
+    triple (values, indices, stat), as topk and compact caches give."""
     x = batch["wave"].to(device, non_blocking=True)
     with autocast(device, precision):
         z = model(x)
     loss = torch.zeros((), device=device)
     if alpha < 1.0:
-        t = [batch[k].to(device, non_blocking=True) for k in ("values", "indices", "stat")]
-        loss = loss + (1.0 - alpha) * kd_loss(z, *t, kind=kind, temperature=temperature)
+        if codec is None:
+            t = [batch[k].to(device, non_blocking=True) for k in ("values", "indices", "stat")]
+            kd = kd_loss(z, *t, kind=kind, temperature=temperature)
+        else:
+            kd = codec.loss(z, codec.from_arrays(batch, device), kind, temperature)
+        loss = loss + (1.0 - alpha) * kd
     if alpha > 0.0:
         loss = loss + alpha * hard_label_loss(z, batch["labels"].to(device, non_blocking=True), kind)
     optimizer.zero_grad(set_to_none=True)
@@ -242,6 +248,11 @@ def train(
     if eval_folder is not None and eval_folder.classes != c.classes:
         raise LogitCacheError(f"{eval_data}: class list differs from the cache's")
     kind = c.output_kind
+    t_dump = c.codec.options.get("temperature") if c.codec.name == "sampled" else None
+    if t_dump is not None and float(t_dump) != temperature:
+        print(f"warning: {cache}: sampled at --sample-temperature {t_dump:g}, trained at --temperature "
+              f"{temperature:g}: the loss distils the teacher at {t_dump:g} (unbiased only when they are "
+              f"equal)", file=sys.stderr)
     ctx, device = dist_setup(distributed, device)
     dev = resolve_device(device)
     if batch_size < 1 or batch_size % ctx.world:
@@ -308,7 +319,7 @@ def train(
             bar = tqdm(batches, total=steps_per_epoch, initial=skip, unit="batch",
                        desc=f"train {epoch + 1}/{epochs}", disable=not progress, dynamic_ncols=True)
             for done, batch in enumerate(bar, start=skip + 1):
-                loss = distill_step(net, optimizer, batch, kind, dev, temperature, alpha, precision)
+                loss = distill_step(net, optimizer, batch, kind, dev, temperature, alpha, precision, c.codec)
                 if not math.isfinite(loss):
                     raise LogitCacheError(_diverged(out, loss, epoch, done))
                 schedule.step()

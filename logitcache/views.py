@@ -284,12 +284,14 @@ class CacheStream(IterableDataset):
         # Replay is per sample by design (bit-identical views in any batch); everything else is
         # whole-batch array work.
         waves = [source.replay(index, {k: v[r] for k, v in params.items()}) for r, index in enumerate(order.tolist())]
+        # The rest are the codec's decoded targets (topk: values, indices, stat); integer ones as
+        # int64, what torch gathers and indexes with.
+        targets = {k: v.astype(np.int64) if v.dtype.kind in "iu" else np.ascontiguousarray(v)
+                   for k, v in rows.items() if k not in ("order", "seeds") and not k.startswith("params/")}
         return {
             "wave": torch.stack(waves),
             "labels": torch.from_numpy(batch_labels(source.folder, order, params)),
-            "values": torch.from_numpy(np.ascontiguousarray(rows["values"])),
-            "indices": torch.from_numpy(rows["indices"].astype(np.int64)),
-            "stat": torch.from_numpy(np.ascontiguousarray(rows["stat"])),
+            **{k: torch.from_numpy(v) for k, v in targets.items()},
             "order": torch.from_numpy(np.ascontiguousarray(order)),
         }
 

@@ -113,11 +113,11 @@ def test_format1_fixture_reports_codec_topk(tmp_path):
 
 
 def test_unknown_codec_is_one_error_listing_the_known(dataset, tmp_path):
-    with pytest.raises(LogitCacheError, match=r"^codec 'nope' is not known \(known codecs: compact, topk\)$"):
+    with pytest.raises(LogitCacheError, match=r"^codec 'nope' is not known \(known codecs: compact, sampled, topk\)$"):
         get_codec("nope")
     r = CliRunner().invoke(main, ["dump", "--data", str(dataset), "--teacher", TEACHERS[0], "--out",
                                   str(tmp_path / "x.zarr"), "--codec", "nope"])
-    assert r.exit_code == 1 and r.output == "error: codec 'nope' is not known (known codecs: compact, topk)\n"
+    assert r.exit_code == 1 and r.output == "error: codec 'nope' is not known (known codecs: compact, sampled, topk)\n"
     assert not (tmp_path / "x.zarr").exists()
     r = CliRunner().invoke(main, ["dump", "--data", str(dataset), "--teacher", TEACHERS[0], "--out",
                                   str(tmp_path / "x.zarr"), "--value-bits", "6"])
@@ -182,10 +182,10 @@ def test_manifest_naming_an_unknown_codec_is_refused(pair, tmp_path):
     store.close()
     r = CliRunner().invoke(main, ["inspect", str(bad)])
     assert (r.exit_code, r.output) == \
-        (1, f"error: {bad}: codec 'zstd-magic' is not known (known codecs: compact, topk)\n")
+        (1, f"error: {bad}: codec 'zstd-magic' is not known (known codecs: compact, sampled, topk)\n")
     r = CliRunner().invoke(main, ["verify", str(bad)])
     assert (r.exit_code, r.output) == \
-        (1, f"error: {bad}: codec 'zstd-magic' is not known (known codecs: compact, topk)\n")
+        (1, f"error: {bad}: codec 'zstd-magic' is not known (known codecs: compact, sampled, topk)\n")
 
 
 def test_compact_frames_in_hdf5_at_6_bits(dumper):

@@ -4,9 +4,9 @@ A codec's name and options are recorded in the manifest (``codec``, ``codec_opti
 builds the codec from them with :func:`codec_for` and never guesses. Adding a codec is one file
 here with a ``@register_codec`` class, plus its import line at the bottom of this module.
 
-Shipped: ``topk`` (:mod:`.topk`, the default and format 1's only encoding) and ``compact``
-(:mod:`.compact`, about half the bytes). The ``sampled`` codec's math lives in ``sampled.py``;
-registering it is one class there and one import line below.
+Shipped: ``topk`` (:mod:`.topk`, the default and format 1's only encoding), ``compact``
+(:mod:`.compact`, about half the bytes) and ``sampled`` (:mod:`.sampled`, RS-KD: ids drawn from
+the teacher, an unbiased KD loss; its decoded form is not a top-k triple, see ``triple``).
 """
 
 from __future__ import annotations
@@ -31,21 +31,30 @@ class TargetCodec(abc.ABC):
 
     * ``fields()``: name -> (dtype, trailing shape of one row), the frame axis included. The
       layout makes one array ``<target set>/<name>`` of shape ``[E, N, *trailing]`` per field.
-    * ``encode(logits [..., C])`` runs on the device and returns tensors to copy to the host; it
-      always holds ``values`` and ``stat`` (finite unless the logits were bad: dump checks them).
+    * ``encode(logits [..., C], seeds=None)`` runs on the device and returns tensors to copy to the
+      host; ``finite_rows(encoded)`` -> bool [...] says which rows came from finite logits (dump
+      refuses a batch with any other). ``seeds``: uint64 per row, or a prefix of the leading
+      shape (dump passes [G, B]: one derived seed per target set and view, see
+      :func:`target_set_seeds`); codecs that draw nothing (topk, compact) ignore them.
       ``pack(host arrays)`` turns those, on the host, into exactly the arrays of ``fields()``.
       ``encode_rows(values, indices, stat)`` does both from top-k rows as ``topk_targets`` gives
       them (used by plan and the tests).
-    * ``decode(arrays)`` -> (values float [..., k], indices [..., k], stat float [...]): the
-      triple :func:`logitcache.targets.kd_loss` consumes. Values descending.
-    * ``loss`` and ``dense`` are the KD loss and the dense reconstruction for fidelity; both
-      delegate to :mod:`logitcache.targets` (one KL implementation).
+    * ``decode(arrays)`` -> the codec's decoded form. With ``triple`` (topk, compact) it is
+      (values float [..., k], indices [..., k], stat float [...]), the triple
+      :func:`logitcache.targets.kd_loss` consumes, values descending; otherwise a codec-specific
+      object (sampled: a dict of arrays). Consumers never look inside: ``decoded_arrays(decoded)``
+      names its arrays (the keys of a read block / training batch) and ``from_arrays(batch)``
+      rebuilds the decoded form from those keys of a batch (tensors).
+    * ``loss(student_logits, decoded, kind, temperature)`` and ``dense(decoded)`` are the KD loss
+      and the dense teacher distribution [..., C] for fidelity; topk and compact delegate to
+      :mod:`logitcache.targets` (one KL implementation).
     * ``check(rows)`` -> [(field, problem)] for one chunk of every field (verify), empty when
       the rows are sound.
     * ``row_bytes()``: stored bytes of one view of one target set, uncompressed.
     """
 
     name: ClassVar[str]
+    triple: ClassVar[bool] = True  # decode gives (values, indices, stat): top-k figures apply
 
     def __init__(self, topk: int, num_classes: int, kind: str, frames: int | None = None,
                  options: dict | None = None):
@@ -64,7 +73,11 @@ class TargetCodec(abc.ABC):
     def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]: ...
 
     @abc.abstractmethod
-    def encode(self, logits: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def encode(self, logits: torch.Tensor, seeds=None) -> dict[str, torch.Tensor]: ...
+
+    def finite_rows(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        values, stat = encoded["values"], encoded["stat"]
+        return torch.isfinite(values).all(-1) & torch.isfinite(stat)
 
     @abc.abstractmethod
     def pack(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
@@ -74,6 +87,13 @@ class TargetCodec(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def decoded_arrays(self, decoded) -> dict[str, np.ndarray]:
+        values, indices, stat = decoded
+        return {"values": values, "indices": indices, "stat": stat}
+
+    def from_arrays(self, batch: dict, device=None):
+        return tuple(batch[k].to(device, non_blocking=True) for k in ("values", "indices", "stat"))
 
     @abc.abstractmethod
     def check(self, rows: dict[str, np.ndarray]) -> list[tuple[str, str]]: ...
@@ -93,6 +113,17 @@ class TargetCodec(abc.ABC):
     def chunk_sizing_bytes(self) -> int:
         """Bytes per row that ``choose_chunk_rows`` sizes chunks by."""
         return self.row_bytes()
+
+
+def target_set_seeds(view_seeds, groups: int) -> np.ndarray:
+    """uint64 [groups, B]: one seed per target set (0 = ensemble, then members) and view, derived
+    from the view seeds, so target sets draw independently and a row depends on its view alone
+    (not on the batch it was dumped in)."""
+    from logitcache.codecs.sampled import _signed, splitmix64
+
+    s = torch.from_numpy(np.ascontiguousarray(np.asarray(view_seeds, np.uint64)).view(np.int64))
+    g = torch.arange(groups, dtype=torch.int64)[:, None]
+    return splitmix64(s[None, :] ^ splitmix64(g + _signed(0xD1B54A32D192ED03))).numpy().view(np.uint64)
 
 
 def _np(a) -> np.ndarray:
@@ -118,4 +149,5 @@ def get_codec(name: str) -> type[TargetCodec]:
 
 # The registry: one line per codec file.
 from logitcache.codecs import compact as _compact  # noqa: E402,F401
+from logitcache.codecs import sampled as _sampled  # noqa: E402,F401
 from logitcache.codecs import topk as _topk  # noqa: E402,F401

@@ -446,7 +446,7 @@ class CompactCodec(TargetCodec):
         return {n: (d, (*self.frame, *s)) for n, (d, s) in array_specs(self.k, self.num_classes,
                                                                          self.value_bits).items()}
 
-    def encode(self, logits):
+    def encode(self, logits, seeds=None):
         import torch
 
         from logitcache.targets import topk_targets

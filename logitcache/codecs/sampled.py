@@ -91,6 +91,12 @@ Sampling, reproducibly and on the logits' device
     salt keeps the draws independent of the augmentation draws read from the same seed. Rows are
     processed in blocks of at most ``BLOCK_VALUES`` row x class values, so at C = 151,936 a
     block holds a few float64 [rows, C] temporaries of ~16 MiB each.
+
+In a cache (:class:`SampledCodec`, ``dump --codec sampled --sample-n N [--sample-head H]
+[--sample-temperature T]``): the dump gives each target set of each view its own seed,
+``codecs.target_set_seeds(view seeds, G)`` (ensemble 0, then the members), and frame-level rows
+one sub-stream per frame; the manifest's ``codec_options`` hold ``n``, ``head`` and
+``temperature`` (T_d), and ``train`` warns when its --temperature differs from T_d.
 """
 
 from __future__ import annotations
@@ -368,3 +374,87 @@ def dense(decoded: dict, num_classes: int, kind: str = "multiclass") -> torch.Te
     ids, w = _targets(decoded, kind, num_classes)
     out = torch.zeros(*ids.shape[:-1], num_classes, device=ids.device).scatter_add_(-1, ids, w)
     return out if kind == "multiclass" else out.clamp_(0.0, 1.0)
+
+
+# ---------------------------------------------------------------- the registered codec
+from logitcache import checks  # noqa: E402
+from logitcache.codecs import TargetCodec, register_codec  # noqa: E402
+
+
+def codec_options(n, head=None, temperature=None) -> dict:
+    """The manifest's ``codec_options`` of a sampled dump, each option checked under its CLI name
+    (``head`` < C is checked once the classes are known, by :class:`SampledCodec`)."""
+    if n is None:
+        raise LogitCacheError("--codec sampled needs --sample-n N (ids drawn per row)")
+    return {"n": checks.whole("--sample-n", n, 1, (1 << 16) - 1),
+            "head": checks.whole("--sample-head", 0 if head is None else head, 0),
+            "temperature": checks.real("--sample-temperature", 1.0 if temperature is None else temperature,
+                                       0, above=True)}
+
+
+@register_codec
+class SampledCodec(TargetCodec):
+    """Options ``n`` (draws per row), ``head`` (exact head size), ``temperature`` (T_d).
+
+    ``decode`` gives the dict of :func:`decode` as numpy arrays (ids, counts, weights, entropy,
+    head_ids, head_values), not a top-k triple (``triple`` is False): ``loss`` and ``dense`` are
+    this module's, and fidelity reports no top-k figures for it. The stored ``topk`` is unused."""
+
+    name = "sampled"
+    triple = False
+
+    def __init__(self, topk, num_classes, kind, frames=None, options=None):
+        super().__init__(topk, num_classes, kind, frames, options)
+        o = self.options
+        self.n, self.head, self.temperature = int(o["n"]), int(o.get("head", 0)), float(o.get("temperature", 1.0))
+        checks.whole("--sample-head", self.head, 0, self.num_classes - 1)
+
+    def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        specs = array_specs(self.n, self.num_classes, self.kind, self.head)
+        return {f: (d, (*self.frame, *s)) for f, (d, s) in specs.items()}
+
+    def encode(self, logits: torch.Tensor, seeds=None) -> dict[str, torch.Tensor]:
+        # Non-finite rows are encoded as zeros and flagged by a NaN entropy, so the dump names the
+        # teacher and sample at fault instead of failing inside the sampler.
+        ok = torch.isfinite(logits).all(-1)
+        z = torch.where(ok[..., None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+        out = encode(z, self.n, self.kind, self.temperature, self.head, 0 if seeds is None else seeds)
+        out["entropy"] = torch.where(ok, out["entropy"], torch.full_like(out["entropy"], math.nan))
+        return out
+
+    def finite_rows(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.isfinite(encoded["entropy"])
+
+    def pack(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {f: np.asarray(host[f]).astype(d) for f, (d, _) in self.fields().items()}
+
+    def decode(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in decode(arrays).items()}
+
+    def decoded_arrays(self, decoded) -> dict[str, np.ndarray]:
+        return dict(decoded)
+
+    def from_arrays(self, batch: dict, device=None) -> dict[str, torch.Tensor]:
+        keys = ("ids", "counts", "weights", "entropy") + (("head_ids", "head_values") if self.head else ())
+        return {k: batch[k].to(device, non_blocking=True) for k in keys}
+
+    def check(self, rows: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+        if not {"ids", "counts", "entropy"} <= set(rows):
+            return []  # a field whose chunk could not be read: verify has reported it already
+        try:
+            check(rows, self.num_classes, self.kind)
+        except LogitCacheError as e:
+            msg = str(e).removeprefix("sampled rows: ")
+            field = msg.split(" ", 1)[0]
+            return [(field if field in rows else "ids", msg)]
+        return []
+
+    def loss(self, student_logits: torch.Tensor, decoded, kind: str | None = None,
+             temperature: float = 1.0) -> torch.Tensor:
+        d = {k: torch.as_tensor(v, device=student_logits.device) for k, v in decoded.items()}
+        return loss(student_logits, d, kind or self.kind, temperature)
+
+    def dense(self, decoded, temperature: float = 1.0) -> torch.Tensor:
+        """The stored distribution at the dump temperature (``temperature`` is not applied: the
+        rows hold draws at T_d only)."""
+        return dense({k: torch.as_tensor(v) for k, v in decoded.items()}, self.num_classes, self.kind)

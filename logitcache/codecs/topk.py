@@ -42,7 +42,7 @@ class TopkCodec(TargetCodec):
         f = self.fields()
         return self.row_bytes() - int(np.prod(f["stat"][1], dtype=np.int64)) * 4
 
-    def encode(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, logits: torch.Tensor, seeds=None) -> dict[str, torch.Tensor]:
         values, indices, stat = topk_targets(logits, self.k, self.kind)
         if self.value_dtype == "float16":
             values = values.clamp(-FLOAT16_MAX, FLOAT16_MAX)
