@@ -178,6 +178,8 @@ def test_pickle_payloads_in_a_cache_are_never_unpickled(dumper, dataset, tmp_pat
     with h5py.File(h_manifest, "r+") as f:
         f.attrs["logitcache"] = np.void(payload)
 
+    import torch._dynamo  # noqa: F401  (the first optimizer step imports it, and it unpickles its own config)
+
     unpickled = []
     for name in ("loads", "load"):
         monkeypatch.setattr(pickle, name, lambda *a, _n=name, **k: unpickled.append(_n))
