@@ -11,6 +11,10 @@ and whether a student trained from it matches the ensemble (compare). The CLI pr
 
 Every function returns plain JSON-serialisable dicts (numbers, strings, lists), so ``--json``
 output is the dict itself and the key names are part of the interface (see the README).
+
+This module gathers the public names; the code lives in :mod:`logitcache.reports`, one module
+per concern. The CLI calls them through here, so patching ``logitcache.report.inspect_cache``
+(as the tests do) reaches the CLI too.
 """
 
 from logitcache.reports.compare import compare
@@ -20,5 +24,5 @@ from logitcache.reports.inspect import inspect_cache
 from logitcache.reports.tables import format_table, human_bytes
 from logitcache.reports.verify import verify_cache
 
-__all__ = ["compare", "fidelity", "format_table", "human_bytes", "inspect_cache", "k_grid", "truncate_targets",
-           "verify_cache", "write_cache_report"]
+__all__ = ["compare", "fidelity", "format_table", "human_bytes", "inspect_cache", "k_grid",
+           "truncate_targets", "verify_cache", "write_cache_report"]
