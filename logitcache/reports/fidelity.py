@@ -21,7 +21,7 @@ from logitcache.storage import cache_location
 from logitcache.targets import aggregate, kl_divergence, teacher_probs, topk_targets
 
 
-# ---------------------------------------------------------------- fidelity report: per k', dtype, classes, members
+# ---------------------------------------------------------------- the report part: per k', dtype, classes, members
 TAIL_BINS = [0.0] + [10.0 ** (e / 4) for e in range(-32, 1)]  # tail mass 0, 1e-8 .. 1, four bins a decade
 
 
@@ -236,7 +236,7 @@ def _size_model(cache: Cache):
     return size_of
 
 
-# ---------------------------------------------------------------- fidelity
+# ---------------------------------------------------------------- the summary figures and fidelity()
 def _compare(stored: dict[str, torch.Tensor], logits: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
     """Per-row figures of stored top-k targets vs freshly computed full logits ``[S, (T,) C]``.
 
