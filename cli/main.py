@@ -28,7 +28,8 @@ import click
 import numpy as np
 
 from logitcache import __version__
-from logitcache.dump import PRECISIONS, VALUE_DTYPES
+from logitcache.codecs.topk import VALUE_DTYPES
+from logitcache.device import PRECISIONS
 from logitcache.errors import LogitCacheError, Terminated, sigterm_as_interrupt
 from logitcache.storage import BACKENDS
 from logitcache.targets import AGGREGATIONS, KINDS

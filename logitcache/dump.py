@@ -8,7 +8,6 @@ top-k is taken on the device, and whole chunks go to a background writer.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -24,7 +23,9 @@ from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec,
 from logitcache.cache import (CacheWriter, choose_chunk_rows, existing_cache_message, existing_manifest,
                               stored_content)
 from logitcache.codecs import get_codec, target_set_seeds
+from logitcache.codecs.topk import VALUE_DTYPES
 from logitcache.data import AudioFolder
+from logitcache.device import autocast, resolve_device
 from logitcache.distributed import deal_chunks
 from logitcache.distributed import setup as dist_setup
 from logitcache.errors import LogitCacheError, one_line_worker_errors, quote
@@ -33,37 +34,6 @@ from logitcache.storage import backend_for_new, cache_location, is_url
 from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype
 from logitcache.teachers import Teacher, load_teachers, probe_teachers, run_teachers
 from logitcache.views import DrawnViews, SourceContent, ViewSource, collate_views
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-VALUE_DTYPES = ("float16", "float32")
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in DEVICE_TYPES:  # "meta" and the like hold no data to store
-        raise LogitCacheError(f"--device {spec!r}: not a device logitcache runs on (use auto, cpu, cuda, cuda:N or mps)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LogitCacheError(f"--device {spec}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise LogitCacheError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise LogitCacheError(f"--device {spec}: MPS is not available on this machine")
-    return device
-
-
-def autocast(device: torch.device, precision: str):
-    if precision not in PRECISIONS:
-        raise LogitCacheError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
 
 def default_workers(dev: torch.device) -> int:
     """DataLoader workers making views when ``--workers`` is not given (see README, Performance)."""

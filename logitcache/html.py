@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from logitcache.errors import LogitCacheError
+from logitcache.reports.tables import human_bytes
 
 FLOOR = 1e-12  # log-scale plots draw exact zeros here (a KL of exactly 0 has no logarithm)
 COLOURS = {"stored": "#1f77b4", "float16": "#d62728", "float32": "#2ca02c", "student": "#9467bd",
@@ -107,17 +108,6 @@ def table(rows: list[list], headers: list[str]) -> str:
             cells.append(f'<td class="n">{fmt(x)}</td>' if numeric else f"<td>{fmt(x)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def human_bytes(n: float | None) -> str:
-    """1536 -> '1.5 KiB' (binary units)."""
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _floor(values) -> np.ndarray:

@@ -274,7 +274,7 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     """
     from logitcache.augment import Augmenter, load_ops_spec
     from logitcache.cache import choose_chunk_rows
-    from logitcache.dump import VALUE_DTYPES
+    from logitcache.codecs.topk import VALUE_DTYPES
     from logitcache.codecs import get_codec
     from logitcache.layout import Layout, codec_entries
     from logitcache.storage import BACKENDS

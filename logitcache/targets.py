@@ -1,4 +1,4 @@
-"""Target math shared by dump, training, fidelity and the online-KD reference.
+"""Target math shared by dump, training, fidelity, compare and the online-KD reference.
 
 A stored target row is ``values`` (top-k logits, sorted descending), ``indices`` (their classes)
 and one side statistic ``stat`` that makes the tail exact:
@@ -120,6 +120,36 @@ def kd_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.T
         return kl.mean() * T * T
     target = teacher_probs(values, indices, stat, z.shape[-1], kind, T)
     return F.binary_cross_entropy_with_logits(z / T, target) * T * T
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor, kind: str, *, p_probs: bool = False,
+                  q_probs: bool = False) -> torch.Tensor:
+    """Per-row KL(p || q) over the last axis ``[..., C]``, the figure fidelity and compare report
+    (``kd_loss`` is the training loss). softmax: the sum over classes; sigmoid: the mean over
+    classes of the per-class Bernoulli KL. Each side is logits, or probabilities with
+    ``p_probs``/``q_probs``; these are clamped into [lo, 1] (softmax) or [lo, 1 - hi] (sigmoid),
+    lo and hi at the dtype's resolution (float32: 1e-12, 1e-7; float64: 1e-300, 1e-16), so a
+    class given no mass costs a large finite KL, not an infinite one. Computed in the inputs'
+    dtype; tiny negatives (rounding) read 0."""
+    lp, lp_not, wp, wp_not = _kl_side(p, kind, p_probs)
+    lq, lq_not, _, _ = _kl_side(q, kind, q_probs)
+    if kind == "multiclass":
+        return (wp * (lp - lq)).sum(-1).clamp_min(0.0)
+    return (wp * (lp - lq) + wp_not * (lp_not - lq_not)).mean(-1).clamp_min(0.0)
+
+
+def _kl_side(x: torch.Tensor, kind: str, probs: bool):
+    """(log p, log(1-p), p, 1-p) of one side of :func:`kl_divergence` (the 1-p parts None for softmax)."""
+    lo, hi = (1e-300, 1e-16) if x.dtype == torch.float64 else (1e-12, 1e-7)
+    if kind == "multiclass":
+        if probs:
+            return torch.log(x.clamp(lo, 1.0)), None, x, None
+        logp = F.log_softmax(x, dim=-1)
+        return logp, None, logp.exp(), None
+    if probs:
+        x = x.clamp(lo, 1 - hi)
+        return torch.log(x), torch.log1p(-x), x, 1 - x
+    return F.logsigmoid(x), F.logsigmoid(-x), torch.sigmoid(x), torch.sigmoid(-x)
 
 
 def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:

@@ -7,7 +7,6 @@ targets at a train-time temperature, plus an optional hard-label term weighted b
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import math
@@ -24,80 +23,21 @@ from logitcache import checks
 from logitcache.augment import Augmenter
 from logitcache.cache import Cache, open_cache
 from logitcache.data import AudioFolder
+from logitcache.device import autocast, resolve_device
 from logitcache.distributed import setup as dist_setup
 from logitcache.distributed import shard_bounds
-from logitcache.dump import autocast, cpu_threads, resolve_device, set_threads
+from logitcache.dump import cpu_threads, set_threads
 from logitcache.errors import LogitCacheError, one_line_worker_errors
+from logitcache.metrics import average_precision
 from logitcache.storage import is_url
+from logitcache.students import build_student, check_student_output, load_student  # noqa: F401  (re-exported)
 from logitcache.targets import hard_label_loss, kd_loss
-from logitcache.teachers import first_line, load_state_dict
 from logitcache.views import CacheStream, check_compatible
-
-
-def build_student(spec: str, num_classes: int, sample_rate: int, frames: int | None, seed: int = 0) -> torch.nn.Module:
-    """A zoo name (see ``logitcache.models.list_models``) or ``package.module:callable``.
-
-    Factories receive whichever of ``num_classes``, ``sample_rate``, ``frames`` they accept.
-    """
-    from logitcache import models
-
-    torch.manual_seed(seed)
-    if ":" not in spec:
-        return models.create_model(spec, num_classes=num_classes, sample_rate=sample_rate, frames=frames)
-    from logitcache.teacher_factory import import_callable
-
-    fn = import_callable(spec)  # from sys.path and the current directory, as python -m does
-    offered = {"num_classes": num_classes, "sample_rate": sample_rate, "frames": frames}
-    accepted = inspect.signature(fn).parameters
-    try:
-        model = fn(**{k: v for k, v in offered.items() if k in accepted})
-    except TypeError as e:  # e.g. a required argument that is none of the three offered
-        raise LogitCacheError(f"{spec}: cannot build the student ({first_line(e)}; it is offered "
-                              f"num_classes, sample_rate and frames)") from None
-    if not isinstance(model, torch.nn.Module):
-        raise LogitCacheError(f"{spec}: returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def _shape_words(shape: tuple[int, ...]) -> str:
-    if len(shape) == 2:
-        return f"[B, C={shape[1]}] (clip level)"
-    if len(shape) == 3:
-        return f"[B, T={shape[1]}, C={shape[2]}] (frame level)"
-    return f"{list(shape)} (neither [B, C] nor [B, T, C])"
-
-
-def check_student_output(model: torch.nn.Module, spec: str, cache: Cache, clip_samples: int,
-                         device: torch.device) -> None:
-    """Refuse a student whose output does not have the shape of the cache's targets: a clip-level
-    student on frame-level targets (or the reverse), or another class count. The student runs
-    once on one clip of silence, before any training step."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        shape = tuple(model(torch.zeros(1, clip_samples, device=device)).shape)
-    model.train(was_training)
-    C, T = len(cache.classes), cache.frames
-    want = (1, C) if T is None else (1, T, C)
-    if shape != want:
-        targets = f"clip-level targets [B, C={C}]" if T is None else f"frame-level targets [B, T={T}, C={C}]"
-        raise LogitCacheError(f"student {spec} outputs {_shape_words(shape)} but cache {cache.path} holds {targets}")
 
 
 def _stored_path(path: str | Path) -> str:
     """A path for config.json: absolute, so the run can be compared from any folder (URLs as given)."""
     return str(path) if is_url(path) else str(Path(path).resolve())
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-class AP ``[C]`` (NaN for classes without positives), ties broken by order."""
-    order = np.argsort(-scores, axis=0, kind="stable")
-    y = np.take_along_axis(labels > 0.5, order, axis=0)
-    hits = np.cumsum(y, axis=0)
-    precision = hits / np.arange(1, len(y) + 1)[:, None]
-    positives = y.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(positives > 0, (precision * y).sum(0) / positives, np.nan)
 
 
 @torch.no_grad()
@@ -421,11 +361,3 @@ def _rank_sum(ctx, values: list[float], dev: torch.device) -> list[float]:
 
 def _rank_mean(ctx, value: float, dev: torch.device) -> float:
     return value if not ctx.active else _rank_sum(ctx, [value], dev)[0] / ctx.world
-
-
-def load_student(run_dir: str | Path, student: str, num_classes: int, sample_rate: int,
-                 frames: int | None = None) -> torch.nn.Module:
-    """A trained student from ``run_dir/checkpoint.pt`` (loaded with ``weights_only=True``)."""
-    model = build_student(student, num_classes, sample_rate, frames)
-    model.load_state_dict(load_state_dict(Path(run_dir) / "checkpoint.pt"))
-    return model.eval()

@@ -1,0 +1,71 @@
+"""Students: building one from a zoo name or a ``module:callable`` factory, checking its output
+shape against a cache, and loading a trained one from a run folder. Used by train and compare."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+from logitcache.cache import Cache
+from logitcache.errors import LogitCacheError
+from logitcache.teachers import first_line, load_state_dict
+
+
+def build_student(spec: str, num_classes: int, sample_rate: int, frames: int | None, seed: int = 0) -> torch.nn.Module:
+    """A zoo name (see ``logitcache.models.list_models``) or ``package.module:callable``.
+
+    Factories receive whichever of ``num_classes``, ``sample_rate``, ``frames`` they accept.
+    """
+    from logitcache import models
+
+    torch.manual_seed(seed)
+    if ":" not in spec:
+        return models.create_model(spec, num_classes=num_classes, sample_rate=sample_rate, frames=frames)
+    from logitcache.teacher_factory import import_callable
+
+    fn = import_callable(spec)  # from sys.path and the current directory, as python -m does
+    offered = {"num_classes": num_classes, "sample_rate": sample_rate, "frames": frames}
+    accepted = inspect.signature(fn).parameters
+    try:
+        model = fn(**{k: v for k, v in offered.items() if k in accepted})
+    except TypeError as e:  # e.g. a required argument that is none of the three offered
+        raise LogitCacheError(f"{spec}: cannot build the student ({first_line(e)}; it is offered "
+                              f"num_classes, sample_rate and frames)") from None
+    if not isinstance(model, torch.nn.Module):
+        raise LogitCacheError(f"{spec}: returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _shape_words(shape: tuple[int, ...]) -> str:
+    if len(shape) == 2:
+        return f"[B, C={shape[1]}] (clip level)"
+    if len(shape) == 3:
+        return f"[B, T={shape[1]}, C={shape[2]}] (frame level)"
+    return f"{list(shape)} (neither [B, C] nor [B, T, C])"
+
+
+def check_student_output(model: torch.nn.Module, spec: str, cache: Cache, clip_samples: int,
+                         device: torch.device) -> None:
+    """Refuse a student whose output does not have the shape of the cache's targets: a clip-level
+    student on frame-level targets (or the reverse), or another class count. The student runs
+    once on one clip of silence, before any training step."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        shape = tuple(model(torch.zeros(1, clip_samples, device=device)).shape)
+    model.train(was_training)
+    C, T = len(cache.classes), cache.frames
+    want = (1, C) if T is None else (1, T, C)
+    if shape != want:
+        targets = f"clip-level targets [B, C={C}]" if T is None else f"frame-level targets [B, T={T}, C={C}]"
+        raise LogitCacheError(f"student {spec} outputs {_shape_words(shape)} but cache {cache.path} holds {targets}")
+
+
+def load_student(run_dir: str | Path, student: str, num_classes: int, sample_rate: int,
+                 frames: int | None = None) -> torch.nn.Module:
+    """A trained student from ``run_dir/checkpoint.pt`` (loaded with ``weights_only=True``)."""
+    model = build_student(student, num_classes, sample_rate, frames)
+    model.load_state_dict(load_state_dict(Path(run_dir) / "checkpoint.pt"))
+    return model.eval()
