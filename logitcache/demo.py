@@ -2,11 +2,17 @@
 
 synthetic data -> three small, different teachers trained on labels and exported (.pt2)
 -> dump a cache -> a student distilled from the cache, and one trained on labels alone
-(same replayed views) -> a table of mAP, cache size and throughput.
+(same replayed views) -> a table of mAP, cache size and throughput -> report.html.
+
+``quick=True`` runs the same steps on a few clips for one epoch each (seconds; used by the tests).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +25,7 @@ from logitcache import models
 from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
 from logitcache.data import AudioFolder
 from logitcache.dump import dump
+from logitcache.errors import LogitCacheError
 from logitcache.synth import make_splits
 from logitcache.targets import aggregate, hard_label_loss
 from logitcache.train import average_precision, train
@@ -26,10 +33,18 @@ from logitcache.views import DrawnViews, ViewSource, collate_views
 
 TEACHERS = ("cnn_small", "crnn_small", "transformer_tiny")
 STUDENT = "cnn_tiny"
+# the demo's two sizes; keyword arguments of run_demo override single settings
+SIZES = {
+    "full": dict(n_train=400, n_eval=200, clip_seconds=1.0, teacher_epochs=12, dump_epochs=6, student_epochs=12,
+                 batch_size=32),
+    "quick": dict(n_train=16, n_eval=8, clip_seconds=0.5, teacher_epochs=1, dump_epochs=1, student_epochs=1,
+                  batch_size=8),
+}
 
 
 def fit_on_labels(model: torch.nn.Module, folder: AudioFolder, augmenter: Augmenter, epochs: int, seed: int,
-                  batch_size: int = 32, lr: float = 2e-3, progress: bool = True, desc: str = "teacher") -> torch.nn.Module:
+                  batch_size: int = 32, lr: float = 2e-3, num_workers: int = 0, progress: bool = True,
+                  desc: str = "teacher") -> torch.nn.Module:
     """Plain supervised training with freshly drawn augmentations (how the demo's teachers are made)."""
     source, hashes = ViewSource(folder, augmenter), id_hashes(folder.ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -38,7 +53,8 @@ def fit_on_labels(model: torch.nn.Module, folder: AudioFolder, augmenter: Augmen
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True):
         order = epoch_order(seed, epoch, hashes)
         views = DrawnViews(source, order, view_seeds(seed, epoch, hashes)[order])
-        for wave, params, pos in DataLoader(views, batch_size=batch_size, collate_fn=collate_views):
+        for wave, params, pos in DataLoader(views, batch_size=batch_size, collate_fn=collate_views,
+                                            num_workers=num_workers):
             labels = torch.from_numpy(np.stack([source.labels(order[p], {k: v[i] for k, v in params.items()})
                                                 for i, p in enumerate(pos)]))
             loss = hard_label_loss(model(wave), labels, "multilabel")
@@ -63,87 +79,133 @@ def mean_ap(logits: torch.Tensor, folder: AudioFolder) -> float:
     return float(np.nanmean(average_precision(logits.numpy(), folder.labels)))
 
 
-def run_demo(out_dir: str | Path = "demo_out", *, n_train: int = 600, n_eval: int = 240, clip_seconds: float = 2.0,
-             teacher_epochs: int = 24, dump_epochs: int = 8, student_epochs: int = 24, topk: int = 5,
-             progress: bool = True) -> dict:
-    """Run the demo; returns the figures it prints (also written to ``out_dir/summary.json``)."""
+@contextlib.contextmanager
+def _threads(n: int):
+    # the DataLoader worker that makes views takes one core; more intra-op threads than the cores
+    # left only make the two fight over them
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _settings(quick: bool, overrides: dict) -> dict:
+    s = dict(SIZES["quick" if quick else "full"])
+    unknown = set(overrides) - set(s)
+    if unknown:
+        raise LogitCacheError(f"run_demo: unknown setting(s) {sorted(unknown)}; known: {sorted(s)}")
+    return {**s, **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def _fresh_inputs(out: Path, stamp: dict) -> bool:
+    """True when ``out`` holds data and teachers made with these settings (a re-run reuses them)."""
+    path = out / "demo_settings.json"
+    return path.is_file() and json.loads(path.read_text()) == stamp
+
+
+def run_demo(out_dir: str | Path = "demo_out", *, quick: bool = False, seed: int = 0, topk: int = 5,
+             progress: bool = True, **sizes) -> dict:
+    """Run the demo; returns the figures it prints (also written to ``out_dir/summary.json``).
+
+    ``sizes`` override single entries of :data:`SIZES` (n_train, n_eval, clip_seconds,
+    teacher_epochs, dump_epochs, student_epochs, batch_size). ``seed`` changes the data, the
+    teachers' initialisation, the dump's views and the students' initialisation."""
+    s = _settings(quick, sizes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    workers = 1 if (os.cpu_count() or 1) > 1 else 0
+    with _threads(max(1, (os.cpu_count() or 1) - workers)):
+        return _run(out, s, seed, topk, workers, progress)
+
+
+def _run(out: Path, s: dict, seed: int, topk: int, workers: int, progress: bool) -> dict:
     say = tqdm.write if progress else (lambda *_: None)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     data = out / "data"
-    if not (data / "train" / "labels.csv").is_file():
-        say(f"[1/5] synthesising {n_train}+{n_eval} clips of {clip_seconds:g} s -> {data}")
-        make_splits(data, n_train=n_train, n_eval=n_eval, clip_seconds=clip_seconds, seed=0)
+    stamp = {k: s[k] for k in ("n_train", "n_eval", "clip_seconds", "teacher_epochs", "batch_size")} | {"seed": seed}
+    reuse = _fresh_inputs(out, stamp)
+    if not reuse:
+        (out / "demo_settings.json").unlink(missing_ok=True)  # written again once data and teachers are made
+        say(f"[1/6] synthesising {s['n_train']}+{s['n_eval']} clips of {s['clip_seconds']:g} s -> {data}")
+        make_splits(data, n_train=s["n_train"], n_eval=s["n_eval"], clip_seconds=s["clip_seconds"], seed=seed,
+                    overwrite=True)
     train_set, eval_set = AudioFolder(data / "train"), AudioFolder(data / "eval")
     sr = train_set.default_sample_rate
-    augmenter = Augmenter(load_ops_spec("ced"), sr, clip_seconds)
+    augmenter = Augmenter(load_ops_spec("ced"), sr, s["clip_seconds"])
     C = len(train_set.classes)
 
-    say(f"[2/5] training {len(TEACHERS)} teachers on labels: {', '.join(TEACHERS)}")
+    say(f"[2/6] training {len(TEACHERS)} teachers on labels: {', '.join(TEACHERS)}")
     teacher_files, teacher_logits, rows = [], [], []
     for i, name in enumerate(TEACHERS):
         path = out / "teachers" / f"{name}.pt2"
-        model = models.create_model(name, num_classes=C, sample_rate=sr)
-        if path.is_file():
+        if reuse and path.is_file():
             model = torch.export.load(str(path)).module()
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fit_on_labels(model, train_set, augmenter, teacher_epochs, seed=100 + i, progress=progress, desc=name)
+            model = models.create_model(name, num_classes=C, sample_rate=sr, seed=10 * seed + i)
+            fit_on_labels(model, train_set, augmenter, s["teacher_epochs"], seed=100 + 10 * seed + i,
+                          batch_size=s["batch_size"], num_workers=workers, progress=progress, desc=name)
             models.export_model(model, path, sr, augmenter.clip_samples)
         teacher_files.append(str(path))
         logits = clip_logits(model, eval_set, augmenter)
         teacher_logits.append(logits)
         rows.append((f"teacher {name}", mean_ap(logits, eval_set)))
+    (out / "demo_settings.json").write_text(json.dumps(stamp, indent=2))
     rows.append(("ensemble (mean prob)", mean_ap(aggregate(teacher_logits, "multilabel"), eval_set)))
 
-    say(f"[3/5] dumping {dump_epochs} epochs x {len(train_set)} views, top-{topk} of {C} classes")
+    E = s["dump_epochs"]
+    say(f"[3/6] dumping {E} epochs x {len(train_set)} views, top-{topk} of {C} classes")
     cache_path = out / "cache.zarr"
-    if cache_path.exists():
-        import shutil
-
-        shutil.rmtree(cache_path)
+    shutil.rmtree(cache_path, ignore_errors=True)
     started = time.perf_counter()
-    dump(data / "train", teacher_files, cache_path, epochs=dump_epochs, topk=topk, augment="ced", progress=progress)
-    dump_rate = dump_epochs * len(train_set) / (time.perf_counter() - started)
-    from logitcache.report import inspect_cache
+    dump(data / "train", teacher_files, cache_path, epochs=E, topk=topk, augment="ced", seed=seed,
+         batch_size=s["batch_size"], num_workers=workers, progress=progress)
+    dump_rate = E * len(train_set) / (time.perf_counter() - started)
+    from logitcache.report import inspect_cache, write_cache_report
 
     size = inspect_cache(cache_path)
 
-    say(f"[4/5] student {STUDENT} from the cache ({student_epochs} epochs)")
-    kd = train(cache_path, data / "train", STUDENT, out / "student_kd", epochs=student_epochs,
-               eval_data=data / "eval", progress=progress)
-    say(f"[5/5] student {STUDENT} from labels alone (same replayed views)")
-    hard = train(cache_path, data / "train", STUDENT, out / "student_labels", epochs=student_epochs, alpha=1.0,
-                 eval_data=data / "eval", progress=progress)
-    rows += [(f"student {STUDENT} from cache (KD)", kd["eval_mAP"]), (f"student {STUDENT} from labels", hard["eval_mAP"])]
+    students = {}
+    for step, (label, run, alpha) in enumerate([("from the cache (KD)", "student_kd", 0.0),
+                                                ("from labels alone (same replayed views)", "student_labels", 1.0)]):
+        say(f"[{4 + step}/6] student {STUDENT} {label}, {s['student_epochs']} epochs")
+        students[run] = train(cache_path, data / "train", STUDENT, out / run, epochs=s["student_epochs"],
+                              batch_size=s["batch_size"], alpha=alpha, eval_data=data / "eval", seed=seed,
+                              num_workers=workers, progress=progress)
+    kd = students["student_kd"]
+    rows += [(f"student {STUDENT} from cache (KD)", kd["eval_mAP"]),
+             (f"student {STUDENT} from labels", students["student_labels"]["eval_mAP"])]
 
     summary = {
         "mAP": dict(rows),
+        "seed": seed,
         "cache_bytes": size["bytes_on_disk"],
         "bytes_per_sample_epoch": size["bytes_per_sample_epoch"],
         "share_of_audio": size["share_of_audio"],
         "dump_views_per_s": round(dump_rate, 1),
         "train_views_per_s": kd["samples_per_s"],
-        "epochs_stored": dump_epochs,
+        "epochs_stored": E,
         "topk": topk,
         "classes": C,
     }
-    import json
-
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = ["", f"{'model':<36} {'eval mAP':>9}", "-" * 46]
-    lines += [f"{name:<36} {value:>9.3f}" for name, value in rows]
-    lines += ["-" * 46,
-              f"cache: {size['bytes_on_disk'] / 1e6:.2f} MB on disk, {size['bytes_per_sample_epoch']:.1f} B per "
-              f"sample-epoch ({100 * size['share_of_audio']:.2f}% of the audio), {dump_epochs} epochs, top-{topk}/{C}",
-              f"dump: {dump_rate:.0f} views/s ({len(TEACHERS)} teachers); train from cache: "
-              f"{kd['samples_per_s']:.0f} views/s", ""]
-    print("\n".join(lines))
-    from logitcache.report import write_cache_report
-
+    print(_table(rows, summary))
+    say("[6/6] report: inspect, fidelity, student vs ensemble")
     report = write_cache_report(out / "report.html", cache_path, data / "train", teacher_files,
                                 run=out / "student_kd", eval_data=data / "eval", progress=progress)
     summary["report"] = report["html"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"report: {report['html']}")
     return summary
+
+
+def _table(rows: list[tuple[str, float]], summary: dict) -> str:
+    lines = ["", f"{'model':<36} {'eval mAP':>9}", "-" * 46]
+    lines += [f"{name:<36} {value:>9.3f}" for name, value in rows]
+    lines += ["-" * 46,
+              f"cache: {summary['cache_bytes'] / 1e6:.2f} MB on disk, {summary['bytes_per_sample_epoch']:.1f} B per "
+              f"sample-epoch ({100 * summary['share_of_audio']:.2f}% of the audio), {summary['epochs_stored']} epochs, "
+              f"top-{summary['topk']}/{summary['classes']}",
+              f"dump: {summary['dump_views_per_s']:.0f} views/s ({len(TEACHERS)} teachers); train from cache: "
+              f"{summary['train_views_per_s']:.0f} views/s", ""]
+    return "\n".join(lines)
