@@ -47,8 +47,8 @@ def fit_on_labels(models_: list[torch.nn.Module], folder: AudioFolder, augmenter
                   progress: bool = True) -> list[torch.nn.Module]:
     """Plain supervised training on views freshly drawn by ``augmenter`` (how the demo's teachers are made).
 
-    All models step on the same batches: decoding and augmenting each view once, not once per model,
-    saves a third of the teachers' time, and their architectures and initialisations differ anyway."""
+    All models step on the same batches, so each view is decoded and augmented once, not once per
+    model; their architectures and initialisations differ, which is what the ensemble needs."""
     source, hashes = ViewSource(folder, augmenter), id_hashes(folder.ids)
     steps = epochs * -(-len(folder) // batch_size)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=1e-4) for m in models_]
