@@ -105,12 +105,6 @@ def _settings(quick: bool, overrides: dict) -> dict:
     return {**s, **{k: v for k, v in overrides.items() if v is not None}}
 
 
-def _fresh_inputs(out: Path, stamp: dict) -> bool:
-    """True when ``out`` holds data and teachers made with these settings (a re-run reuses them)."""
-    path = out / "demo_settings.json"
-    return path.is_file() and json.loads(path.read_text()) == stamp
-
-
 def run_demo(out_dir: str | Path = "demo_out", *, quick: bool = False, seed: int = 0, topk: int = 5,
              progress: bool = True, **sizes) -> dict:
     """Run the demo; returns the figures it prints (also written to ``out_dir/summary.json``).
@@ -132,40 +126,9 @@ def _run(out: Path, s: dict, seed: int, topk: int, workers: int, progress: bool)
     say = tqdm.write if progress else (lambda *_: None)
     torch.manual_seed(seed)
     data = out / "data"
-    stamp = {k: s[k] for k in ("n_train", "n_eval", "clip_seconds", "teacher_epochs", "teacher_lr", "batch_size")}
-    stamp["seed"] = seed
-    reuse = _fresh_inputs(out, stamp)
-    if not reuse:
-        (out / "demo_settings.json").unlink(missing_ok=True)  # written again once data and teachers are made
-        say(f"[1/6] synthesising {s['n_train']}+{s['n_eval']} clips of {s['clip_seconds']:g} s -> {data}")
-        make_splits(data, n_train=s["n_train"], n_eval=s["n_eval"], clip_seconds=s["clip_seconds"], seed=seed,
-                    overwrite=True)
-    train_set, eval_set = AudioFolder(data / "train"), AudioFolder(data / "eval")
-    sr = train_set.default_sample_rate
-    augmenter = Augmenter(load_ops_spec("ced"), sr, s["clip_seconds"])
-    C = len(train_set.classes)
-
-    say(f"[2/6] training {len(TEACHERS)} teachers on labels: {', '.join(TEACHERS)}")
-    teacher_files = [out / "teachers" / f"{name}.pt2" for name in TEACHERS]
-    if reuse and all(p.is_file() for p in teacher_files):
-        teachers = [torch.export.load(str(p)).module() for p in teacher_files]
-    else:
-        teachers = [models.create_model(name, num_classes=C, sample_rate=sr, seed=10 * seed + i)
-                    for i, name in enumerate(TEACHERS)]
-        # plain clips: in a dozen short epochs, masked views whose labels still name the masked event
-        # teach these teachers less than clean clips do (ensemble mAP 0.57 vs 0.74 in a trial)
-        plain = Augmenter(load_ops_spec("none"), sr, s["clip_seconds"])
-        fit_on_labels(teachers, train_set, plain, s["teacher_epochs"], seed=100 + seed, lr=s["teacher_lr"],
-                      batch_size=s["batch_size"], num_workers=workers, progress=progress)
-        for model, path in zip(teachers, teacher_files):
-            models.export_model(model, path, sr, augmenter.clip_samples)
-    teacher_logits = [clip_logits(m, eval_set, augmenter) for m in teachers]
-    rows = [(f"teacher {name}", mean_ap(z, eval_set)) for name, z in zip(TEACHERS, teacher_logits)]
-    teacher_files = [str(p) for p in teacher_files]
-    (out / "demo_settings.json").write_text(json.dumps(stamp, indent=2))
-    rows.append(("ensemble (mean prob)", mean_ap(aggregate(teacher_logits, "multilabel"), eval_set)))
-
-    E = s["dump_epochs"]
+    teacher_files, rows = _data_and_teachers(out, s, seed, workers, progress, say)
+    train_set = AudioFolder(data / "train")
+    C, E = len(train_set.classes), s["dump_epochs"]
     say(f"[3/6] dumping {E} epochs x {len(train_set)} views, top-{topk} of {C} classes")
     cache_path = out / "cache.zarr"
     shutil.rmtree(cache_path, ignore_errors=True)
@@ -176,18 +139,15 @@ def _run(out: Path, s: dict, seed: int, topk: int, workers: int, progress: bool)
     from logitcache.report import inspect_cache, write_cache_report
 
     size = inspect_cache(cache_path)
-
     students = {}
     for step, (label, run, alpha) in enumerate([("from the cache (KD)", "student_kd", 0.0),
                                                 ("from labels alone (same replayed views)", "student_labels", 1.0)]):
         say(f"[{4 + step}/6] student {STUDENT} {label}, {s['student_epochs']} epochs")
         students[run] = train(cache_path, data / "train", STUDENT, out / run, epochs=s["student_epochs"],
-                              batch_size=s["batch_size"], lr=s["student_lr"], alpha=alpha, eval_data=data / "eval", seed=seed,
-                              num_workers=workers, progress=progress)
-    kd = students["student_kd"]
-    rows += [(f"student {STUDENT} from cache (KD)", kd["eval_mAP"]),
+                              batch_size=s["batch_size"], lr=s["student_lr"], alpha=alpha,
+                              eval_data=data / "eval", seed=seed, num_workers=workers, progress=progress)
+    rows += [(f"student {STUDENT} from cache (KD)", students["student_kd"]["eval_mAP"]),
              (f"student {STUDENT} from labels", students["student_labels"]["eval_mAP"])]
-
     summary = {
         "mAP": dict(rows),
         "seed": seed,
@@ -195,7 +155,7 @@ def _run(out: Path, s: dict, seed: int, topk: int, workers: int, progress: bool)
         "bytes_per_sample_epoch": size["bytes_per_sample_epoch"],
         "share_of_audio": size["share_of_audio"],
         "dump_views_per_s": round(dump_rate, 1),
-        "train_views_per_s": kd["samples_per_s"],
+        "train_views_per_s": students["student_kd"]["samples_per_s"],
         "epochs_stored": E,
         "topk": topk,
         "classes": C,
@@ -208,6 +168,44 @@ def _run(out: Path, s: dict, seed: int, topk: int, workers: int, progress: bool)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"report: {report['html']}")
     return summary
+
+
+def _data_and_teachers(out: Path, s: dict, seed: int, workers: int, progress: bool, say
+                       ) -> tuple[list[str], list[tuple[str, float]]]:
+    """Synthesise the data and train and export the teachers, or reuse those an earlier run with the
+    same settings left in ``out``; returns the teacher files and the teachers' and ensemble's rows."""
+    data = out / "data"
+    stamp = {k: s[k] for k in ("n_train", "n_eval", "clip_seconds", "teacher_epochs", "teacher_lr", "batch_size")}
+    stamp["seed"] = seed
+    stamp_file = out / "demo_settings.json"
+    reuse = stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp
+    if not reuse:
+        stamp_file.unlink(missing_ok=True)  # written again once data and teachers are made
+        say(f"[1/6] synthesising {s['n_train']}+{s['n_eval']} clips of {s['clip_seconds']:g} s -> {data}")
+        make_splits(data, n_train=s["n_train"], n_eval=s["n_eval"], clip_seconds=s["clip_seconds"], seed=seed,
+                    overwrite=True)
+    train_set, eval_set = AudioFolder(data / "train"), AudioFolder(data / "eval")
+    sr, C = train_set.default_sample_rate, len(train_set.classes)
+    augmenter = Augmenter(load_ops_spec("ced"), sr, s["clip_seconds"])
+    say(f"[2/6] training {len(TEACHERS)} teachers on labels: {', '.join(TEACHERS)}")
+    files = [out / "teachers" / f"{name}.pt2" for name in TEACHERS]
+    if reuse and all(p.is_file() for p in files):
+        teachers = [torch.export.load(str(p)).module() for p in files]
+    else:
+        teachers = [models.create_model(name, num_classes=C, sample_rate=sr, seed=10 * seed + i)
+                    for i, name in enumerate(TEACHERS)]
+        # plain clips: in a dozen short epochs, masked views whose labels still name the masked event
+        # teach these teachers less than clean clips do (ensemble mAP 0.57 vs 0.74 in a trial)
+        plain = Augmenter(load_ops_spec("none"), sr, s["clip_seconds"])
+        fit_on_labels(teachers, train_set, plain, s["teacher_epochs"], seed=100 + seed, lr=s["teacher_lr"],
+                      batch_size=s["batch_size"], num_workers=workers, progress=progress)
+        for model, path in zip(teachers, files):
+            models.export_model(model, path, sr, augmenter.clip_samples)
+    stamp_file.write_text(json.dumps(stamp, indent=2))
+    logits = [clip_logits(m, eval_set, augmenter) for m in teachers]
+    rows = [(f"teacher {name}", mean_ap(z, eval_set)) for name, z in zip(TEACHERS, logits)]
+    rows.append(("ensemble (mean prob)", mean_ap(aggregate(logits, "multilabel"), eval_set)))
+    return [str(p) for p in files], rows
 
 
 def _table(rows: list[tuple[str, float]], summary: dict) -> str:
