@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,6 +37,7 @@ from logitcache.train import average_precision, train
 from logitcache.views import DrawnViews, ViewSource, collate_views
 
 TEACHERS = ("cnn_small", "crnn_small", "transformer_tiny")
+TEACHER_GROUPS = (("cnn_small", "transformer_tiny"), ("crnn_small",))  # two side-by-side jobs of similar cost
 STUDENT = "cnn_tiny"
 # the demo's two sizes; keyword arguments of run_demo override single settings
 SIZES = {
@@ -87,14 +93,42 @@ def mean_ap(logits: torch.Tensor, folder: AudioFolder) -> float:
 
 @contextlib.contextmanager
 def _threads(n: int):
-    # the DataLoader worker that makes views takes one core; more intra-op threads than the cores
-    # left only make the two fight over them
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class _Cores:
+    """How a step shares the machine's cores among ``jobs`` processes.
+
+    The two students, and two groups of teachers, train side by side in forked processes: the
+    models are small, so one intra-op thread each keeps a core busy, where two threads on one model
+    mostly wait for each other (5x slower on a loaded 2-core box). A DataLoader worker making views
+    takes one core of a job's share; intra-op threads get the rest."""
+
+    jobs: int
+    workers: int
+    threads: int
+
+    @classmethod
+    def split(cls, cores: int, jobs: int, quick: bool) -> "_Cores":
+        share = max(1, cores // jobs)
+        if quick:  # a worker, or a second thread, costs more than it saves on a few clips
+            return cls(min(jobs, cores), 0, 1)
+        workers = 1 if share > 1 else 0
+        return cls(min(jobs, cores), workers, max(1, share - workers))
+
+
+def _side_by_side(fn: Callable, calls: list[dict], jobs: int) -> list:
+    """``[fn(**kw) for kw in calls]``, in up to ``jobs`` forked processes (Linux; one by one elsewhere)."""
+    if jobs < 2 or len(calls) < 2 or sys.platform != "linux":
+        return [fn(**kw) for kw in calls]
+    with ProcessPoolExecutor(min(jobs, len(calls)), mp_context=mp.get_context("fork")) as pool:
+        return [f.result() for f in [pool.submit(fn, **kw) for kw in calls]]
 
 
 def _settings(quick: bool, overrides: dict) -> dict:
@@ -110,44 +144,48 @@ def run_demo(out_dir: str | Path = "demo_out", *, quick: bool = False, seed: int
     """Run the demo; returns the figures it prints (also written to ``out_dir/summary.json``).
 
     ``sizes`` override single entries of :data:`SIZES` (n_train, n_eval, clip_seconds,
-    teacher_epochs, dump_epochs, student_epochs, batch_size). ``seed`` changes the data, the
-    teachers' initialisation, the dump's views and the students' initialisation."""
+    teacher_epochs, dump_epochs, student_epochs, batch_size, teacher_lr, student_lr). ``seed``
+    changes the data, the teachers' initialisation, the dump's views and the students'
+    initialisation. The figures do not depend on the number of cores."""
     s = _settings(quick, sizes)
     if seed < 0:
         raise LogitCacheError(f"--seed {seed}: must be 0 or more")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    workers = 1 if (os.cpu_count() or 1) > 1 and not quick else 0  # a worker costs more than a few clips
-    with _threads(max(1, (os.cpu_count() or 1) - workers)):
-        return _run(out, s, seed, topk, workers, progress)
+    cores = os.cpu_count() or 1
+    with _threads(1):
+        return _run(out, s, seed, topk, progress, _Cores.split(cores, 2, quick), _Cores.split(cores, 1, quick))
 
 
-def _run(out: Path, s: dict, seed: int, topk: int, workers: int, progress: bool) -> dict:
+def _run(out: Path, s: dict, seed: int, topk: int, progress: bool, pair: _Cores, whole: _Cores) -> dict:
+    """``pair``: how side-by-side trainings share the cores; ``whole``: how the dump uses them all."""
     say = tqdm.write if progress else (lambda *_: None)
     torch.manual_seed(seed)
     data = out / "data"
-    teacher_files, rows = _data_and_teachers(out, s, seed, workers, progress, say)
+    teacher_files, rows = _data_and_teachers(out, s, seed, progress, say, pair)
     train_set = AudioFolder(data / "train")
     C, E = len(train_set.classes), s["dump_epochs"]
-    say(f"[3/6] dumping {E} epochs x {len(train_set)} views, top-{topk} of {C} classes")
+    say(f"[3/5] dumping {E} epochs x {len(train_set)} views, top-{topk} of {C} classes")
     cache_path = out / "cache.zarr"
     shutil.rmtree(cache_path, ignore_errors=True)
     started = time.perf_counter()
-    dump(data / "train", teacher_files, cache_path, epochs=E, topk=topk, augment="ced", seed=seed,
-         batch_size=s["batch_size"], num_workers=workers, progress=progress)
+    with _threads(whole.threads):
+        dump(data / "train", teacher_files, cache_path, epochs=E, topk=topk, augment="ced", seed=seed,
+             batch_size=s["batch_size"], num_workers=whole.workers, progress=progress)
     dump_rate = E * len(train_set) / (time.perf_counter() - started)
     from logitcache.report import inspect_cache, write_cache_report
 
     size = inspect_cache(cache_path)
-    students = {}
-    for step, (label, run, alpha) in enumerate([("from the cache (KD)", "student_kd", 0.0),
-                                                ("from labels alone (same replayed views)", "student_labels", 1.0)]):
-        say(f"[{4 + step}/6] student {STUDENT} {label}, {s['student_epochs']} epochs")
-        students[run] = train(cache_path, data / "train", STUDENT, out / run, epochs=s["student_epochs"],
-                              batch_size=s["batch_size"], lr=s["student_lr"], alpha=alpha,
-                              eval_data=data / "eval", seed=seed, num_workers=workers, progress=progress)
-    rows += [(f"student {STUDENT} from cache (KD)", students["student_kd"]["eval_mAP"]),
-             (f"student {STUDENT} from labels", students["student_labels"]["eval_mAP"])]
+    say(f"[4/5] student {STUDENT}, {s['student_epochs']} epochs: from the cache (KD) and, side by side, "
+        f"from labels alone (same replayed views)")
+    common = dict(cache=cache_path, data=data / "train", student=STUDENT, epochs=s["student_epochs"],
+                  batch_size=s["batch_size"], lr=s["student_lr"], eval_data=data / "eval", seed=seed,
+                  num_workers=pair.workers, threads=pair.threads)
+    kd, labels = _side_by_side(_student_job, [
+        dict(common, out=out / "student_kd", alpha=0.0, progress=progress),
+        dict(common, out=out / "student_labels", alpha=1.0, progress=progress and pair.jobs < 2)], pair.jobs)
+    rows += [(f"student {STUDENT} from cache (KD)", kd["eval_mAP"]),
+             (f"student {STUDENT} from labels", labels["eval_mAP"])]
     summary = {
         "mAP": dict(rows),
         "seed": seed,
@@ -155,13 +193,13 @@ def _run(out: Path, s: dict, seed: int, topk: int, workers: int, progress: bool)
         "bytes_per_sample_epoch": size["bytes_per_sample_epoch"],
         "share_of_audio": size["share_of_audio"],
         "dump_views_per_s": round(dump_rate, 1),
-        "train_views_per_s": students["student_kd"]["samples_per_s"],
+        "train_views_per_s": kd["samples_per_s"],
         "epochs_stored": E,
         "topk": topk,
         "classes": C,
     }
     print(_table(rows, summary))
-    say("[6/6] report: inspect, fidelity, student vs ensemble")
+    say("[5/5] report: inspect, fidelity, student vs ensemble")
     report = write_cache_report(out / "report.html", cache_path, data / "train", teacher_files,
                                 run=out / "student_kd", eval_data=data / "eval", progress=progress)
     summary["report"] = report["html"]
@@ -170,7 +208,31 @@ def _run(out: Path, s: dict, seed: int, topk: int, workers: int, progress: bool)
     return summary
 
 
-def _data_and_teachers(out: Path, s: dict, seed: int, workers: int, progress: bool, say
+def _student_job(threads: int, **kw) -> dict:
+    torch.set_num_threads(threads)
+    return train(**kw)
+
+
+def _teacher_job(names: tuple[str, ...], data: Path, s: dict, seed: int, threads: int, workers: int,
+                 progress: bool, out: Path) -> list[dict]:
+    """Train and export some of the teachers; returns their state dicts (as numpy arrays)."""
+    torch.set_num_threads(threads)
+    train_set = AudioFolder(data / "train")
+    sr, C = train_set.default_sample_rate, len(train_set.classes)
+    teachers = [models.create_model(n, num_classes=C, sample_rate=sr, seed=10 * seed + TEACHERS.index(n))
+                for n in names]
+    # plain clips: in a dozen short epochs, masked views whose labels still name the masked event
+    # teach these teachers less than clean clips do (ensemble mAP 0.57 vs 0.74 in a trial)
+    plain = Augmenter(load_ops_spec("none"), sr, s["clip_seconds"])
+    fit_on_labels(teachers, train_set, plain, s["teacher_epochs"], seed=100 + seed, lr=s["teacher_lr"],
+                  batch_size=s["batch_size"], num_workers=workers, progress=progress)
+    for model, name in zip(teachers, names):
+        models.export_model(model, out / "teachers" / f"{name}.pt2", sr, plain.clip_samples)
+    # numpy, not tensors: torch would pass tensors between processes through shared-memory handles
+    return [{k: v.numpy() for k, v in m.state_dict().items()} for m in teachers]
+
+
+def _data_and_teachers(out: Path, s: dict, seed: int, progress: bool, say, pair: _Cores
                        ) -> tuple[list[str], list[tuple[str, float]]]:
     """Synthesise the data and train and export the teachers, or reuse those an earlier run with the
     same settings left in ``out``; returns the teacher files and the teachers' and ensemble's rows."""
@@ -181,26 +243,26 @@ def _data_and_teachers(out: Path, s: dict, seed: int, workers: int, progress: bo
     reuse = stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp
     if not reuse:
         stamp_file.unlink(missing_ok=True)  # written again once data and teachers are made
-        say(f"[1/6] synthesising {s['n_train']}+{s['n_eval']} clips of {s['clip_seconds']:g} s -> {data}")
+        say(f"[1/5] synthesising {s['n_train']}+{s['n_eval']} clips of {s['clip_seconds']:g} s -> {data}")
         make_splits(data, n_train=s["n_train"], n_eval=s["n_eval"], clip_seconds=s["clip_seconds"], seed=seed,
                     overwrite=True)
-    train_set, eval_set = AudioFolder(data / "train"), AudioFolder(data / "eval")
-    sr, C = train_set.default_sample_rate, len(train_set.classes)
-    augmenter = Augmenter(load_ops_spec("ced"), sr, s["clip_seconds"])
-    say(f"[2/6] training {len(TEACHERS)} teachers on labels: {', '.join(TEACHERS)}")
+    eval_set = AudioFolder(data / "eval")
+    augmenter = Augmenter(load_ops_spec("ced"), eval_set.default_sample_rate, s["clip_seconds"])
     files = [out / "teachers" / f"{name}.pt2" for name in TEACHERS]
     if reuse and all(p.is_file() for p in files):
         teachers = [torch.export.load(str(p)).module() for p in files]
     else:
-        teachers = [models.create_model(name, num_classes=C, sample_rate=sr, seed=10 * seed + i)
-                    for i, name in enumerate(TEACHERS)]
-        # plain clips: in a dozen short epochs, masked views whose labels still name the masked event
-        # teach these teachers less than clean clips do (ensemble mAP 0.57 vs 0.74 in a trial)
-        plain = Augmenter(load_ops_spec("none"), sr, s["clip_seconds"])
-        fit_on_labels(teachers, train_set, plain, s["teacher_epochs"], seed=100 + seed, lr=s["teacher_lr"],
-                      batch_size=s["batch_size"], num_workers=workers, progress=progress)
-        for model, path in zip(teachers, files):
-            models.export_model(model, path, sr, augmenter.clip_samples)
+        say(f"[2/5] training {len(TEACHERS)} teachers on labels: {', '.join(TEACHERS)}")
+        groups = TEACHER_GROUPS if pair.jobs > 1 else (TEACHERS,)
+        states = _side_by_side(_teacher_job, [
+            dict(names=g, data=data, s=s, seed=seed, threads=pair.threads, workers=pair.workers,
+                 progress=progress and i == 0, out=out) for i, g in enumerate(groups)], pair.jobs)
+        state = dict(zip(sum(groups, ()), sum(states, [])))
+        teachers = [models.create_model(n, num_classes=len(eval_set.classes), sample_rate=augmenter.sample_rate)
+                    for n in TEACHERS]
+        for name, model in zip(TEACHERS, teachers):
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in state[name].items()})
+            model.eval()
     stamp_file.write_text(json.dumps(stamp, indent=2))
     logits = [clip_logits(m, eval_set, augmenter) for m in teachers]
     rows = [(f"teacher {name}", mean_ap(z, eval_set)) for name, z in zip(TEACHERS, logits)]
