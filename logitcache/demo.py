@@ -1,4 +1,4 @@
-"""``demo``: the whole pipeline on synthetic data, on CPU, in a few minutes.
+"""``demo``: the whole pipeline on synthetic data, on CPU, in about two minutes on 2 cores.
 
 synthetic data -> three small, different teachers trained on labels and exported (.pt2)
 -> dump a cache -> a student distilled from the cache, and one trained on labels alone
@@ -146,7 +146,7 @@ def run_demo(out_dir: str | Path = "demo_out", *, quick: bool = False, seed: int
     ``sizes`` override single entries of :data:`SIZES` (n_train, n_eval, clip_seconds,
     teacher_epochs, dump_epochs, student_epochs, batch_size, teacher_lr, student_lr). ``seed``
     changes the data, the teachers' initialisation, the dump's views and the students'
-    initialisation. The figures do not depend on the number of cores."""
+    initialisation."""
     s = _settings(quick, sizes)
     if seed < 0:
         raise LogitCacheError(f"--seed {seed}: must be 0 or more")
