@@ -3,7 +3,9 @@ that must end in one ``error: ...`` line (exit 1), never a traceback."""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -136,22 +138,54 @@ def test_train_through_cli(cli_cache, dataset, tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
-def test_demo_through_cli(monkeypatch, tmp_path):
-    """The CLI's part only (the real demo takes minutes): arguments in, --json keeps stdout clean."""
+def test_demo_quick_runs_the_whole_pipeline(tmp_path):
+    """``demo --quick``: every step for real on a few short clips (the numbers mean nothing)."""
+    from logitcache.demo import STUDENT, TEACHERS
+    from logitcache.report import verify_cache
+
+    out = tmp_path / "d"
+    result = run("demo", "--quick", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)  # --json: the table went to stderr
+    names = [f"teacher {t}" for t in TEACHERS] + ["ensemble (mean prob)", f"student {STUDENT} from cache (KD)",
+                                                  f"student {STUDENT} from labels"]
+    assert list(summary["mAP"]) == names
+    assert all(0.0 <= v <= 1.0 for v in summary["mAP"].values())
+    table = [ln.split() for ln in result.stderr.splitlines()]
+    for name, value in summary["mAP"].items():
+        assert name.split() + [f"{value:.3f}"] in table, name
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert all((out / "teachers" / f"{t}.pt2").is_file() for t in TEACHERS)
+    assert all((out / run_dir / "checkpoint.pt").is_file() for run_dir in ("student_kd", "student_labels"))
+    check = verify_cache(out / "cache.zarr")
+    assert check["ok"] and check["problems"] == [] and check["rows_checked"] > 0
+    page = (out / "report.html").read_text()
+    assert summary["report"] == str(out / "report.html")
+    for section in ("<h2>Cache</h2>", "<h2>Fidelity: cache vs re-run teachers</h2>", "<h2>Student vs ensemble: "):
+        assert section in page
+    pngs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert pngs and all(base64.b64decode(p).startswith(b"\x89PNG\r\n") for p in pngs)
+
+
+def test_demo_cli_passes_its_options(monkeypatch, tmp_path):
+    """The CLI's part: options in, the table on stdout without --json."""
     demo = pytest.importorskip("logitcache.demo")
     calls = []
 
-    def fake_run_demo(out_dir, progress=True):
-        calls.append((out_dir, progress))
+    def fake_run_demo(out_dir, quick=False, seed=0, progress=True):
+        calls.append((out_dir, quick, seed, progress))
         print("model   eval mAP")  # run_demo prints its table to stdout
         return {"mAP": {"student": 0.5}, "cache_bytes": 123}
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
-    result = run("demo", "--out", tmp_path / "d", "--json")
-    assert result.exit_code == 0 and json.loads(result.stdout)["cache_bytes"] == 123
-    assert "eval mAP" in result.stderr and calls == [(str(tmp_path / "d"), True)]
-    result = run("demo", "--out", tmp_path / "d")
+    result = run("demo", "--out", tmp_path / "d", "--seed", 3)
     assert result.exit_code == 0 and result.stdout.startswith("model   eval mAP")
+    assert calls == [(str(tmp_path / "d"), False, 3, True)]
+
+
+def test_demo_negative_seed(tmp_path):
+    assert_error(run("demo", "--out", tmp_path / "d", "--seed", -1), "--seed -1")
+    assert not (tmp_path / "d").exists()
 
 
 # ---------------------------------------------------------------- bad inputs: one line, exit 1

@@ -45,10 +45,12 @@ def test_eval_is_deterministic_and_seed_reproducible(name):
     assert torch.equal(torch.random.get_rng_state(), state)  # seeding did not touch the global RNG
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
-    a.eval()
     x = torch.randn(2, SAMPLES)
+    other = create_model(name, C, SR, seed=4).eval()
     with torch.no_grad():
-        assert torch.equal(a(x), a(x))
+        ya = a.eval()(x)
+        assert torch.equal(ya, b.eval()(x))  # two models built from one seed agree exactly
+        assert not torch.allclose(ya, other(x), atol=1e-3)  # ... and the seed matters
 
 
 def test_param_counts_are_in_their_size_class():

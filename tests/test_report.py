@@ -371,17 +371,12 @@ def test_inspect_size_tables_and_projection(strong_cache, h5_cache):
     p = info["projection"]
     assert p["chunk_rows"] == info["chunk_rows"]
     assert p["bytes_on_disk"] == pytest.approx(info["bytes_on_disk"], abs=2)
-    # ... and to 3x the samples, 5x the epochs: per-view bytes x15, ids x3, done markers by the
-    # chunk count (a dump of 3N samples picks its own chunk rows), the rest as is; content (one crc
-    # per sample) scales like the ids
+    # ... and to 3x the samples, 5x the epochs the per-view groups grow 15x and the ids 3x (the
+    # arithmetic of the projection itself is checked by hand in test_scale_arrays_by_hand)
     big = inspect_cache(strong_cache, project_samples=3 * N, project_epochs=10)["projection"]
-    ids = sum(arrays[n]["stored_bytes"] - (strong_cache / n / "zarr.json").stat().st_size for n in arrays
-              if n.startswith("ids/") or n == "content")
-    per_view_chunks = sum(e["stored_bytes"] for e in info["epochs_table"])
-    done = arrays["done"]["stored_bytes"] - (strong_cache / "done" / "zarr.json").stat().st_size
-    fixed = info["bytes_on_disk"] - per_view_chunks - ids - done
-    chunks = 10 * -(-3 * N // big["chunk_rows"]) / (2 * -(-N // info["chunk_rows"]))
-    assert big["bytes_on_disk"] == pytest.approx(15 * per_view_chunks + 3 * ids + chunks * done + fixed, abs=8)
+    for group in ("ensemble", "members", "params", "order_seeds"):
+        assert big["groups"][group] == pytest.approx(15 * p["groups"][group], abs=8), group
+    assert big["groups"]["ids"] == pytest.approx(3 * p["groups"]["ids"], abs=2)
     assert big["share_of_audio"] == pytest.approx(big["bytes_on_disk"] / (3 * info["audio_bytes"]))
     assert inspect_cache(strong_cache)["projection"] is None
     # HDF5 splits by epoch too (chunk by chunk)
@@ -391,6 +386,24 @@ def test_inspect_size_tables_and_projection(strong_cache, h5_cache):
         b for n, b in h5_arrays.items() if not n.startswith("ids/") and n not in ("done", "content"))
     with pytest.raises(logitcache.LogitCacheError, match="--project-samples 0: must be at least 1"):
         inspect_cache(strong_cache, project_samples=0)
+
+
+def test_scale_arrays_by_hand():
+    from logitcache.plan import scale_arrays
+
+    # 2 epochs x 10 samples in chunks of 5 rows (4 chunks) -> 4 epochs x 30 samples in chunks of 8
+    # (4 x 4 = 16 chunks): per-view arrays x (4 * 30) / (2 * 10) = 6, ids x 3, done x 16 / 4 = 4,
+    # the 50 bytes of metadata as they are
+    arrays = {"ensemble/values": 1000, "members/a/values": 500, "params/gain.db": 70, "order": 200,
+              "ids/path": 100, "done": 4}
+    got = scale_arrays(arrays, 50, 2, 10, 5, 4, 30, 8)
+    assert got["arrays"] == {"ensemble/values": 6000, "members/a/values": 3000, "params/gain.db": 420,
+                             "order": 1200, "ids/path": 300, "done": 16}
+    assert got["groups"] == {"ensemble": 6000, "members": 3000, "params": 420, "order_seeds": 1200,
+                             "ids": 300, "other": 66}
+    assert got["bytes_on_disk"] == 10986
+    # the same chunk rows when none is given: 4 x ceil(30 / 5) = 24 chunks, done x 6
+    assert scale_arrays(arrays, 50, 2, 10, 5, 4, 30)["arrays"]["done"] == 24
 
 
 # ---------------------------------------------------------------- compare

@@ -14,13 +14,15 @@ import logitcache
 import toy_teachers
 from conftest import C, assert_one_line_error
 from logitcache.errors import LogitCacheError
-from logitcache.targets import aggregate, kd_loss, topk_targets
+from logitcache.targets import aggregate, kd_loss, teacher_probs, topk_targets
 from logitcache.train import build_student, make_optimizer, train
 from logitcache.views import CacheStream
 
 
 def online_kd_losses(cache_path, data, teachers, k, kind, temperature, batch_size, steps, lr=1e-3):
-    """The reference: same student init and optimiser, teachers run on each replayed batch."""
+    """Same student init and optimiser, teachers run on each replayed batch. It uses the library's own
+    target math, so it checks the store-and-replay round trip; the math itself is checked against
+    dense references below (test_kd_loss_*, test_teacher_probs_*)."""
     model = build_student("cnn_tiny", C, 16000, None, seed=0)
     batches = list(CacheStream(cache_path, data, 0, batch_size))[:steps]
     optimizer, schedule = make_optimizer(model, lr, 1e-4, len(batches))
@@ -40,7 +42,7 @@ def online_kd_losses(cache_path, data, teachers, k, kind, temperature, batch_siz
 
 
 @pytest.mark.parametrize("kind,value_dtype,rtol", [("multiclass", "float32", 1e-4), ("multilabel", "float16", 3e-3)])
-def test_training_from_cache_equals_online_kd(dumper, dataset, tmp_path, kind, value_dtype, rtol):
+def test_training_from_cache_takes_the_steps_online_kd_takes(dumper, dataset, tmp_path, kind, value_dtype, rtol):
     teachers = ("toy_a", "toy_b")
     cache = dumper(teachers=[f"toy_teachers:{t}" for t in teachers], topk=4, output_kind=kind,
                    value_dtype=value_dtype, augment="strong")
@@ -51,6 +53,100 @@ def test_training_from_cache_equals_online_kd(dumper, dataset, tmp_path, kind, v
     assert len(offline) == 3
     np.testing.assert_allclose(offline, online, rtol=rtol)
     assert offline[0] != offline[-1]  # the student really trained
+
+
+# ---------------------------------------------------------------- the target math against dense references
+# Written out with numpy in float64 from the teachers' *full* logits; nothing from logitcache.targets.
+def _stored_row(teacher: np.ndarray, k: int, kind: str):
+    """(values, indices, stat) as the README defines a cache row, and the tail mask."""
+    indices = np.argsort(-teacher, axis=-1, kind="stable")[..., :k]
+    values = np.take_along_axis(teacher, indices, -1)
+    tail = np.ones(teacher.shape, bool)
+    np.put_along_axis(tail, indices, False, -1)
+    if kind == "multiclass":
+        stat = np.log(np.exp(teacher).sum(-1))  # log-normaliser of all C logits
+    else:
+        p = 1 / (1 + np.exp(-teacher))
+        m = np.where(tail, p, 0).sum(-1) / np.maximum(tail.sum(-1), 1)  # mean tail probability
+        stat = np.where(tail.any(-1), np.log(np.maximum(m, 1e-300)) - np.log1p(-m), 0.0)  # 0: no tail
+    row = [torch.from_numpy(a) for a in (values.astype(np.float32), indices, stat.astype(np.float32))]
+    return row, tail
+
+
+def _dense_teacher(teacher: np.ndarray, tail: np.ndarray, kind: str, T: float) -> np.ndarray:
+    """Dense teacher probabilities at temperature T as the cache can know them."""
+    if kind == "multilabel":  # top-k exact, each tail class at the tail's mean probability, re-tempered
+        p = 1 / (1 + np.exp(-teacher))
+        m = np.where(tail, p, 0).sum(-1, keepdims=True) / np.maximum(tail.sum(-1, keepdims=True), 1)
+        z = np.where(tail, np.log(np.maximum(m, 1e-300)) - np.log1p(-m), teacher)  # (m = 0: no tail)
+        return 1 / (1 + np.exp(-z / T))
+    p = np.exp(teacher - teacher.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    # the tail's own spread is not stored: its exact mass at T = 1, spread evenly over the tail classes
+    # (at T = 1 only the tail bucket's sum is used, and that is exact), then re-tempered as a whole
+    even = np.where(tail, p, 0).sum(-1, keepdims=True) / np.maximum(tail.sum(-1, keepdims=True), 1)
+    p = np.where(tail, even, p) ** (1 / T)
+    return p / p.sum(-1, keepdims=True)
+
+
+def _dense_kd(student: np.ndarray, teacher: np.ndarray, tail: np.ndarray, kind: str, T: float) -> float:
+    p = _dense_teacher(teacher, tail, kind, T)
+    s = student / T
+    if kind == "multilabel":  # BCE against the dense targets, mean over every class and row
+        log_q, log_not_q = -np.log1p(np.exp(-s)), -np.log1p(np.exp(s))
+        return float(-(p * log_q + (1 - p) * log_not_q).mean() * T * T)
+    q = np.exp(s - s.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    # KL(teacher || student) over the top-k classes plus one bucket holding all of the tail
+    top = np.where(tail, 0.0, p * (np.log(p) - np.log(q))).sum(-1)
+    p_tail, q_tail = np.where(tail, p, 0).sum(-1), np.where(tail, q, 0).sum(-1)
+    bucket = np.where(p_tail > 0, p_tail * np.log(np.maximum(p_tail, 1e-300) / np.maximum(q_tail, 1e-300)), 0.0)
+    return float((top + bucket).mean() * T * T)
+
+
+def _logits(shape, scale, seed):
+    return scale * np.random.default_rng(seed).standard_normal(shape)
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("T", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("k", [3, C])
+@pytest.mark.parametrize("shape", [(6,), (2, 4)], ids=["clip", "frames"])
+def test_kd_loss_equals_the_dense_reference(kind, T, k, shape, request):
+    if kind == "multiclass" and k == C:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "kd_loss bug: with k == C the float32 residue of 1 - sum(top-k p) (up to ~3e-7) meets the -1e4 "
+            "clamp of log q_tail and adds up to ~3e-3 to the loss")))
+    teacher, student = _logits((*shape, C), 3.0, 1), _logits((*shape, C), 2.0, 2)
+    row, tail = _stored_row(teacher, k, kind)
+    got = float(kd_loss(torch.from_numpy(student.astype(np.float32)), *row, kind, T))
+    want = _dense_kd(student.astype(np.float32).astype(np.float64), teacher, tail, kind, T)
+    assert got == pytest.approx(want, rel=2e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("T", [1.0, 2.0, 0.5])
+def test_teacher_probs_equal_the_dense_reference(kind, T):
+    teacher = _logits((5, C), 3.0, 3)
+    row, tail = _stored_row(teacher, 4, kind)
+    got = teacher_probs(*row, C, kind, T).numpy()
+    # the stored row is float32: a tiny tail mass (1 - sum of top-k) keeps only ~1e-7 of absolute
+    # precision, which re-tempering at T = 2 turns into up to ~3e-6 per tail class
+    np.testing.assert_allclose(got, _dense_teacher(teacher, tail, kind, T), rtol=1e-4, atol=1e-5)
+
+
+def test_softmax_tail_at_t1_is_exact_not_the_even_spread():
+    """At T = 1 the tail bucket's KL term needs only the tail's total, which the cache holds exactly:
+    the loss equals the KL of the true teacher distribution with its tail summed into one bucket."""
+    teacher, student = _logits((6, C), 3.0, 4), _logits((6, C), 2.0, 5)
+    row, tail = _stored_row(teacher, 3, "multiclass")
+    p = np.exp(teacher) / np.exp(teacher).sum(-1, keepdims=True)
+    q = np.exp(student) / np.exp(student).sum(-1, keepdims=True)
+    kl = np.where(tail, 0.0, p * np.log(p / q)).sum(-1)
+    p_tail, q_tail = (p * tail).sum(-1), (q * tail).sum(-1)
+    want = float((kl + p_tail * np.log(p_tail / q_tail)).mean())
+    got = float(kd_loss(torch.from_numpy(student.astype(np.float32)), *row, "multiclass", 1.0))
+    assert got == pytest.approx(want, rel=2e-5)
 
 
 def test_training_never_imports_or_loads_teachers(dumper, dataset, tmp_path, monkeypatch):
@@ -104,7 +200,9 @@ def test_hard_label_term_and_member_targets(dumper, dataset, tmp_path):
               record_steps=True, progress=False)
     h = train(cache, dataset, "cnn_tiny", tmp_path / "h", epochs=1, batch_size=12, alpha=1.0,
               record_steps=True, progress=False)
-    assert a["step_losses"] != b["step_losses"] != h["step_losses"]
+    losses = [a["step_losses"], b["step_losses"], h["step_losses"]]
+    assert all(len(x) == 2 for x in losses)
+    assert losses[0] != losses[1] and losses[0] != losses[2] and losses[1] != losses[2]
     with pytest.raises(LogitCacheError) as e:
         train(cache, dataset, "cnn_tiny", tmp_path / "x", member="nope", progress=False)
     assert_one_line_error(e, "nope")

@@ -108,3 +108,31 @@ def toy_nan_on_silence() -> ToyTeacher:
 
 def toy_inf_on_silence() -> ToyTeacher:
     return SilenceInf(1, scale=3.0)
+
+
+class ToyConv(torch.nn.Module):
+    """Two 3x3 convs over the (frame, band) log-energy image, then a linear head (float32).
+
+    The second conv has 4 input channels, so its 4-D weight really changes layout under
+    channels-last (a 1-channel weight is contiguous in both layouts)."""
+
+    def __init__(self, seed: int, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("filters", torch.randn(WIN, BANDS, generator=g) / WIN**0.5)
+        self.conv1 = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, num_classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        energy = (x.unfold(-1, WIN, HOP) @ self.filters) ** 2  # [B, nF, BANDS]
+        img = ((torch.log(energy + 1e-6) + 8.0) / 3.0).unsqueeze(1)  # [B, 1, nF, BANDS]
+        h = torch.relu(self.conv2(torch.relu(self.conv1(img))))
+        return self.head(h.mean((2, 3))) * 3.0
+
+
+def toy_conv() -> ToyConv:
+    return ToyConv(10)
