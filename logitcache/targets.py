@@ -80,6 +80,8 @@ def _softmax_topk_logprobs(values: torch.Tensor, stat: torch.Tensor, num_classes
         tail_logit = stat + torch.log(tail_mass) - math.log(num_classes - k)  # per tail class
         parts = torch.cat([v / temperature, (tail_logit / temperature + math.log(num_classes - k))[..., None]], -1)
         logp = v / temperature - torch.logsumexp(parts, -1, keepdim=True)
+    if k == num_classes:  # no tail: a float32 residue of 1 - sum would meet log q_tail's clamp in kd_loss
+        return logp, torch.zeros_like(logp[..., 0])
     tail = (1.0 - torch.exp(logp).sum(-1)).clamp_min(0.0)
     return logp, tail
 
