@@ -26,7 +26,7 @@ from logitcache.cache import config_digest
 from logitcache.report import inspect_cache, verify_cache
 from logitcache.storage import BACKENDS
 from logitcache.train import load_student, train
-from conftest import CLIP_SECONDS, SR, assert_one_line_error
+from conftest import CLIP_SECONDS, SR, Boom, assert_one_line_error, labels_csv_ids
 from test_cli import assert_error, run
 
 TEACHER = "toy_teachers:toy_a"
@@ -41,20 +41,6 @@ def _dump(data, out, teachers=(TEACHER,), **kw):
 def _copy(src: Path, dst: Path) -> Path:
     (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
     return dst
-
-
-def _ids(data: Path) -> list[str]:
-    return [line.split(",")[0] for line in (data / "labels.csv").read_text().splitlines()[1:]]
-
-
-class Boom:
-    """Unpickling this creates ``marker``: the proof that something unpickled it."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (Path(self.marker),)
 
 
 def _payload(marker: Path) -> bytes:
@@ -74,7 +60,7 @@ def _payload(marker: Path) -> bytes:
 ], ids=["unreadable", "empty_file", "zero_frames"])
 def test_unreadable_empty_or_zero_length_audio(dataset, tmp_path, damage, needles):
     data = _copy(dataset, tmp_path / "data")
-    name = _ids(data)[17]
+    name = labels_csv_ids(data)[17]
     damage(data / name)
     out = tmp_path / "out.zarr"
     with pytest.raises(LogitCacheError) as e:
@@ -87,7 +73,7 @@ def test_unreadable_empty_or_zero_length_audio(dataset, tmp_path, damage, needle
 
 def test_source_sample_rates_are_resampled_and_recorded(strong_cache, dataset):
     m = logitcache.open_cache(strong_cache).manifest
-    rates = Counter(soundfile.info(dataset / i).samplerate for i in _ids(dataset))
+    rates = Counter(soundfile.info(dataset / i).samplerate for i in labels_csv_ids(dataset))
     assert len(rates) > 1 and SR in rates  # the synthetic set mixes sample rates
     assert m["dataset"]["source_sample_rates"] == {str(r): n for r, n in sorted(rates.items())}
     assert m["dataset"]["resampled_files"] == sum(n for r, n in rates.items() if r != SR) > 0
@@ -98,7 +84,7 @@ def test_source_sample_rates_are_resampled_and_recorded(strong_cache, dataset):
 @pytest.mark.parametrize("teacher", ["toy_nan_on_silence", "toy_inf_on_silence"])
 def test_non_finite_logits_stop_the_dump_without_marking_their_chunk(dataset, tmp_path, teacher):
     data = _copy(dataset, tmp_path / "data")
-    ids = _ids(data)
+    ids = labels_csv_ids(data)
     order = epoch_order(0, 0, id_hashes(ids))
     victim = ids[order[13]]  # stored position 13 of epoch 0: chunk 3 of 4-row chunks
     soundfile.write(data / victim, np.zeros(SR, np.float32), soundfile.info(data / victim).samplerate)

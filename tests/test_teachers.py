@@ -22,7 +22,7 @@ from logitcache.augment import epoch_order, id_hashes
 from logitcache.report import fidelity
 from logitcache.targets import topk_targets
 from logitcache.teachers import file_sha256, load_teacher
-from conftest import C, CLIP, CLIP_SECONDS, SR, assert_one_line_error, stream_views
+from conftest import C, CLIP, CLIP_SECONDS, SR, Boom, assert_one_line_error, labels_csv_ids, stream_views
 from test_cli import assert_error, run
 from toy_teachers import ToyTeacher
 
@@ -31,20 +31,6 @@ def _dump(data, teachers, out, **kw):
     cfg = dict(epochs=1, topk=3, augment="none", sample_rate=SR, clip_seconds=CLIP_SECONDS, batch_size=4,
                num_workers=0, progress=False)
     return logitcache.dump(data, list(teachers), out, **{**cfg, **kw})
-
-
-def _ids(data: Path) -> list[str]:
-    return [line.split(",")[0] for line in (data / "labels.csv").read_text().splitlines()[1:]]
-
-
-class Boom:
-    """Unpickling this creates ``marker``: the proof that something ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (Path(self.marker),)
 
 
 # ---------------------------------------------------------------- tiny teachers used below
@@ -514,7 +500,7 @@ def silent_data(dataset, tmp_path):
     import shutil
 
     data = Path(shutil.copytree(dataset, tmp_path / "data"))
-    ids = _ids(data)
+    ids = labels_csv_ids(data)
     victim = ids[epoch_order(0, 0, id_hashes(ids))[13]]
     soundfile.write(data / victim, np.zeros(SR, np.float32), soundfile.info(data / victim).samplerate)
     return data, victim, ids
