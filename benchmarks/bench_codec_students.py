@@ -6,8 +6,9 @@ teachers trained on labels) are made once in --workdir and reused. The same teac
 
   topk      float16 values + uint8 ids + float32 stat: 19 B per target set (C = 10, k = 5)
   compact   8-bit values (default --value-bits): 12 B
-  sampled   --sample-n 5 ids drawn at T = 1 (3n + 4 = 18 B, the n whose bytes come closest to
-            topk's without exceeding them), trained at T = 1 (unbiased)
+  sampled   --sample-n N ids drawn at T = 1, trained at T = 1 (unbiased); 3N + 4 B: by default
+            N = 5 (18 B raw, the N whose raw bytes come closest to topk's without exceeding them)
+            and N = 8 (24 B raw, ~18 B stored: counts compress, so closest to topk's stored bytes)
 
 The same student (cnn_tiny, same seed, epochs, learning rate and replayed views) is trained from
 each cache (alpha = 0: KD only), plus one on labels alone (alpha = 1) from the topk cache's views.
@@ -19,7 +20,8 @@ Students train two at a time, side by side, one thread each (as the demo does).
   train loss   the last epoch's mean training loss (not comparable across codecs: each codec's
                loss is its own estimator; sampled's is the unbiased KL estimate)
 
-    python benchmarks/bench_codec_students.py --workdir /tmp/lc-cs            # demo's default sizes
+    python benchmarks/bench_codec_students.py --seeds 0 1 2 --workdir /tmp/lc-cs  # demo's default
+                        # sizes; ~2.5 min per seed on 2 shared cores (teachers made once per seed)
     python benchmarks/bench_codec_students.py --quick --workdir /tmp/lc-csq   # smoke run (seconds)
 """
 
