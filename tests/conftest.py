@@ -157,3 +157,12 @@ class Boom:
 
     def __reduce__(self):
         return Path.touch, (Path(self.marker),)
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
+    """XOR one byte of a file in place: the damage a checksum must catch."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ mask]))

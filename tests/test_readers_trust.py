@@ -17,7 +17,7 @@ import zarr
 from click.testing import CliRunner
 
 import logitcache
-from conftest import C, N_CLIPS, assert_one_line_error
+from conftest import C, N_CLIPS, assert_one_line_error, flip_byte
 from logitcache.cli.main import main
 from logitcache.errors import LogitCacheError
 from logitcache.report import compare, fidelity, inspect_cache, verify_cache
@@ -59,14 +59,6 @@ def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / src.name
     (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
     return dst
-
-
-def _flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([b ^ 0xFF]))
 
 
 def _edit_manifest(path: Path, edit) -> None:
@@ -139,13 +131,13 @@ def _damage(kind: str, path: Path) -> str:
     if kind == "hdf5":
         with h5py.File(path, "r") as f:
             info = f["ensemble/values"].id.get_chunk_info_by_coord((0, 2 * R, 0))
-        _flip_byte(path, info.byte_offset + info.size // 2)
+        flip_byte(path, info.byte_offset + info.size // 2)
         return "filter returned failure"  # HDF5's fletcher32 filter
     chunk = path / "ensemble/values/c/0/2/0"
     if kind == "zarr-truncated":
         chunk.write_bytes(chunk.read_bytes()[:7])
     else:
-        _flip_byte(chunk, chunk.stat().st_size // 2)
+        flip_byte(chunk, chunk.stat().st_size // 2)
     return "crc32c checksum mismatch"
 
 

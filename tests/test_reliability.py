@@ -26,7 +26,7 @@ from logitcache.cache import config_digest
 from logitcache.report import inspect_cache, verify_cache
 from logitcache.storage import BACKENDS
 from logitcache.train import load_student, train
-from conftest import CLIP_SECONDS, SR, Boom, assert_one_line_error, labels_csv_ids
+from conftest import CLIP_SECONDS, SR, Boom, assert_one_line_error, flip_byte, labels_csv_ids
 from test_cli import assert_error, run
 
 TEACHER = "toy_teachers:toy_a"
@@ -276,14 +276,6 @@ def _zarr_chunk_file(root: Path, name: str, epoch: int, chunk: int) -> Path:
     return p
 
 
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([b ^ 0x5A]))
-
-
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_verify_finds_a_flipped_byte_in_every_array(dumper, tmp_path, suffix):
     src = dumper(chunk_rows=R, suffix=suffix)
@@ -295,7 +287,7 @@ def test_verify_finds_a_flipped_byte_in_every_array(dumper, tmp_path, suffix):
     if suffix == ".zarr":
         for name, (e, c) in where.items():
             f = _zarr_chunk_file(path, name, e, c)
-            _flip(f, f.stat().st_size // 2)
+            flip_byte(f, f.stat().st_size // 2, mask=0x5A)
     else:
         with h5py.File(path, "r") as f:
             offsets = {}
@@ -305,7 +297,7 @@ def test_verify_finds_a_flipped_byte_in_every_array(dumper, tmp_path, suffix):
                             if tuple(d.id.get_chunk_info(i).chunk_offset[:2]) in ((e, c * R), (c * R,)))
                 offsets[name] = info.byte_offset + info.size // 2
         for name, off in offsets.items():
-            _flip(path, off)
+            flip_byte(path, off, mask=0x5A)
     problems = verify_cache(path)["problems"]
     for name, (e, c) in where.items():
         assert any(p.startswith(f"{name}: epoch {e} chunk {c} ") and "read failed" in p for p in problems), name
@@ -315,12 +307,12 @@ def test_verify_finds_a_flipped_byte_in_every_array(dumper, tmp_path, suffix):
     path2 = _copy(src, tmp_path / f"flipped2{suffix}")
     if suffix == ".zarr":
         for name, f in (("done", path2 / "done/c/1/2"), ("ids/utf8", path2 / "ids/utf8/c/0")):
-            _flip(f, f.stat().st_size // 2)
+            flip_byte(f, f.stat().st_size // 2, mask=0x5A)
     else:
         with h5py.File(path2, "r") as f:
             offs = [(lambda i: i.byte_offset + i.size // 2)(f[n].id.get_chunk_info(0)) for n in ("done", "ids/utf8")]
         for off in offs:
-            _flip(path2, off)
+            flip_byte(path2, off, mask=0x5A)
     problems = verify_cache(path2)["problems"]
     assert any(p.startswith("done: read failed") for p in problems), problems
     assert any(p.startswith("ids: read failed") for p in problems), problems

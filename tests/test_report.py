@@ -16,7 +16,7 @@ from logitcache.cli.main import main
 from logitcache.data import AudioFolder
 from logitcache.report import fidelity, format_table, human_bytes, inspect_cache, verify_cache
 from logitcache.storage import open_store
-from conftest import C, N_CLIPS, assert_one_line_error
+from conftest import C, N_CLIPS, assert_one_line_error, flip_byte
 
 TEACHERS = ["toy_teachers:toy_a", "toy_teachers:toy_b"]
 N = N_CLIPS
@@ -38,14 +38,6 @@ def _copy(src, tmp_path):
     dst = tmp_path / src.name
     (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
     return dst
-
-
-def _flip_byte(path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([b ^ 0xFF]))
 
 
 # ---------------------------------------------------------------- inspect
@@ -107,7 +99,7 @@ def test_verify_passes_on_a_fresh_cache(which, request):
 def test_verify_finds_a_flipped_byte_in_a_zarr_chunk(zarr_cache, tmp_path):
     path = _copy(zarr_cache, tmp_path)
     chunk = path / "ensemble/values/c/1/2/0"  # epoch 1, chunk 2 (rows 16..23)
-    _flip_byte(chunk, chunk.stat().st_size // 2)
+    flip_byte(chunk, chunk.stat().st_size // 2)
     result = verify_cache(path)
     assert not result["ok"]
     assert len(result["problems"]) == 1, result["problems"]
@@ -120,7 +112,7 @@ def test_verify_finds_a_flipped_byte_in_an_hdf5_chunk(h5_cache, tmp_path):
         d = f["members/toy_b/indices"]
         infos = [d.id.get_chunk_info(i) for i in range(d.id.get_num_chunks())]
         info = next(i for i in infos if tuple(i.chunk_offset) == (0, LAST * R, 0))  # epoch 0, last chunk
-    _flip_byte(path, info.byte_offset + info.size // 2)
+    flip_byte(path, info.byte_offset + info.size // 2)
     result = verify_cache(path)
     assert not result["ok"]
     assert len(result["problems"]) == 1, result["problems"]
