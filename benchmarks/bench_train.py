@@ -138,6 +138,7 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=None, help="clips (default 640; --quick 192)")
     p.add_argument("--clip-seconds", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--codec", default="topk", help="target codec of the cache (topk, compact)")
     p.add_argument("--classes", type=int, default=527)
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 8; --quick 2)")
     p.add_argument("--workers", type=int, default=None,
@@ -157,9 +158,10 @@ def main() -> None:
     cache = wd / "train_bench.zarr"
     shutil.rmtree(cache, ignore_errors=True)
     logitcache.dump(data, paths, cache, topk=20, augment="ced", batch_size=bs, sample_rate=C.SAMPLE_RATE,
-                    clip_seconds=clip, progress=False)
+                    clip_seconds=clip, progress=False, codec=args.codec)
     print(f"# bench_train: {clips} clips of {clip:g} s, C={args.classes}, batch {bs}, student {C.STUDENT}, "
-          f"teachers {', '.join(C.TEACHERS_3)} (k=20 cache, 'ced'), {workers} DataLoader worker(s) per pipeline")
+          f"teachers {', '.join(C.TEACHERS_3)} (k=20 {args.codec} cache, 'ced'), {workers} DataLoader worker(s) "
+          f"per pipeline")
     print(f"# machine: {C.machine()}")
 
     teachers = [load_teacher(q) for q in paths]

@@ -565,6 +565,11 @@ def _fidelity_tables(r: dict) -> list[str]:
             format_table([[k, fp16[k]["kl_mean"], fp32[k]["kl_mean"], fp16[k]["max_abs_logit_error"],
                            fp16[k]["prob_max_abs_error"], fp32[k]["prob_max_abs_error"]] for k in sorted(fp16)],
                          ["k'", "KL fp16", "KL fp32", "max |dz| fp16", "max |dp| fp16", "max |dp| fp32"])]
+    out += ["", f"target codecs at k = {r['tail_mass']['k']} (the fresh logits' own top-k stored by each, "
+                f"then decoded; B per row of one target set, uncompressed):",
+            format_table([[x["codec"], round(x["target_bytes_per_row"]), x["kl_mean"], x["kl_max"],
+                           x["top1_agreement"]] for x in r["codec_effect"]],
+                         ["codec", "B/row", "KL mean", "KL max", "top-1 agree"])]
     d = r["disagreement"]
     if d["members"]:
         out += ["", f"teachers (re-run): mean pairwise top-1 disagreement {d['mean_pairwise_disagreement']:.4g}, "

@@ -123,6 +123,13 @@ class Op:
     def apply(self, wave: torch.Tensor, p: dict[str, np.ndarray], ctx: Context) -> torch.Tensor:
         raise NotImplementedError
 
+    def grid(self, sample_rate: int, clip_samples: int) -> dict[str, tuple[int, int, int, int | None]]:
+        """Params drawn on an integer grid: name -> (num, den, lo, hi). Every drawn value is
+        ``float32(k * num / den)`` for an integer k in [lo, hi] (hi None: unbounded), so a cache
+        stores k in the smallest integer dtype that holds [lo, hi] and decodes the same float32
+        bit for bit. Params not listed are stored as drawn."""
+        return {}
+
 
 OPS: dict[str, type[Op]] = {}
 
@@ -130,6 +137,16 @@ OPS: dict[str, type[Op]] = {}
 def register_op(cls: type[Op]) -> type[Op]:
     OPS[cls.name] = cls
     return cls
+
+
+def _int_dtype(lo: int, hi: int | None) -> str:
+    """The smallest integer dtype holding [lo, hi] (hi None: int64)."""
+    if hi is not None:
+        for name in ("uint8", "int8", "uint16", "int16", "uint32", "int32"):
+            info = np.iinfo(name)
+            if info.min <= lo and hi <= info.max:
+                return name
+    return "int64"
 
 
 def _to_samples(seconds: float, sr: int) -> int:
@@ -152,6 +169,9 @@ class Crop(Op):
     def apply(self, wave, p, ctx):
         return wave  # applied by fit_clip() before the ops run; kept here so the spec lists it
 
+    def grid(self, sample_rate, clip_samples):
+        return {"start_s": (1, sample_rate, 0, None)}  # sources have no length limit
+
 
 @register_op
 class Shift(Op):
@@ -171,6 +191,10 @@ class Shift(Op):
     def apply(self, wave, p, ctx):
         shift = _to_samples(p["seconds"], ctx.sample_rate)
         return torch.roll(wave, shift) if shift else wave
+
+    def grid(self, sample_rate, clip_samples):
+        m = int(self.hyper["max_fraction"] * clip_samples)
+        return {"seconds": (1, sample_rate, -m, m)}
 
 
 @register_op
@@ -247,6 +271,10 @@ class TimeMask(Op):
                 wave[a : a + w] = 0.0
         return wave
 
+    def grid(self, sample_rate, clip_samples):
+        max_w = _to_samples(self.hyper["max_seconds"], sample_rate)
+        return {"start_s": (1, sample_rate, 0, clip_samples), "width_s": (1, sample_rate, 0, max_w)}
+
 
 @register_op
 class FreqMask(Op):
@@ -260,15 +288,30 @@ class FreqMask(Op):
         c = int(self.hyper["count"])
         return {"low_hz": ("float32", (c,)), "width_hz": ("float32", (c,))}
 
+    def _bins(self, sample_rate: int) -> tuple[int, int]:
+        """(the Nyquist bin, the widest band in bins) of the op's STFT."""
+        n_fft = int(self.hyper["n_fft"])
+        half = n_fft // 2
+        return half, min(int(float(self.hyper["max_hz"]) * n_fft / sample_rate), half)
+
     def draw(self, u, ctx):
-        c, nyq = int(self.hyper["count"]), ctx.sample_rate / 2
+        # Bands are drawn in whole STFT bins (the resolution the mask acts at), stored in Hz:
+        # low = j * sr / n_fft exactly, so a cache stores the integers j and m (see grid()).
+        c, sr, n_fft = int(self.hyper["count"]), ctx.sample_rate, int(self.hyper["n_fft"])
+        half, max_bins = self._bins(sr)
         lows, widths = np.zeros(c, np.float32), np.zeros(c, np.float32)
         for i in range(c):
             a, b, g = u[3 * i : 3 * i + 3]
             if g < self.hyper["p"]:
-                w = a * min(self.hyper["max_hz"], nyq)
-                lows[i], widths[i] = b * (nyq - w), w
+                m = int(a * (max_bins + 1))
+                j = int(b * (half - m + 1))
+                lows[i], widths[i] = j * sr / n_fft, m * sr / n_fft
         return {"low_hz": lows, "width_hz": widths}
+
+    def grid(self, sample_rate, clip_samples):
+        half, max_bins = self._bins(sample_rate)
+        n_fft = int(self.hyper["n_fft"])
+        return {"low_hz": (sample_rate, n_fft, 0, half), "width_hz": (sample_rate, n_fft, 0, max_bins)}
 
     def apply(self, wave, p, ctx):
         bands = [(float(lo), float(w)) for lo, w in zip(p["low_hz"], p["width_hz"]) if w > 0]
@@ -396,6 +439,15 @@ class Augmenter:
     def param_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Stored parameter arrays: ``"op.param"`` -> (dtype, trailing shape)."""
         return {f"{op.name}.{k}": v for op in self.ops for k, v in op.params.items()}
+
+    def param_grid(self) -> dict[str, dict]:
+        """``"op.param"`` -> {"dtype", "num", "den"} for params drawn on an integer grid (see
+        :meth:`Op.grid`): what a format-2 manifest stores as ``param_storage``."""
+        out = {}
+        for op in self.ops:
+            for k, (num, den, lo, hi) in op.grid(self.sample_rate, self.clip_samples).items():
+                out[f"{op.name}.{k}"] = {"dtype": _int_dtype(lo, hi), "num": int(num), "den": int(den)}
+        return out
 
     def context(self, **kw) -> Context:
         return Context(self.sample_rate, self.clip_samples, **kw)

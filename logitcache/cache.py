@@ -40,6 +40,7 @@ import numpy as np
 
 from logitcache import __version__
 from logitcache.errors import LogitCacheError, quote
+from logitcache.augment import epoch_order, id_hashes, view_seeds
 from logitcache.layout import (FORMAT_VERSION, PARAMS, READABLE_VERSIONS, SAMPLE_ARRAYS, Layout,  # noqa: F401
                                Manifest, codec_entries, config_digest)
 from logitcache.lock import DumpLock
@@ -224,12 +225,37 @@ def stored_content(store: ArrayStore, manifest: dict) -> tuple[np.ndarray, np.nd
     try:
         rows = np.repeat(store.read("done", (0,)).astype(bool), R)[:N]
         if rows.any():
-            order = store.read("order", (0,)).astype(np.int64)[rows]
+            order = stored_order(store, manifest, 0)[rows]
             crc[order], known[order] = store.read("content")[rows], True
     except Exception as e:  # damage: name it; verify says which chunk
         raise LogitCacheError(f"{store.path}: the content checksums cannot be read ({_first_line(e)}); "
                               f"'logitcache verify' says more") from None
     return crc, known
+
+
+def read_ids(store: ArrayStore) -> list[str]:
+    """Sample ids in dataset order (every chunk of the ids arrays must be in storage)."""
+    for name in ("ids/utf8", "ids/offsets"):  # written whole at creation
+        shape, chunks = store.geometry(name)
+        for c in range(-(-shape[0] // chunks[0])):
+            if store.chunk_stored(name, (c,)) is False:
+                raise chunk_error(store.path, chunk_name(name, (c,), chunks))
+    utf8 = store.read("ids/utf8").tobytes()
+    off = store.read("ids/offsets").tolist()
+    text = utf8.decode()
+    if len(text) == len(utf8):  # ASCII: byte offsets are character offsets, slice the str
+        return [text[a:b] for a, b in zip(off[:-1], off[1:])]
+    return [utf8[a:b].decode() for a, b in zip(off[:-1], off[1:])]
+
+
+def stored_order(store: ArrayStore, manifest: dict, epoch: int, hashes: np.ndarray | None = None) -> np.ndarray:
+    """Dataset index of each stored position of ``epoch`` (int64): read, or derived from (seed,
+    epoch, ids) where the manifest says ``order`` is derived (``hashes``: the ids' id_hashes)."""
+    if "order" not in (manifest.get("derived_arrays") or []):
+        return store.read("order", (epoch,)).astype(np.int64)
+    if hashes is None:
+        hashes = id_hashes(read_ids(store))
+    return epoch_order(int(manifest["seed"]), epoch, hashes)
 
 
 # ---------------------------------------------------------------- writer
@@ -271,6 +297,7 @@ class CacheWriter:
             raise
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
+        self._spec: Manifest | None = None
         self._thread = threading.Thread(target=self._run, name="logitcache-writer", daemon=True)
         self._thread.start()
 
@@ -293,6 +320,7 @@ class CacheWriter:
         self.todo = ~self.store.read("done").astype(bool)
         self._queue = queue.Queue(maxsize=queue_size)
         self._error = None
+        self._spec = None
         self._min_free = _min_free_bytes()
         self._thread = threading.Thread(target=self._run, name="logitcache-writer", daemon=True)
         self._thread.start()
@@ -421,7 +449,9 @@ class CacheWriter:
     def put(self, epoch: int, chunk: int, block: dict[str, np.ndarray]) -> None:
         """Queue one whole chunk: ``block`` maps array name -> rows of that chunk."""
         self._raise_if_failed()
-        self._queue.put((epoch, chunk, block))
+        if self._spec is None:
+            self._spec = Manifest.from_json(self.manifest)
+        self._queue.put((epoch, chunk, self._spec.stored_rows(block)))
 
     def _run(self) -> None:
         while True:
@@ -566,6 +596,7 @@ class Cache:
         self._param_names: list[str] | None = None
         self._content: tuple[np.ndarray, np.ndarray] | None = None
         self._layout: Layout | None = None
+        self._id_hashes: np.ndarray | None = None
 
     def _checked_manifest(self, check_digest: bool) -> dict:
         manifest = self.store.read_manifest()
@@ -642,19 +673,13 @@ class Cache:
     def ids(self) -> list[str]:
         """Sample ids in dataset order."""
         if self._ids is None:
-            for name in ("ids/utf8", "ids/offsets"):  # written whole at creation: every chunk must be there
-                shape, chunks = self.store.geometry(name)
-                for c in range(-(-shape[0] // chunks[0])):
-                    if self.store.chunk_stored(name, (c,)) is False:
-                        raise chunk_error(self.path, chunk_name(name, (c,), chunks))
-            utf8 = self.store.read("ids/utf8").tobytes()
-            off = self.store.read("ids/offsets").tolist()
-            text = utf8.decode()
-            if len(text) == len(utf8):  # ASCII: byte offsets are character offsets, slice the str
-                self._ids = [text[a:b] for a, b in zip(off[:-1], off[1:])]
-            else:
-                self._ids = [utf8[a:b].decode() for a, b in zip(off[:-1], off[1:])]
+            self._ids = read_ids(self.store)
         return self._ids
+
+    def _hashes(self) -> np.ndarray:
+        if self._id_hashes is None:
+            self._id_hashes = id_hashes(self.ids)
+        return self._id_hashes
 
     def dataset_index(self, ids: list[str]) -> np.ndarray:
         if self._index is None:
@@ -675,8 +700,18 @@ class Cache:
         """Dataset index of each stored position of ``epoch``."""
         epoch = self._check_epoch(epoch)
         if epoch not in self._orders:
-            self._orders[epoch] = self._read("order", epoch).astype(np.int64)
+            if "order" in self.spec.derived:
+                self._orders[epoch] = stored_order(self.store, self.manifest, epoch, self._hashes())
+            else:
+                self._orders[epoch] = self._read("order", epoch).astype(np.int64)
         return self._orders[epoch]
+
+    def seeds(self, epoch: int) -> np.ndarray:
+        """uint64 seed each stored position's view was drawn from, in stored order."""
+        epoch = self._check_epoch(epoch)
+        if "seeds" in self.spec.derived:
+            return view_seeds(int(self.manifest["seed"]), epoch, self._hashes())[self.order(epoch)]
+        return self._read("seeds", epoch)
 
     def positions(self, epoch: int) -> np.ndarray:
         """Stored position of each dataset index (the inverse of ``order``)."""
@@ -707,13 +742,16 @@ class Cache:
 
     # -- block reads (whole chunks, stored order): what training streams
     def read_block(self, epoch: int, start: int, stop: int, member: str | None = None,
-                   params: bool = True, targets: bool = True) -> dict[str, np.ndarray]:
+                   params: bool = True, targets: bool = True, sort: bool = True) -> dict[str, np.ndarray]:
         """Rows ``start:stop`` of stored order, all arrays in one ``read_many`` (zarr overlaps them):
         order, seeds, params/…, and the targets decoded by the codec, under the names of its
         ``decoded_arrays`` (topk, compact: values, indices, stat; sampled: ids, counts, weights,
-        entropy, head_ids, head_values)."""
+        entropy, head_ids, head_values). ``sort=False``: a row's targets in whatever order the
+        codec decodes fastest (compact: id order), which the losses accept; not for top-1 reads."""
         epoch = self._check_epoch(epoch)
-        keys = ["order", "seeds"] + ([Layout.param_path(n) for n in self.param_names()] if params else [])
+        derived = self.spec.derived
+        keys = [n for n in ("order", "seeds") if n not in derived]
+        keys += [Layout.param_path(n) for n in self.param_names()] if params else []
         names = list(keys)
         if targets:
             target_set = self._member_prefix(member)
@@ -721,11 +759,15 @@ class Cache:
             keys += [f"target:{f}" for f in fields]
             names += [self.layout.target_path(target_set, f) for f in fields]
         self._require_chunks(names, epoch, start, stop)
-        block = dict(zip(keys, self.store.read_many(names, (epoch, slice(start, stop)))))
+        block = self.spec.decoded_params(dict(zip(keys, self.store.read_many(names, (epoch, slice(start, stop))))))
+        if "order" in derived:
+            block["order"] = self.order(epoch)[start:stop]
+        if "seeds" in derived:
+            block["seeds"] = view_seeds(int(self.manifest["seed"]), epoch, self._hashes()[block["order"]])
         block["order"] = block["order"].astype(np.int64)
         if targets:
             stored = {f: block.pop(f"target:{f}") for f in fields}
-            block.update(self.codec.decoded_arrays(self.codec.decode(stored)))
+            block.update(self.codec.decoded_arrays(self.codec.decode(stored, sort=sort)))
         return block
 
     def chunks_done(self) -> np.ndarray:
@@ -792,7 +834,7 @@ class Cache:
         epoch = self._check_epoch(epoch)
         pos = self.positions(epoch)[self.dataset_index(list(ids))]
         names = self.param_names()
-        return dict(zip(names, self._gather(epoch, pos, [Layout.param_path(n) for n in names])))
+        return self.spec.decoded_params(dict(zip(names, self._gather(epoch, pos, [Layout.param_path(n) for n in names]))))
 
     def _gather(self, epoch: int, pos: np.ndarray, names: list[str]) -> list[np.ndarray]:
         """Rows at stored positions ``pos`` of each array: the chunks they fall in are fetched

@@ -29,7 +29,7 @@ from logitcache.device import autocast, resolve_device
 from logitcache.distributed import deal_chunks
 from logitcache.distributed import setup as dist_setup
 from logitcache.errors import LogitCacheError, one_line_worker_errors, quote
-from logitcache.layout import FORMAT_VERSION, Layout, codec_entries, target_sets
+from logitcache.layout import Layout, codec_entries, new_manifest, target_sets
 from logitcache.storage import backend_for_new, cache_location, is_url
 from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype
 from logitcache.teachers import Teacher, load_teachers, probe_teachers, run_teachers
@@ -205,36 +205,18 @@ def dump(
     entries = codec_entries(codec, value_dtype, index_dtype(num_classes), value_bits, **sampling)
     encoder = codec_cls(topk, num_classes, output_kind, frames, entries["codec_options"])
     encoder.fields()  # bad options fail here, before anything is written
-    manifest = {
-        "dataset": {"fingerprint": folder.fingerprint, "num_samples": N, "audio_bytes": folder.audio_bytes(),
-                    "path": str(folder.root.resolve()),
-                    # JSON keys are strings: stored as such so a resume compares equal values
-                    "source_sample_rates": {str(r): n for r, n in source_rates.items()},
-                    "resampled_files": sum(n for r, n in source_rates.items() if r != sr)},
-        "classes": folder.classes,
-        "augment": augmenter.spec,
-        "teachers": [t.describe() for t in loaded],
-        "members": member_names,
-        "output_kind": output_kind,
-        "aggregation": aggregation,
-        "weights": list(map(float, ensemble_weights)) if ensemble_weights else None,
-        "topk": int(topk),
-        "frames": frames,
-        "value_dtype": value_dtype,
-        "index_dtype": index_dtype(num_classes),
-        "order_dtype": "uint32" if N < 2**32 else "uint64",
-        "epochs": int(epochs),
-        "seed": int(seed),
-        "chunk_rows": int(chunk_rows if chunk_rows is not None else choose_chunk_rows(encoder.chunk_sizing_bytes(), N)),
-        "precision": precision,
-        "compile": bool(compile),
-        "channels_last": bool(channels_last),
-        "device": dev.type,
-        "content": "crc32",  # the ``content`` array: zlib crc32 of each source file's bytes
-        "format_version": FORMAT_VERSION,
-        **entries,
-    }
-    manifest["target_sets"] = _provenance(manifest, loaded, codec)
+    dataset = {"fingerprint": folder.fingerprint, "num_samples": N, "audio_bytes": folder.audio_bytes(),
+               "path": str(folder.root.resolve()),
+               # JSON keys are strings: stored as such so a resume compares equal values
+               "source_sample_rates": {str(r): n for r, n in source_rates.items()},
+               "resampled_files": sum(n for r, n in source_rates.items() if r != sr)}
+    R = chunk_rows if chunk_rows is not None else choose_chunk_rows(encoder.chunk_sizing_bytes(), N)
+    manifest = new_manifest(
+        dataset=dataset, classes=folder.classes, augmenter=augmenter, teachers=[t.describe() for t in loaded],
+        members=member_names, output_kind=output_kind, aggregation=aggregation, weights=ensemble_weights,
+        topk=topk, frames=frames, value_dtype=value_dtype, epochs=epochs, seed=seed, chunk_rows=R, codec=entries,
+        run={"precision": precision, "compile": bool(compile), "channels_last": bool(channels_last),
+             "device": dev.type})
     writer = _open_writer(ctx, out, manifest, folder.ids, augmenter.param_specs, backend, resume)
     for note in writer.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -265,7 +247,7 @@ def dump(
                 content.record(folder, decoded.index, decoded.crc)  # before any teacher time is spent
                 rows = _run_batch(loaded, wave, dev, precision, encoder, output_kind, aggregation, ensemble_weights,
                                   members, folder, order[pos], seeds[pos])
-                rows.update({"order": order[pos].astype(manifest["order_dtype"]), "seeds": seeds[pos]})
+                rows.update({"order": order[pos].astype(manifest["order_dtype"]), "seeds": seeds[pos]})  # unless derived
                 rows.update({Layout.param_path(k): v for k, v in params.items()})
                 if epoch == 0 and store_content:
                     rows["content"] = decoded.own
@@ -296,16 +278,6 @@ def dump(
         torch.set_num_threads(threads_before)
     writer.close()
     return cache_location(out)
-
-
-def _provenance(manifest: dict, teachers: list[Teacher], codec: str) -> dict:
-    """Per target set: the teachers it comes from (their fingerprints) and its codec; the writer
-    adds when it was created. So a target set can be added to a cache later."""
-    described = {t.name: d for t, d in zip(teachers, manifest["teachers"])}
-    sources = {Layout.target_set_of(None): list(described)}
-    sources.update({Layout.target_set_of(n): [n] for n in manifest["members"]})
-    return {ts: {"teachers": [{"name": n, "sha256": described[n].get("sha256")} for n in names], "codec": codec}
-            for ts, names in sources.items()}
 
 
 def _warn_multi_label(folder: AudioFolder) -> None:

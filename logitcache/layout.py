@@ -36,12 +36,18 @@ MARKER_ARRAYS = ("done",)
 
 _DIGEST_KEYS = ("dataset", "classes", "augment", "teachers", "output_kind", "aggregation", "weights",
                 "topk", "frames", "value_dtype", "seed", "chunk_rows")
+_DIGEST_KEYS_IF_PRESENT = ("derived_arrays", "param_storage")
+# Arrays a format-2 cache may derive instead of storing: both are pure functions of (seed, epoch,
+# sample id) (augment.epoch_order, augment.view_seeds), pinned by tests/test_golden.py.
+DERIVABLE = ("order", "seeds")
 
 
 def config_digest(manifest: dict) -> str:
     """sha256 of everything that determines the cache's contents (not timings or paths). Format 2
     adds the codec and its options; a format-1 manifest's digest is computed as format 1 did."""
     keys = _DIGEST_KEYS + (("codec", "codec_options") if _version(manifest) >= 2 else ())
+    # Later format-2 entries count only where present, so earlier format-2 caches keep their digest.
+    keys += tuple(k for k in _DIGEST_KEYS_IF_PRESENT if k in manifest)
     doc = {k: manifest.get(k) for k in keys}
     doc["dataset"] = {k: v for k, v in (doc["dataset"] or {}).items() if k != "path"}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -84,6 +90,61 @@ def codec_entries(codec: str, value_dtype: str, index_dtype: str, value_bits: in
     return {"codec": codec, "codec_options": options}
 
 
+def _derived(m: dict) -> list[str]:
+    names = m.get("derived_arrays") or []
+    if not isinstance(names, list) or any(n not in DERIVABLE for n in names):
+        raise LogitCacheError(f"manifest entry 'derived_arrays' is {names!r}; known: {', '.join(DERIVABLE)} "
+                              f"(edited or damaged)")
+    return list(names)
+
+
+def _param_storage(m: dict) -> dict:
+    out = m.get("param_storage") or {}
+    for name, g in out.items() if isinstance(out, dict) else [(None, None)]:
+        ok = isinstance(g, dict) and g.get("dtype") in _INT_DTYPES and all(
+            isinstance(g.get(k), int) and not isinstance(g.get(k), bool) and g[k] > 0 for k in ("num", "den"))
+        if not ok:
+            raise LogitCacheError(f"manifest entry 'param_storage' of {name!r} is {g!r}, not "
+                                  f"{{dtype, num, den}} (edited or damaged)")
+    return dict(out)
+
+
+_INT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64")
+
+
+def new_manifest(*, dataset: dict, classes: list[str], augmenter, teachers: list[dict], members: list[str],
+                 output_kind: str, aggregation: str, weights: list[float] | None, topk: int, frames: int | None,
+                 value_dtype: str, epochs: int, seed: int, chunk_rows: int, codec: dict, run: dict) -> dict:
+    """The manifest of a new cache (format 2): the one place one is built (dump, plan).
+
+    ``teachers``: each teacher's description (name, source, fingerprint); ``codec``: the entries
+    of :func:`codec_entries`; ``run``: how the dump ran (precision, device, ...; not content).
+    Order and seeds are derived, not stored; params drawn on an integer grid are stored as their
+    integers (:meth:`Augmenter.param_grid`); ``content`` holds crc32s of the source files."""
+    from logitcache.targets import index_dtype
+
+    N = int(dataset["num_samples"])
+    m = {"dataset": dataset, "classes": list(classes), "augment": augmenter.spec, "teachers": teachers,
+         "members": list(members), "output_kind": output_kind, "aggregation": aggregation,
+         "weights": list(map(float, weights)) if weights else None, "topk": int(topk), "frames": frames,
+         "value_dtype": value_dtype, "index_dtype": index_dtype(len(classes)),
+         "order_dtype": "uint32" if N < 2**32 else "uint64", "epochs": int(epochs), "seed": int(seed),
+         "chunk_rows": int(chunk_rows), **run, "content": "crc32", "format_version": FORMAT_VERSION, **codec,
+         "derived_arrays": list(DERIVABLE), "param_storage": augmenter.param_grid()}
+    m["target_sets"] = _provenance(m, codec["codec"])
+    return m
+
+
+def _provenance(m: dict, codec: str) -> dict:
+    """Per target set: the teachers it comes from (their fingerprints) and its codec; the writer
+    adds when it was created. So a target set can be added to a cache later."""
+    described = {d["name"]: d for d in m["teachers"]}
+    sources = {Layout.target_set_of(None): list(described)}
+    sources.update({Layout.target_set_of(n): [n] for n in m["members"]})
+    return {ts: {"teachers": [{"name": n, "sha256": described[n].get("sha256")} for n in names], "codec": codec}
+            for ts, names in sources.items()}
+
+
 @dataclass
 class Manifest:
     """A cache's manifest, typed. ``raw`` is the JSON document as stored (format 1 stays format 1
@@ -105,6 +166,8 @@ class Manifest:
     order_dtype: str  # dtype of ``order``
     content: bool  # the ``content`` array exists
     augment: dict  # the augmentation spec (params/* arrays follow from it)
+    derived: list = field(default_factory=list)  # arrays recomputed on read, not stored (DERIVABLE)
+    param_storage: dict = field(default_factory=dict)  # "op.param" -> {dtype, num, den}: stored as integers k
     target_sets: dict = field(default_factory=dict)  # name -> provenance (teachers, codec, written_at)
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -127,7 +190,8 @@ class Manifest:
                    output_kind=m["output_kind"], members=list(m.get("members") or []),
                    value_dtype=m.get("value_dtype", "float16"), index_dtype=m["index_dtype"],
                    order_dtype=m.get("order_dtype", "uint32"), content=bool(m.get("content")),
-                   augment=m.get("augment") or {}, target_sets=dict(m.get("target_sets") or {}), raw=dict(m))
+                   augment=m.get("augment") or {}, target_sets=dict(m.get("target_sets") or {}),
+                   derived=_derived(m), param_storage=_param_storage(m), raw=dict(m))
 
     def to_json(self) -> dict:
         """The JSON document: ``raw`` with the typed fields written back (format 2 entries only
@@ -144,6 +208,25 @@ class Manifest:
     def codec_instance(self) -> TargetCodec:
         return get_codec(self.codec)(self.topk, self.num_classes, self.output_kind, self.frames,
                                      self.codec_options)
+
+    def stored_rows(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What the writer stores of a block of drawn rows: derived arrays dropped, params on a
+        grid as their integers (checked: a value off its grid would not decode to itself)."""
+        out = {}
+        for name, v in rows.items():
+            if name in self.derived:
+                continue
+            g = self.param_storage.get(name[len(PARAMS):]) if name.startswith(PARAMS) else None
+            out[name] = v if g is None else _to_grid(name, v, g)
+        return out
+
+    def decoded_params(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Stored param rows (keys with or without the ``params/`` prefix) back to the drawn float32."""
+        out = {}
+        for name, v in rows.items():
+            g = self.param_storage.get(name[len(PARAMS):] if name.startswith(PARAMS) else name)
+            out[name] = v if g is None else _from_grid(v, g)
+        return out
 
 
 @dataclass(frozen=True)
@@ -187,8 +270,11 @@ class Layout:
             # random bits: incompressible
             "seeds": ArraySpec("seeds", (E, N), "uint64", (1, R), "view", compress=False),
         }
+        for name in s.derived:
+            del a[name]
         for name, (dtype, shape) in param_specs.items():
             path = self.param_path(name)
+            dtype = s.param_storage.get(name, {}).get("dtype", dtype)
             a[path] = ArraySpec(path, (E, N, *shape), dtype, (1, R, *shape), "view")
         for ts in self.target_sets():
             for f, (dtype, trailing) in self.codec.fields().items():
@@ -242,3 +328,22 @@ class Layout:
             shape = (id_bytes,) if x.shape is None else x.shape
             out[n] = int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
         return out
+
+
+def _from_grid(k: np.ndarray, g: dict) -> np.ndarray:
+    # (k * num) / den in float64 is how the op computed the value before its float32 cast
+    return ((np.asarray(k).astype(np.float64) * g["num"]) / g["den"]).astype(np.float32)
+
+
+def _to_grid(name: str, v: np.ndarray, g: dict) -> np.ndarray:
+    k = np.rint(np.asarray(v, np.float64) * g["den"] / g["num"])
+    info = np.iinfo(g["dtype"])
+    bad = ~np.isfinite(k) | (k < info.min) | (k > info.max)
+    if not bad.any():
+        k = k.astype(g["dtype"])
+        bad = _from_grid(k, g).view(np.uint32) != np.asarray(v, np.float32).view(np.uint32)
+    if bad.any():  # a bug in an op's draw or grid, never silently rounded
+        x = np.asarray(v).reshape(-1)[int(np.flatnonzero(bad.reshape(-1))[0])]
+        raise LogitCacheError(f"{name}: drawn value {x!r} is not on its stored grid "
+                              f"(k * {g['num']} / {g['den']} as {g['dtype']})")
+    return k

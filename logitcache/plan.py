@@ -162,26 +162,21 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
     """
     from logitcache.augment import epoch_order, id_hashes, view_seeds
     from logitcache.codecs import target_set_seeds
-    from logitcache.layout import FORMAT_VERSION, Layout
-    from logitcache.targets import aggregate, index_dtype
+    from logitcache.layout import Layout, new_manifest
+    from logitcache.targets import aggregate
 
     rng = np.random.default_rng(seed)
     ids = [f"audio/{i:08d}.flac" for i in rng.choice(sample_of, size=samples, replace=False)]
     hashes = id_hashes(ids)
     names = [f"teacher_{i + 1}" for i in range(members)]
-    manifest = {
-        "dataset": {"fingerprint": "0" * 64, "num_samples": samples, "audio_bytes": 0,
-                    "path": "/planned/dataset/train"},
-        "classes": [f"class {c:04d}" for c in range(classes)],
-        "augment": augmenter.spec,
-        "teachers": [{"name": n, "source": f"/planned/teachers/{n}.pt2", "sha256": "0" * 64}
-                     for n in (names or ["teacher_1"])],
-        "members": names, "output_kind": output_kind, "aggregation": "mean_prob", "weights": None,
-        "topk": topk, "frames": frames, "value_dtype": value_dtype, "index_dtype": index_dtype(classes),
-        "order_dtype": "uint32" if sample_of < 2**32 else "uint64", "epochs": epochs, "seed": seed,
-        "chunk_rows": chunk_rows, "precision": "fp32", "device": "cpu", "content": "crc32",
-        "format_version": FORMAT_VERSION, **codec,
-    }
+    teachers = [{"name": n, "source": f"/planned/teachers/{n}.pt2", "sha256": "0" * 64} for n in (names or ["teacher_1"])]
+    manifest = new_manifest(
+        dataset={"fingerprint": "0" * 64, "num_samples": samples, "audio_bytes": 0, "path": "/planned/dataset/train"},
+        classes=[f"class {c:04d}" for c in range(classes)], augmenter=augmenter, teachers=teachers, members=names,
+        output_kind=output_kind, aggregation="mean_prob", weights=None, topk=topk, frames=frames,
+        value_dtype=value_dtype, epochs=epochs, seed=seed, chunk_rows=chunk_rows, codec=codec,
+        run={"precision": "fp32", "device": "cpu"})
+    manifest["order_dtype"] = "uint32" if sample_of < 2**32 else "uint64"  # sized to the planned dataset
     encoder = Layout(manifest, augmenter.param_specs).codec
     # Augmentation parameters: drawn for a subset of views and resampled, because drawing is slow.
     ctx = augmenter.context(num_samples=sample_of, sample_index=0, source_samples=augmenter.clip_samples)

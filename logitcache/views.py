@@ -181,7 +181,9 @@ class ChunkReader:
 
     def _read(self, chunk: int) -> dict[str, np.ndarray]:
         R, N = self.cache.chunk_rows, self.cache.num_samples
-        return self.cache.read_block(self.epoch, chunk * R, min((chunk + 1) * R, N), member=self.member)
+        # the losses gather by index, so rows need not be sorted by value (compact decodes ~1.4x faster)
+        return self.cache.read_block(self.epoch, chunk * R, min((chunk + 1) * R, N), member=self.member,
+                                     sort=False)
 
     def chunk(self, chunk: int) -> dict[str, np.ndarray]:
         if self._current is not None and self._current[0] == chunk:

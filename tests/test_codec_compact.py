@@ -71,7 +71,8 @@ def test_id_row_sizes_are_near_the_floor():
     assert cc.id_layout(20, 527).nbytes == 17  # floor log2 C(527, 20) = 119 bits = 15 B
     assert cc.id_layout(20, 151_936).nbytes == 38  # floor 283 bits = 36 B
     assert cc.id_layout(527, 527).nbytes == 66  # L = 0: a membership bitmap (+ one bit)
-    assert cc.row_bytes(20, 527) == 17 + 20 + 2 + 1 + 2
+    assert cc.row_bytes(20, 527) == 17 + 15 + 2 + 1 + 2  # 20 values x 6 bits (the default) = 15 B
+    assert cc.row_bytes(20, 527, value_bits=8) == 17 + 20 + 2 + 1 + 2
     assert cc.row_bytes(20, 527, value_bits=6) == 17 + 15 + 5
 
 
@@ -195,15 +196,16 @@ def test_softmax_tail_mass_is_kept():
     assert (np.abs(t16[kept] - t[kept]) > 0.1 * t[kept]).sum() > 10
 
 
-def test_kl_to_teacher_within_1_1x_of_float16(rows):
+@pytest.mark.parametrize("bits, storage_share", [(8, 1e-3), (6, 1e-2)])  # 6: the default
+def test_kl_to_teacher_within_1_1x_of_float16(rows, bits, storage_share):
     kind, z, v, i, s = rows
-    dv, di, ds = cc.decode(cc.encode(v, i, s, 527, kind), 20, 527, kind)
+    dv, di, ds = cc.decode(cc.encode(v, i, s, 527, kind, value_bits=bits), 20, 527, kind, value_bits=bits)
     kl16 = dense_kl(z, v.astype(np.float16), i, s, kind)
     kl = dense_kl(z, dv, di, ds, kind)
     assert np.isfinite(kl).all() and kl.mean() <= 1.1 * kl16.mean()
-    assert kl.mean() <= 1.01 * kl16.mean()  # the margin at 8 bits is much larger than 1.1x
+    assert kl.mean() <= 1.01 * kl16.mean()  # the margin at 6 and 8 bits is much larger than 1.1x
     # storage error alone (against the float32 row): small next to the top-k truncation
-    assert stored_kl((v, i, s), (dv, di, ds), 527, kind).mean() < 1e-3 * kl16.mean()
+    assert stored_kl((v, i, s), (dv, di, ds), 527, kind).mean() < storage_share * kl16.mean()
 
 
 def test_kd_loss_on_decoded_rows_matches_float32_rows(rows):
@@ -233,7 +235,7 @@ def test_no_rows():
     arrays = cc.encode(np.zeros((0, 5, 20), np.float32), np.zeros((0, 5, 20), np.int64), np.zeros((0, 5)),
                        527, "multiclass")
     assert {n: a.shape for n, a in arrays.items()} == {
-        "ids": (0, 5, 17), "codes": (0, 5, 20), "offset": (0, 5), "step": (0, 5), "stat": (0, 5)}
+        "ids": (0, 5, 17), "codes": (0, 5, 15), "offset": (0, 5), "step": (0, 5), "stat": (0, 5)}
     assert [x.shape for x in cc.decode(arrays, 20, 527, "multiclass")] == [(0, 5, 20), (0, 5, 20), (0, 5)]
 
 
@@ -242,7 +244,23 @@ def test_decode_rejects_arrays_that_do_not_fit():
                        "multilabel")
     with pytest.raises(LogitCacheError, match="compact rows: missing array\\(s\\) step"):
         cc.decode({n: a for n, a in arrays.items() if n != "step"}, 20, 527, "multilabel")
-    with pytest.raises(LogitCacheError, match=r"codes is uint8 \(3, 20\), expected uint8 \(3, 15\)"):
-        cc.decode(arrays, 20, 527, "multilabel", value_bits=6)
+    with pytest.raises(LogitCacheError, match=r"codes is uint8 \(3, 15\), expected uint8 \(3, 20\)"):
+        cc.decode(arrays, 20, 527, "multilabel", value_bits=8)
     with pytest.raises(LogitCacheError, match="kind 'softmax' is not one of multilabel, multiclass"):
         cc.decode(arrays, 20, 527, "softmax")
+
+
+@pytest.mark.parametrize("n", [20, 5, 1, 8])
+def test_six_bit_fields_read_as_the_bitstream_says(n):
+    """The 4-fields-per-3-bytes path of the default width equals reading the little-endian
+    bitstream field by field (numpy's unpackbits, independent of the codec's readers)."""
+    rng = np.random.default_rng(n)
+    packed = rng.integers(0, 256, (64, -(-6 * n // 8)), dtype=np.uint8)
+    bits = np.unpackbits(packed, axis=1, bitorder="little")[:, :6 * n].reshape(64, n, 6)
+    want = (bits.astype(np.int64) << np.arange(6)).sum(-1)
+    np.testing.assert_array_equal(cc._read_fields(packed, 0, n, 6).astype(np.int64), want)
+    q = rng.integers(0, 64, (64, n), dtype=np.uint32)
+    codes = cc.encode_values(np.zeros((64, n), np.float32), 6)["codes"]
+    assert codes.shape == (64, -(-6 * n // 8))
+    np.testing.assert_array_equal(cc._read_fields(np.packbits(cc._field_bits(q, 6), axis=1, bitorder="little"),
+                                                  0, n, 6), q)

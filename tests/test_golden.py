@@ -151,8 +151,10 @@ OP_DRAWS = {
     "noise": {"noise.snr_db": ("float32", 15.166938), "noise.seed": ("uint64", 8264866532387992)},
     "time_mask": {"time_mask.start_s": ("float32", [0.1535, 0.040125]),
                   "time_mask.width_s": ("float32", [0.1086875, 0.189625])},
-    "freq_mask": {"freq_mask.low_hz": ("float32", [1284.2324, 349.18005]),
-                  "freq_mask.width_hz": ("float32", [543.5585, 947.9037])},
+    # whole STFT bins of 16000 / 512 = 31.25 Hz: bins 41 and 11, widths 17 and 31 bins (of at most
+    # int(1000 Hz / 31.25 Hz) = 32); drawn before bins as 1284.2324 / 349.18005 Hz wide 543.5585 / 947.9037
+    "freq_mask": {"freq_mask.low_hz": ("float32", [1281.25, 343.75]),
+                  "freq_mask.width_hz": ("float32", [531.25, 968.75])},
     "mixup": {"mixup.partner": ("int64", 5), "mixup.lam": ("float32", 0.95879227)},
 }
 
@@ -165,8 +167,8 @@ STRONG_DRAWS = {
         "noise.snr_db": ("float32", 37.328938), "noise.seed": ("uint64", 7345075643172381),
         "time_mask.start_s": ("float32", [0.4854375, 0.89325]),
         "time_mask.width_s": ("float32", [0.130625, 0.083875]),
-        "freq_mask.low_hz": ("float32", [7136.82, 5088.4077]),
-        "freq_mask.width_hz": ("float32", [17.789677, 115.44193]),
+        "freq_mask.low_hz": ("float32", [7156.25, 5093.75]),  # bins 229, 163
+        "freq_mask.width_hz": ("float32", [0.0, 93.75]),  # 0 and 3 bins
     },
     0x30055981A45C2966: {  # view_seeds(0, epoch 3, "a.wav")
         "crop.start_s": ("float32", 0.052375), "shift.seconds": ("float32", 0.2919375),
@@ -175,8 +177,8 @@ STRONG_DRAWS = {
         "noise.snr_db": ("float32", math.inf), "noise.seed": ("uint64", 0),
         "time_mask.start_s": ("float32", [0.1284375, 0.2754375]),
         "time_mask.width_s": ("float32", [0.0645, 0.02825]),
-        "freq_mask.low_hz": ("float32", [901.7485, 805.54114]),
-        "freq_mask.width_hz": ("float32", [18.530972, 686.2175]),
+        "freq_mask.low_hz": ("float32", [906.25, 781.25]),  # bins 29, 25
+        "freq_mask.width_hz": ("float32", [0.0, 687.5]),  # 0 and 22 bins
     },
 }
 

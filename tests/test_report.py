@@ -489,3 +489,19 @@ def test_compare_and_inspect_through_the_cli(trained_run, tmp_path):
     assert text.exit_code == 0
     assert "targets" in text.stdout and "ensemble" in text.stdout and "chunks written" in text.stdout
     assert "projected: " in text.stdout and "for 8 epochs x 2000000 samples" in text.stdout
+
+
+def test_fidelity_compares_the_codecs_on_the_fresh_logits(strong_cache, dataset):
+    """codec_effect: the re-run teachers' own top-k stored by each codec choice and decoded; k = C
+    here, so float32 topk loses nothing, float16 a little, compact more as its bits shrink."""
+    r = fidelity(strong_cache, dataset, TEACHERS, samples=16, seed=1, device="cpu", batch_size=8)
+    got = {x["codec"]: x for x in r["codec_effect"]}
+    assert list(got) == ["topk float16", "topk float32", "compact 8-bit", "compact 6-bit", "compact 4-bit"]
+    C = 10  # k = C = 10 classes: uint8 indices
+    assert got["topk float32"]["target_bytes_per_row"] == C * (4 + 1) + 4
+    assert got["topk float16"]["target_bytes_per_row"] == C * (2 + 1) + 4
+    assert got["topk float32"]["kl_mean"] == pytest.approx(0, abs=1e-7) and got["topk float32"]["top1_agreement"] == 1
+    for bits in (8, 6, 4):
+        assert got[f"compact {bits}-bit"]["target_bytes_per_row"] < got["topk float16"]["target_bytes_per_row"]
+    assert 0 < got["compact 8-bit"]["kl_mean"] < got["compact 4-bit"]["kl_mean"]
+    assert got["compact 4-bit"]["kl_mean"] < 0.05

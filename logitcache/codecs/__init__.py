@@ -86,7 +86,9 @@ class TargetCodec(abc.ABC):
         return self.pack({"values": _np(values), "indices": _np(indices), "stat": _np(stat)})
 
     @abc.abstractmethod
-    def decode(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def decode(self, arrays: dict[str, np.ndarray], sort: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stored arrays -> decoded rows. ``sort=False`` allows a codec to leave a row's entries in
+        any order the losses accept (they gather and scatter by index): what training streams."""
 
     def decoded_arrays(self, decoded) -> dict[str, np.ndarray]:
         values, indices, stat = decoded

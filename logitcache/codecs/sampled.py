@@ -428,7 +428,7 @@ class SampledCodec(TargetCodec):
     def pack(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {f: np.asarray(host[f]).astype(d) for f, (d, _) in self.fields().items()}
 
-    def decode(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def decode(self, arrays: dict[str, np.ndarray], sort: bool = True) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in decode(arrays).items()}
 
     def decoded_arrays(self, decoded) -> dict[str, np.ndarray]:

@@ -60,7 +60,7 @@ class TopkCodec(TargetCodec):
         return {"values": values, "indices": np.asarray(host["indices"]).astype(self.index_dtype),
                 "stat": np.asarray(host["stat"], np.float32)}
 
-    def decode(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decode(self, arrays: dict[str, np.ndarray], sort: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return arrays["values"], arrays["indices"], arrays["stat"]
 
     def check(self, rows: dict[str, np.ndarray]) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from logitcache.codecs.topk import VALUE_DTYPES
 from logitcache.data import AudioFolder
 from logitcache.errors import LogitCacheError
 from logitcache.storage import cache_location
-from logitcache.targets import aggregate, kl_divergence, teacher_probs, topk_targets
+from logitcache.targets import aggregate, index_dtype, kl_divergence, teacher_probs, topk_targets
 
 
 # ---------------------------------------------------------------- the report part: per k', dtype, classes, members
@@ -113,6 +113,7 @@ class _ReportAccumulator:
         self.sim_grid = sorted(set(k_grid(num_classes)) | {k})
         self.per_k: dict[int, list[dict[str, torch.Tensor]]] = {k2: [] for k2 in self.grid}
         self.sim: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = {}
+        self.codec_sim: dict[str, list[dict[str, torch.Tensor]]] = {}
         self.class_mass = torch.zeros(num_classes, dtype=torch.float64)
         self.class_covered = torch.zeros(num_classes, dtype=torch.float64)
         self.class_in_topk = torch.zeros(num_classes, dtype=torch.float64)
@@ -146,6 +147,7 @@ class _ReportAccumulator:
                 fig = _row_figures(zs, rv, ind, st, self.kind)
                 fig["logit_err"] = (rv - exact).abs().max(-1).values.double()
                 self.sim.setdefault((dtype, k2), []).append(fig)
+        self._add_codecs(zs)
         # Members against each other and against the ensemble, on the same views.
         tops = [m.reshape(-1, C).argmax(-1) for m in member_logits]
         ens_top = z.argmax(-1)
@@ -154,6 +156,26 @@ class _ReportAccumulator:
                 self.pair_agree[i, j] += float((tops[i] == tops[j]).double().sum())
             self.member_top1[i] += float((tops[i] == ens_top).double().sum())
             self.member_kl[i] += float(kl_divergence(mi.reshape(-1, C).double(), z, self.kind).sum())
+
+    # The codecs a user can choose between at this cache's k: (label, codec, options).
+    CODEC_CHOICES = (("topk float16", "topk", {"value_dtype": "float16"}),
+                     ("topk float32", "topk", {"value_dtype": "float32"}),
+                     ("compact 8-bit", "compact", {"value_bits": 8}),
+                     ("compact 6-bit", "compact", {"value_bits": 6}),
+                     ("compact 4-bit", "compact", {"value_bits": 4}))
+
+    def _add_codecs(self, zs: torch.Tensor) -> None:
+        """The fresh logits' own top-k stored by each codec choice and decoded again."""
+        from logitcache.codecs import get_codec
+
+        exact, ind, st = topk_targets(zs, self.k, self.kind)
+        host = {"values": exact.numpy(), "indices": ind.numpy(), "stat": st.numpy()}
+        for label, name, options in self.CODEC_CHOICES:
+            codec = get_codec(name)(self.k, self.C, self.kind, None, {"index_dtype": index_dtype(self.C), **options})
+            v, i, s = (torch.from_numpy(np.asarray(x)) for x in codec.decode(codec.pack(host)))
+            fig = _row_figures(zs, v.float(), i.long(), s.float(), self.kind)
+            fig["bytes"] = torch.full((1,), float(codec.row_bytes()), dtype=torch.float64)
+            self.codec_sim.setdefault(label, []).append(fig)
 
     def result(self, class_names: list[str], size_of) -> dict:
         def mean(parts, key):
@@ -179,6 +201,9 @@ class _ReportAccumulator:
                                         "prob_max_abs_error": worst(parts, "prob_err"),
                                         "covered_mass_mean": mean(parts, "covered"),
                                         "bytes_per_view": size_of(k2, dtype)})
+        codec_effect = [{"codec": label, "target_bytes_per_row": float(parts[0]["bytes"][0]),
+                         "kl_mean": mean(parts, "kl"), "kl_max": worst(parts, "kl"),
+                         "top1_agreement": mean(parts, "top1")} for label, parts in self.codec_sim.items()]
         tail = (1 - torch.cat([x["covered"] for x in self.per_k[self.k]])).clamp_min(0).numpy()
         counts, _ = np.histogram(tail, bins=TAIL_BINS)
         quant = np.quantile(tail, [0.5, 0.9, 0.99]) if len(tail) else [math.nan] * 3
@@ -197,7 +222,7 @@ class _ReportAccumulator:
                                           "kl_to_ensemble": float(self.member_kl[i] / n)}
                                    for i, name in enumerate(self.members)},
         }
-        return {"k_grid": self.grid, "per_k": per_k, "dtype_effect": dtype_effect,
+        return {"k_grid": self.grid, "per_k": per_k, "dtype_effect": dtype_effect, "codec_effect": codec_effect,
                 "tail_mass": {"k": self.k, "edges": TAIL_BINS, "counts": counts.tolist(), "rows": int(len(tail)),
                               "p50": float(quant[0]), "p90": float(quant[1]), "p99": float(quant[2]),
                               "max": float(tail.max()) if len(tail) else math.nan},
@@ -435,5 +460,5 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
 
 def _not_topk_report(rows: int) -> dict:
     """The report part for a codec without a top-k triple: every top-k figure None, and why."""
-    keys = ("k_grid", "per_k", "dtype_effect", "tail_mass", "per_class", "disagreement")
+    keys = ("k_grid", "per_k", "dtype_effect", "codec_effect", "tail_mass", "per_class", "disagreement")
     return {**dict.fromkeys(keys), "rows_checked": rows, "not_applicable": NOT_TOPK}
