@@ -331,3 +331,17 @@ def test_train_runs_from_a_format1_cache(fx, name, tmp_path):
                    record_steps=True, device="cpu", progress=False)
     assert len(result["step_losses"]) == 2 and all(math.isfinite(x) for x in result["step_losses"])
     assert result["samples"] == 8
+
+
+def test_verify_finds_a_stored_order_that_is_not_a_permutation(fx, tmp_path):
+    """Format 1 (and format 2 before derived arrays) stores ``order``; verify checks it per epoch."""
+    from logitcache.storage import open_store
+
+    path = tmp_path / "strong.zarr"
+    shutil.copytree(fx / "strong.zarr", path)
+    store = open_store(path, "r+")
+    order = store.read("order", (1, slice(0, 4)))
+    order[0] = order[1]
+    store.write("order", (1, slice(0, 4)), order)  # rewritten whole: its checksum is valid
+    problems = verify_cache(path)["problems"]
+    assert "order: epoch 1 is not a permutation of 0..7 (1 index(es) missing, 1 repeated)" in problems

@@ -109,7 +109,7 @@ def test_fidelity_html_and_json_through_the_cli(dataset, dumper, tmp_path):
     lines = text.splitlines()
     table = lines[lines.index("per k' (the cache truncated to its top k'; 6 rows):") + 3:][:4]
     assert [ln.split()[0] for ln in table] == ["1", "2", "3", "4"]
-    assert float(table[3].split()[1]) == pytest.approx(r["per_k"][3]["kl_mean"], rel=1e-3)
+    assert float(table[3].split()[1]) == pytest.approx(r["per_k"][3]["kl_mean"], rel=2e-3)  # 3-4 digits shown
 
 
 @pytest.mark.parametrize("command", ["plan", "compare"])

@@ -129,7 +129,7 @@ def test_verify_finds_deleted_zarr_chunk_files(zarr_cache, tmp_path):
     store = open_store(path)
     assert np.all(store.read("ensemble/values", (0, slice(R, 2 * R))) != 0)
     (path / "ensemble/values/c/0/1/0").unlink()
-    (path / "order/c/1/0").unlink()
+    (path / "params/mixup.partner/c/1/0").unlink()
     (path / "members/toy_a/stat/c/0/2").unlink()
     (path / "params/gain.db/c/1/2").unlink()
     assert np.all(open_store(path).read("ensemble/values", (0, slice(R, 2 * R))) == 0)  # silently zeros
@@ -138,7 +138,7 @@ def test_verify_finds_deleted_zarr_chunk_files(zarr_cache, tmp_path):
     missing = "chunk missing from storage although marked done (reads back as fill value 0)"
     assert problems == [f"ensemble/values: epoch 0 chunk 1 (rows 8..15): {missing}",
                         f"members/toy_a/stat: epoch 0 chunk 2 (rows 16..23): {missing}",
-                        f"order: epoch 1 chunk 0 (rows 0..7): {missing}",
+                        f"params/mixup.partner: epoch 1 chunk 0 (rows 0..7): {missing}",
                         f"params/gain.db: epoch 1 chunk 2 (rows 16..23): {missing}"]
 
 
@@ -154,7 +154,7 @@ def test_verify_finds_out_of_range_and_repeated_indices(zarr_cache, tmp_path):
                         "ensemble/indices: epoch 1 chunk 0 (rows 0..7): 1 row(s) repeat a class index"]
 
 
-def test_verify_finds_unsorted_values_bad_order_unfinished_chunks_and_edited_manifest(zarr_cache, tmp_path):
+def test_verify_finds_unsorted_values_unfinished_chunks_and_edited_manifest(zarr_cache, tmp_path):
     path = _copy(zarr_cache, tmp_path)
     store = open_store(path, "r+")
     v = store.read("members/toy_a/values", (0, slice(0, R)))
@@ -162,9 +162,6 @@ def test_verify_finds_unsorted_values_bad_order_unfinished_chunks_and_edited_man
     store.write("members/toy_a/values", (0, slice(0, R)), v)
     v[4, 0] = np.nan
     store.write("members/toy_b/values", (1, slice(0, R)), v)
-    order = store.read("order", (1, slice(R, 2 * R)))
-    order[0] = order[1]
-    store.write("order", (1, slice(R, 2 * R)), order)
     store.write("done", (0, slice(LAST, LAST + 1)), np.zeros(1, np.uint8))
     manifest = store.read_manifest()
     manifest["seed"] = 123
@@ -173,7 +170,6 @@ def test_verify_finds_unsorted_values_bad_order_unfinished_chunks_and_edited_man
     problems = "\n".join(verify_cache(path)["problems"])
     assert "members/toy_a/values: epoch 0 chunk 0 (rows 0..7): 1 row(s) not sorted descending" in problems
     assert "members/toy_b/values: epoch 1 chunk 0 (rows 0..7): 1 non-finite value(s)" in problems
-    assert f"order: epoch 1 is not a permutation of 0..{N - 1} (1 index(es) missing, 1 repeated)" in problems
     assert f"epoch 0: 1 of {LAST + 1} chunk(s) not written (done marker unset: chunks {LAST})" in problems
     assert "config_digest does not match" in problems
 
