@@ -407,3 +407,36 @@ def test_compare_refuses_a_damaged_head_layer(dumper, dataset, tmp_path):
     with pytest.raises(LogitCacheError) as e:
         compare(tmp_path / "run", samples=4)
     assert_one_line_error(e, "config.json: 'head_layer' 'encoder' is not the student's classifier")
+
+
+def test_ddp_heads_equal_one_process_on_the_union_of_rank_batches(dumper, dataset, tmp_path):
+    """Two DDP ranks of a heads run (forward with all_heads through DistributedDataParallel) take
+    the steps one process takes on the union of their batches."""
+    from dist_ranks import context, run_ranks
+    from logitcache.distributed import shard_bounds
+    from logitcache.train import distill_step
+
+    cache_path = dumper(epochs=2, chunk_rows=4)
+    kw = dict(student="dist_ranks:tiny_student", epochs=1, batch_size=8, temperature=2.0, device="cpu",
+              heads="members")
+    assert run_ranks(context(), 2, "dist_ranks.train_rank", str(cache_path), str(dataset), str(tmp_path / "ddp"),
+                     str(tmp_path / "result"), **kw) == {}
+    ddp = json.loads((tmp_path / "result.0").read_text())["step_losses"]
+    cache = logitcache.open_cache(cache_path)
+    model = with_heads(build_student(kw["student"], C, 16000, None, seed=0), kw["student"], cache.members, C,
+                       "multiclass", 16000)
+    bounds = [shard_bounds(cache.num_samples, cache.chunk_rows, r, 2) for r in range(2)]
+    steps = min(len(range(a, z, 4)) for a, z in bounds)
+    optimizer, schedule = make_optimizer(model, 1e-3, 1e-4, steps)
+    shares = [list(CacheStream(cache_path, dataset, 0, 4, start=a, stop=z, members=cache.members))[:steps]
+              for a, z in bounds]
+    ref = []
+    for parts in zip(*shares):
+        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        ref.append(distill_step(model, optimizer, batch, "multiclass", torch.device("cpu"), 2.0,
+                                codec=cache.codec, heads=True))
+        schedule.step()
+    assert len(ddp) == steps == 3
+    np.testing.assert_allclose(ddp, ref, rtol=1e-5)
+    saved = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    assert saved["heads"] == cache.members and saved["model"].keys() == model.state_dict().keys()
