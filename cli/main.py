@@ -365,7 +365,8 @@ def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, tempe
     with _quiet_stdout(as_json):
         metrics = run_train(cache, data, student, out, epochs=epochs, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, temperature=temperature, alpha=alpha, member=member,
-                            heads=heads, eval_data=eval_data, device=device, precision=precision, num_workers=workers,
+                            heads=heads, eval_data=eval_data, device=device, precision=precision,
+                            num_workers=workers,
                             seed=seed, allow_partial=allow_partial, progress=True, distributed=distributed,
                             resume=resume, checkpoint_every=checkpoint_every, threads=threads)
     if current_rank() != 0:

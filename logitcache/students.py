@@ -65,7 +65,8 @@ def check_student_output(model: torch.nn.Module, spec: str, cache: Cache, clip_s
 
 
 def load_student(run_dir: str | Path, student: str, num_classes: int, sample_rate: int,
-                 frames: int | None = None, config: dict | None = None, kind: str | None = None) -> torch.nn.Module:
+                 frames: int | None = None, config: dict | None = None,
+                 kind: str | None = None) -> torch.nn.Module:
     """A trained student from ``run_dir/checkpoint.pt`` (loaded with ``weights_only=True``).
 
     ``config``: the run's config.json; a run with per-teacher heads (``heads`` "members") gives a

@@ -36,8 +36,9 @@ class HandHeads(torch.nn.Module):
     def __init__(self, plain: torch.nn.Module, members: int):
         super().__init__()
         self.body = plain
-        self.w = torch.nn.ParameterList([torch.nn.Parameter(plain.fc.weight.detach().clone()) for _ in range(members)])
-        self.b = torch.nn.ParameterList([torch.nn.Parameter(plain.fc.bias.detach().clone()) for _ in range(members)])
+        copies = [(plain.fc.weight.detach().clone(), plain.fc.bias.detach().clone()) for _ in range(members)]
+        self.w = torch.nn.ParameterList([torch.nn.Parameter(w) for w, _ in copies])
+        self.b = torch.nn.ParameterList([torch.nn.Parameter(b) for _, b in copies])
 
     def heads(self, wave: torch.Tensor) -> list[torch.Tensor]:
         seen = []
@@ -179,7 +180,7 @@ def test_evaluation_uses_the_heads_mean_probability(dumper, dataset, tmp_path):
     # rebuild by hand: the plain student with the trained fc rows split into heads
     state = ckpt["model"]
     plain = build_student("cnn_tiny", C, 16000, None)
-    plain.load_state_dict({k[len("body."):]: (v[:C] if k.startswith("body.fc.") else v) for k, v in state.items()})
+    plain.load_state_dict({k[len("body."):]: v[:C] if k.startswith("body.fc.") else v for k, v in state.items()})
     hand = HandHeads(plain, 2)
     with torch.no_grad():
         for h in range(2):
@@ -290,7 +291,8 @@ def test_compare_reports_each_heads_agreement_with_its_own_teacher(dumper, datas
                 z = net(stream_views(cache_path, dataset, epoch), all_heads=True)[h]
             t = cache.targets(epoch, cache.ids, member=name)  # dataset order, as the views
             p = torch.exp(torch.from_numpy(t.values - t.stat[:, None]).double())
-            p = torch.zeros(len(p), C, dtype=torch.float64).scatter_(-1, torch.from_numpy(t.indices.astype(np.int64)), p)
+            at = torch.from_numpy(t.indices.astype(np.int64))
+            p = torch.zeros(len(p), C, dtype=torch.float64).scatter_(-1, at, p)
             a, k = _figures(z, p)
             agree.append(a)
             kl.append(k)
