@@ -325,6 +325,9 @@ def _rows_what(info: dict) -> str:
 @click.option("--temperature", default=1.0, show_default=True, help="Distillation temperature T.")
 @click.option("--alpha", default=0.0, show_default=True, help="Weight of the hard-label loss (0 = pure KD).")
 @click.option("--member", default=None, help="Distil from one stored member instead of the ensemble.")
+@click.option("--heads", default="ensemble", show_default=True, metavar="ensemble|members",
+              help="members: one output head per stored member (shared body), each distilled from its own "
+                   "member; the prediction combines the heads as the cache's ensemble combines the members.")
 @click.option("--eval-data", default=None, metavar="DIR",
               help="Labelled folder to report mAP (multilabel) or top-1 accuracy (multiclass) on after each epoch.")
 @click.option("--device", default="auto", show_default=True)
@@ -341,7 +344,7 @@ def _rows_what(info: dict) -> str:
 @click.option("--checkpoint-every", type=int, default=None, metavar="STEPS",
               help="Also write checkpoint.pt every STEPS steps (default: after each epoch only).")
 @_json_option
-def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, temperature, alpha, member,
+def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, temperature, alpha, member, heads,
           eval_data, device, precision, workers, threads, seed, allow_partial, distributed, resume, checkpoint_every,
           as_json):
     """Train a student from a cache (teachers are never loaded).
@@ -362,7 +365,8 @@ def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, tempe
     with _quiet_stdout(as_json):
         metrics = run_train(cache, data, student, out, epochs=epochs, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, temperature=temperature, alpha=alpha, member=member,
-                            eval_data=eval_data, device=device, precision=precision, num_workers=workers,
+                            heads=heads, eval_data=eval_data, device=device, precision=precision,
+                            num_workers=workers,
                             seed=seed, allow_partial=allow_partial, progress=True, distributed=distributed,
                             resume=resume, checkpoint_every=checkpoint_every, threads=threads)
     if current_rank() != 0:
@@ -727,11 +731,24 @@ def compare(run, cache, data, eval_data, teachers, state_dicts, teacher_args, sa
                      e.get("map_vs_ensemble"), e["student_vs_labels"], e.get("ensemble_vs_labels")])
     click.echo(format_table(rows, ["where", "n", "top-1 = ensemble's", "KL(ens || student)", "mAP vs ensemble",
                                    f"student {metric}", f"ensemble {metric}"]))
+    if r.get("heads"):
+        click.echo()
+        click.echo(_heads_table(v["heads"], (e or {}).get("heads")))
     if r["epochs"]:
         key = "eval_mAP" if metric == "mAP" else "eval_top1"
         click.echo()
         click.echo(format_table([[_human_epoch(x), x.get("train_loss"), x.get(key)] for x in r["epochs"]],
                                 ["epoch", "train loss", f"held-out {metric}"]))
+
+
+def _heads_table(views: list[dict], held: list[dict] | None) -> str:
+    """compare's per-head rows: each head against its own member (cached views) and teacher (held out)."""
+    from logitcache.report import format_table
+
+    rows = [[h["member"], h["top1_agreement"], h["kl_mean"],
+             *((held[i]["top1_agreement"], held[i]["kl_mean"]) if held else ())] for i, h in enumerate(views)]
+    names = ["head of member", "views: top-1 = member's", "KL(member || head)"]
+    return format_table(rows, names + (["held-out: top-1 = teacher's", "KL(teacher || head)"] if held else []))
 
 
 def _human_epoch(line: dict):

@@ -10,6 +10,7 @@ import torch
 
 from logitcache.cache import Cache
 from logitcache.errors import LogitCacheError
+from logitcache.heads import from_config
 from logitcache.teachers import first_line, load_state_dict
 
 
@@ -64,8 +65,15 @@ def check_student_output(model: torch.nn.Module, spec: str, cache: Cache, clip_s
 
 
 def load_student(run_dir: str | Path, student: str, num_classes: int, sample_rate: int,
-                 frames: int | None = None) -> torch.nn.Module:
-    """A trained student from ``run_dir/checkpoint.pt`` (loaded with ``weights_only=True``)."""
+                 frames: int | None = None, config: dict | None = None,
+                 kind: str | None = None) -> torch.nn.Module:
+    """A trained student from ``run_dir/checkpoint.pt`` (loaded with ``weights_only=True``).
+
+    ``config``: the run's config.json; a run with per-teacher heads (``heads`` "members") gives a
+    :class:`~logitcache.heads.HeadsStudent`, combining its heads as ``kind`` (the cache's
+    output kind) says."""
     model = build_student(student, num_classes, sample_rate, frames)
+    if config is not None and config.get("heads") == "members":
+        model = from_config(model, config, num_classes, kind, f"{Path(run_dir) / 'config.json'}")
     model.load_state_dict(load_state_dict(Path(run_dir) / "checkpoint.pt"))
     return model.eval()

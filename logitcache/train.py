@@ -28,6 +28,7 @@ from logitcache.distributed import setup as dist_setup
 from logitcache.distributed import shard_bounds
 from logitcache.dump import cpu_threads, set_threads
 from logitcache.errors import LogitCacheError, one_line_worker_errors
+from logitcache.heads import check_heads, heads_aggregation, heads_kd_loss, with_heads
 from logitcache.metrics import average_precision
 from logitcache.storage import is_url
 from logitcache.students import build_student, check_student_output, load_student  # noqa: F401  (re-exported)
@@ -72,16 +73,24 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total
 
 
 def distill_step(model, optimizer, batch: dict, kind: str, device: torch.device, temperature: float = 1.0,
-                 alpha: float = 0.0, precision: str = "fp32", codec=None) -> float:
+                 alpha: float = 0.0, precision: str = "fp32", codec=None, heads: bool = False) -> float:
     """One optimiser step on a CacheStream batch; returns the loss. ``codec`` (the cache's,
     ``cache.codec``) computes the KD loss from the batch's decoded targets; None means a top-k
-    triple (values, indices, stat), as topk and compact caches give."""
+    triple (values, indices, stat), as topk and compact caches give. ``heads``: ``model`` is a
+    :class:`~logitcache.heads.HeadsStudent` (or DDP around one) and the batch holds the members'
+    targets; the KD loss is the mean of the heads' own, the label loss is on their prediction."""
     x = batch["wave"].to(device, non_blocking=True)
     with autocast(device, precision):
-        z = model(x)
+        if heads:
+            z_heads = model(x, all_heads=True)
+            z = getattr(model, "module", model).combine(z_heads)
+        else:
+            z = model(x)
     loss = torch.zeros((), device=device)
     if alpha < 1.0:
-        if codec is None:
+        if heads:
+            kd = heads_kd_loss(z_heads, batch, codec, kind, temperature, device)
+        elif codec is None:
             t = [batch[k].to(device, non_blocking=True) for k in ("values", "indices", "stat")]
             kd = kd_loss(z, *t, kind=kind, temperature=temperature)
         else:
@@ -120,6 +129,7 @@ def train(
     temperature: float = 1.0,
     alpha: float = 0.0,
     member: str | None = None,
+    heads: str = "ensemble",
     eval_data: str | Path | None = None,
     device: str = "auto",
     precision: str = "fp32",
@@ -154,6 +164,12 @@ def train(
     :class:`LogitCacheError` naming the epoch and batch; the last checkpoint written stays.
     ``threads``: torch's intra-op threads during the run (see :func:`logitcache.dump.cpu_threads`),
     restored on return.
+
+    ``heads="members"`` (CERBERUS) gives the student one output head per stored member on a shared
+    body (see :mod:`logitcache.heads`): each head is distilled from its own member's targets, the
+    loss is the mean over heads (plus ``alpha`` times the label loss of the heads' prediction),
+    and evaluation, the checkpoint and ``compare`` use the heads' prediction, combined as the
+    cache's ensemble is.
     """
     epochs = checks.optional_whole("--epochs", epochs)
     batch_size = checks.whole("--batch-size", batch_size)
@@ -166,6 +182,10 @@ def train(
     max_steps = checks.optional_whole("max_steps", max_steps)
     checkpoint_every = checks.optional_whole("--checkpoint-every", checkpoint_every)
     threads = checks.optional_whole("--threads", threads)
+    heads = check_heads(heads)
+    if heads == "members" and member is not None:
+        raise LogitCacheError(f"--heads members and --member {member}: choose one (--heads members distils "
+                              f"every member, each into its own head)")
     _check_run_folder(Path(out), resume)
     c = open_cache(cache)
     folder = AudioFolder(data)
@@ -176,6 +196,9 @@ def train(
               f"(stored epochs {', '.join(map(str, stored))})", file=sys.stderr)
     if member is not None and member not in c.members:
         raise LogitCacheError(f"{cache}: unknown member {member!r} (members: {', '.join(c.members) or 'none stored'})")
+    if heads == "members" and not c.members:
+        raise LogitCacheError(f"{cache}: --heads members needs the members' own targets, and this cache stores "
+                              f"none (dumped with --no-members)")
     epochs = epochs if epochs is not None else len(stored)
     if epochs > len(stored) and progress:
         tqdm.write(f"training {epochs} epochs over {len(stored)} stored epoch(s): epoch i replays stored epoch "
@@ -208,6 +231,9 @@ def train(
                               f"{ctx.world} ranks; use fewer ranks (or dump with a smaller --chunk-rows)")
     model = build_student(student, len(c.classes), augmenter.sample_rate, c.frames, seed).to(dev)
     check_student_output(model, student, c, augmenter.clip_samples, dev)
+    if heads == "members":
+        model = with_heads(model, student, c.members, len(c.classes), c.output_kind, augmenter.clip_samples,
+                           *heads_aggregation(c.manifest))
     net = model
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -224,6 +250,8 @@ def train(
               "cache_config_digest": c.manifest.get("config_digest"), "stored_epochs": stored}
     if ctx.active:
         config.update(ranks=ctx.world, rank_batch_size=rank_batch)
+    if heads == "members":
+        config.update(model.config())
     position = {"epoch": 0, "batch": 0, "steps": 0}  # where the next batch comes from
     so_far = _NO_SUMS  # the job's loss sum, samples and seconds of position's epoch before position
     if resume and (out / "checkpoint.pt").exists():
@@ -239,7 +267,8 @@ def train(
         if lead:  # written aside, then renamed: a kill while saving leaves the previous checkpoint
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "epoch": epoch, "position": at,
-                        "epoch_so_far": sums, "config": config}, out / "checkpoint.pt.tmp")
+                        "epoch_so_far": sums, "config": config, "heads": config.get("head_members")},
+                       out / "checkpoint.pt.tmp")
             (out / "checkpoint.pt.tmp").replace(out / "checkpoint.pt")
 
     model.train()
@@ -249,7 +278,8 @@ def train(
             stored_epoch = stored[epoch % len(stored)]
             skip = position["batch"] if epoch == position["epoch"] else 0  # batches done before a resume
             stream = CacheStream(cache, folder, stored_epoch, rank_batch, member=member,
-                                 start=start + skip * rank_batch, stop=stop)
+                                 start=start + skip * rank_batch, stop=stop,
+                                 members=c.members if heads == "members" else None)
             loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
                                 prefetch_factor=4 if num_workers else None)
             started, seen, total, done, before = time.perf_counter(), 0, 0.0, skip, 0.0
@@ -259,7 +289,8 @@ def train(
             bar = tqdm(batches, total=steps_per_epoch, initial=skip, unit="batch",
                        desc=f"train {epoch + 1}/{epochs}", disable=not progress, dynamic_ncols=True)
             for done, batch in enumerate(bar, start=skip + 1):
-                loss = distill_step(net, optimizer, batch, kind, dev, temperature, alpha, precision, c.codec)
+                loss = distill_step(net, optimizer, batch, kind, dev, temperature, alpha, precision, c.codec,
+                                    heads == "members")
                 if not math.isfinite(loss):
                     raise LogitCacheError(_diverged(out, loss, epoch, done))
                 schedule.step()
@@ -303,7 +334,8 @@ def train(
 
 
 # What a resumed run must share with the checkpoint: a position counts per-rank batches.
-_RESUME_KEYS = ("student", "batch_size", "epochs", "cache_config_digest", "stored_epochs", "ranks")
+_RESUME_KEYS = ("student", "batch_size", "epochs", "cache_config_digest", "stored_epochs", "ranks", "heads",
+                "head_members")
 
 
 def _check_run_folder(out: Path, resume: bool) -> None:

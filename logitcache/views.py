@@ -19,6 +19,9 @@ from logitcache.data import PATH_LIMIT, AudioFolder
 from logitcache.errors import LogitCacheError, shorten
 
 
+MEMBER_PREFIX = "members/"  # batch keys of the members' targets for per-teacher heads, [B, M, ...]
+
+
 def check_compatible(cache: Cache, folder: AudioFolder) -> None:
     """Refuse a data folder other than the one the cache was dumped from."""
     m = cache.manifest
@@ -169,10 +172,12 @@ class ChunkReader:
     order they will be needed, with ``ahead`` chunks read in a background thread while the
     caller works on the current one (decoding and augmenting audio, in a DataLoader worker)."""
 
-    def __init__(self, cache: Cache, epoch: int, chunks: list[int], member: str | None = None, ahead: int = 1):
+    def __init__(self, cache: Cache, epoch: int, chunks: list[int], member: str | None = None, ahead: int = 1,
+                 members: list[str] | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.cache, self.epoch, self.member = cache, int(epoch), member
+        self.members = list(members) if members else None
         self.chunks, self.ahead = list(chunks), int(ahead)
         self._next = 0  # index in self.chunks of the next chunk to submit
         self._pending: dict[int, object] = {}
@@ -182,8 +187,19 @@ class ChunkReader:
     def _read(self, chunk: int) -> dict[str, np.ndarray]:
         R, N = self.cache.chunk_rows, self.cache.num_samples
         # the losses gather by index, so rows need not be sorted by value (compact decodes ~1.4x faster)
-        return self.cache.read_block(self.epoch, chunk * R, min((chunk + 1) * R, N), member=self.member,
-                                     sort=False)
+        a, b = chunk * R, min((chunk + 1) * R, N)
+        if self.members is None:
+            return self.cache.read_block(self.epoch, a, b, member=self.member, sort=False)
+        return self._read_members(a, b)
+
+    def _read_members(self, a: int, b: int) -> dict[str, np.ndarray]:
+        """Rows ``a:b`` with every listed member's decoded targets stacked as
+        ``members/<array>`` ``[rows, M, ...]`` (one read per member per chunk; no ensemble targets)."""
+        block = self.cache.read_block(self.epoch, a, b, targets=False)
+        own = [self.cache.read_block(self.epoch, a, b, member=m, params=False, sort=False) for m in self.members]
+        for k in (k for k in own[0] if k not in block):
+            block[MEMBER_PREFIX + k] = np.stack([o[k] for o in own], axis=1)
+        return block
 
     def chunk(self, chunk: int) -> dict[str, np.ndarray]:
         if self._current is not None and self._current[0] == chunk:
@@ -232,16 +248,20 @@ class CacheStream(IterableDataset):
     per chunk, the next chunk read ahead in a thread while it replays audio) and slices batches
     from memory; targets, orders and labels are handed over as whole-batch arrays. ``start`` and
     ``stop`` pick a share of positions (e.g. chunk-aligned, for data-parallel training).
+    ``members`` (per-teacher heads): instead of the ensemble's targets, each listed member's, as
+    ``members/<array>`` ``[B, M, ...]`` in the order listed (each member read a whole chunk at a time).
     """
 
     def __init__(self, cache_path: str | Path, data_dir: str | Path | AudioFolder, epoch: int, batch_size: int,
-                 member: str | None = None, start: int = 0, stop: int | None = None, read_ahead: int = 1):
+                 member: str | None = None, start: int = 0, stop: int | None = None, read_ahead: int = 1,
+                 members: list[str] | None = None):
         # The folder (ids, labels) is parsed once, here, and inherited by forked workers, not
         # re-parsed by every worker every epoch (labels.csv of a 2M-clip dataset takes seconds).
         self.folder = data_dir if isinstance(data_dir, AudioFolder) else AudioFolder(data_dir)
         self.cache_path, self.data_dir = str(cache_path), str(self.folder.root)
         self.epoch, self.batch_size, self.member = int(epoch), int(batch_size), member
         self.read_ahead = int(read_ahead)
+        self.members = list(members) if members else None
         cache = open_cache(self.cache_path)
         self.stop = cache.num_samples if stop is None else int(stop)
         self.start = int(start)
@@ -263,7 +283,8 @@ class CacheStream(IterableDataset):
         R = cache.chunk_rows
         mine = range(worker, len(self), workers)
         chunks = self._chunks_of(mine, R)
-        reader = ChunkReader(cache, self.epoch, chunks, member=self.member, ahead=self.read_ahead)
+        reader = ChunkReader(cache, self.epoch, chunks, member=self.member, ahead=self.read_ahead,
+                             members=self.members)
         try:
             for b in mine:
                 yield self._batch(source, reader.rows(*self._span(b)))

@@ -52,6 +52,23 @@ def _student_figures(student: torch.Tensor, teacher_p: torch.Tensor,
     return top1, kl_divergence(p, s, kind, p_probs=True)
 
 
+def _dense_targets(c, t, C: int, kind: str) -> torch.Tensor:
+    """Dense teacher probabilities ``[..., C]`` of stored targets ``t`` (``cache.targets``)."""
+    if not c.codec.triple:  # sampled: its stored (empirical) distribution
+        return c.codec.dense(t)
+    return teacher_probs(torch.from_numpy(np.asarray(t.values)).float(),
+                         torch.from_numpy(np.asarray(t.indices).astype(np.int64)),
+                         torch.from_numpy(np.asarray(t.stat)).float(), C, kind)
+
+
+def _head_rows(names: list[str], pairs: list[list[tuple[torch.Tensor, torch.Tensor]]], who: str) -> list[dict]:
+    """Per head: its top-1 agreement with and KL from its own teacher, over the (top-1, KL) rows
+    collected for it."""
+    return [{"head": h, who: name, "top1_agreement": float(torch.cat([a for a, _ in got]).mean()),
+             "kl_mean": float(torch.cat([k for _, k in got]).mean())}
+            for h, (name, got) in enumerate(zip(names, pairs))]
+
+
 def _clip_level(x: np.ndarray) -> np.ndarray:
     """Frame-level rows ``[n, T, C]`` -> clip level by max over frames (how train.evaluate scores)."""
     return x.max(axis=1) if x.ndim == 3 else x
@@ -154,6 +171,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
     cache = cache or _run_path(run, config, "cache", "--cache")
     data = data or _run_path(run, config, "data", "--data")
     member = config.get("member")
+    heads = config["head_members"] if config.get("heads") == "members" else None
 
     with open_cache(cache) as c:
         m = c.manifest
@@ -162,7 +180,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         kind, C = c.output_kind, len(c.classes)
         augmenter = Augmenter.from_spec(m["augment"])
         dev = resolve_device(device)
-        net = load_student(run, student, C, augmenter.sample_rate, c.frames).to(dev)
+        net = load_student(run, student, C, augmenter.sample_rate, c.frames, config, kind).to(dev)
         check_student_output(net, student, c, augmenter.clip_samples, dev)
 
         # -- cached training views: a seeded sample of (epoch, position) from the epochs trained on
@@ -175,6 +193,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         flat = np.sort(rng.choice(len(stored) * N, size=min(samples, len(stored) * N), replace=False))
         source = ViewSource(folder, augmenter, SourceContent.of_cache(c))
         top1, kl, s_clip, p_clip, y_clip = [], [], [], [], []
+        head_pairs = [[] for _ in heads or []]  # per head: (top-1, KL) rows against its own member
         bar = tqdm(total=len(flat), unit="view", desc="compare", disable=not progress, dynamic_ncols=True)
         try:
             for slot in np.unique(flat // N):
@@ -187,14 +206,12 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                     rows = [{n: v[r] for n, v in params.items()} for r in range(len(ids))]
                     wave = torch.stack([source.replay(i, p) for i, p in zip(index, rows)]).to(dev)
                     with torch.inference_mode(), autocast(dev, "fp32"):
-                        zs = net(wave).float().cpu()
-                    t = c.targets(epoch, ids, member=member)
-                    if not c.codec.triple:  # sampled: its stored (empirical) distribution
-                        q = c.codec.dense(t)
-                    else:
-                        q = teacher_probs(torch.from_numpy(np.asarray(t.values)).float(),
-                                          torch.from_numpy(np.asarray(t.indices).astype(np.int64)),
-                                          torch.from_numpy(np.asarray(t.stat)).float(), C, kind)
+                        zh = net(wave, all_heads=True).float().cpu() if heads else None
+                        zs = net(wave).float().cpu() if zh is None else net.combine(zh)
+                    for h, name in enumerate(heads or []):
+                        qh = _dense_targets(c, c.targets(epoch, ids, member=name), C, kind)
+                        head_pairs[h].append(_student_figures(zh[h].reshape(-1, C), qh.reshape(-1, C), kind))
+                    q = _dense_targets(c, c.targets(epoch, ids, member=member), C, kind)
                     a1, k1 = _student_figures(zs.reshape(-1, C), q.reshape(-1, C), kind)
                     top1.append(a1)
                     kl.append(k1)
@@ -210,6 +227,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                  "map_vs_ensemble": _map_vs(s_all, p_all, kind),
                  "student_vs_labels": _label_score(s_all, y_all, kind),
                  "ensemble_vs_labels": _label_score(p_all, y_all, kind)}
+        if heads:
+            views["heads"] = _head_rows(heads, head_pairs, "member")
 
         # -- held-out clips, un-augmented; teachers re-run on them when given
         evaluation = None
@@ -225,15 +244,21 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                 if n_classes != C or frames != c.frames:
                     raise LogitCacheError(f"teachers output C={n_classes} but cache {c.path} holds C={C}")
             s_list, e_list = [], []
+            # per head against its own re-run teacher, paired by position (the dump's order)
+            eval_pairs = [[] for _ in heads or []] if len(loaded) == len(heads or []) else []
             for a in range(0, len(held), batch_size):
                 clips = range(a, min(a + batch_size, len(held)))
                 x = torch.stack([augmenter.fit_clip(held.load(i, augmenter.sample_rate)) for i in clips]).to(dev)
                 with torch.inference_mode():
-                    s_list.append(net(x).float().cpu())
+                    zh = net(x, all_heads=True).float().cpu() if heads else None
+                    s_list.append(net(x).float().cpu() if zh is None else net.combine(zh))
                     if loaded:
                         with autocast(dev, m.get("precision", "fp32")):
                             z = run_teachers(loaded, x, lambda: [held.ids[i] for i in clips])
                         e_list.append(aggregate(z, kind, m["aggregation"], m.get("weights")).cpu())
+                        for h, got in enumerate(eval_pairs):
+                            pt = _probs(z[h].cpu(), kind)
+                            got.append(_student_figures(zh[h].reshape(-1, C), pt.reshape(-1, C), kind))
             zs = torch.cat(s_list)
             s_eval = _clip_level(zs.numpy())
             evaluation = {"data": str(eval_data), "clips": len(held), "student_vs_labels": _label_score(
@@ -253,6 +278,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                         {"class": name, "student_ap": None if np.isnan(sa) else float(sa),
                          "ensemble_ap": None if np.isnan(ea) else float(ea)}
                         for name, sa, ea in zip(c.classes, s_ap, e_ap)]})
+                if eval_pairs:
+                    evaluation["heads"] = _head_rows([t.name for t in loaded], eval_pairs, "teacher")
         return {
             "run": str(run),
             "student": student,
@@ -260,7 +287,9 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
             "data": str(data),
             "output_kind": kind,
             "metric": "mAP" if kind == "multilabel" else "top1",
-            "targets": "ensemble" if member is None else f"member {member}",
+            "targets": ("ensemble" if member is None else f"member {member}") if not heads else
+                       f"members, one head each ({', '.join(heads)})",
+            "heads": heads,
             "cache_matches_run": config.get("cache_config_digest") == m.get("config_digest"),
             "checkpoint_epoch": epochs_log[-1].get("epoch") if epochs_log else None,
             "epochs": epochs_log,
