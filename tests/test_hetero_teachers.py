@@ -351,6 +351,14 @@ def test_specialist_contributes_only_to_its_classes(dataset, specs, aug, tmp_pat
         assert moved.tolist() == covers[2]
 
 
+def test_fidelity_rebuilds_a_specialist_ensemble(dataset, specs, aug, tmp_path):
+    from logitcache.reports.fidelity import fidelity
+
+    path = _specialist_dump(dataset, specs, aug, tmp_path, "multilabel", "mean_prob")
+    report = fidelity(path, dataset, ["toy_teachers:toy_a", specs["wide"], specs["spec4"]], samples=8, device="cpu")
+    assert report["max_abs_logit_error"] == 0.0 and report["members"]["spec4"]["max_abs_logit_error"] == 0.0
+
+
 def test_softmax_specialist_keeps_the_full_members_mass_on_its_classes(dataset, specs, aug, tmp_path):
     path = _specialist_dump(dataset, specs, aug, tmp_path, "multiclass", "mean_prob")
     cache = logitcache.open_cache(path)
