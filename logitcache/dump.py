@@ -251,8 +251,9 @@ def dump(
     }
     manifest["target_sets"] = _provenance(manifest, loaded, codec)
     for t in loaded:  # a specialist's member set: the classes it stores at ABSENT_LOGIT (probability 0)
-        if absent_classes(t, folder.classes) and Layout.target_set_of(t.name) in manifest["target_sets"]:
-            manifest["target_sets"][Layout.target_set_of(t.name)]["absent_classes"] = absent_classes(t, folder.classes)
+        absent, ts = absent_classes(t, folder.classes), manifest["target_sets"].get(Layout.target_set_of(t.name))
+        if absent and ts is not None:
+            ts["absent_classes"] = absent
     writer = _open_writer(ctx, out, manifest, folder.ids, augmenter.param_specs, backend, resume)
     for note in writer.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -84,7 +84,8 @@ def resample_rows(x: torch.Tensor, orig: int, new: int) -> torch.Tensor:
     from torchaudio.functional.functional import _apply_sinc_resample_kernel
 
     gcd, kernel, width = _kernel(int(orig), int(new), x.device)
-    return torch.stack([_apply_sinc_resample_kernel(row, int(orig), int(new), gcd, kernel, width) for row in x])
+    rows = [_apply_sinc_resample_kernel(row, int(orig), int(new), gcd, kernel, width) for row in x]
+    return torch.stack(rows)
 
 
 def fit_length(x: torch.Tensor, samples: int) -> torch.Tensor:
@@ -97,7 +98,8 @@ def clip_samples(clip_seconds: float, rate: int) -> int:
     return int(round(clip_seconds * rate))
 
 
-def adapt_input(x: torch.Tensor, view_rate: int, rate: int | None, clip_seconds: float | None) -> torch.Tensor:
+def adapt_input(x: torch.Tensor, view_rate: int, rate: int | None,
+                clip_seconds: float | None) -> torch.Tensor:
     """A batch of views at ``view_rate`` as a teacher declaring ``rate`` / ``clip_seconds`` takes it."""
     with torch.autocast(x.device.type, enabled=False):  # a half-precision resampler would round the input
         x = x.float()
@@ -144,10 +146,13 @@ class ClassMap:
         try:
             width, cols = int(record["teacher_classes"]), [int(c) for c in record["columns"]]
         except (KeyError, TypeError, ValueError):
-            raise LogitCacheError(f"{where}: class_map record is damaged (expected teacher_classes and columns)") from None
+            raise LogitCacheError(f"{where}: class_map record is damaged (expected teacher_classes and "
+                                  f"columns)") from None
         used = [c for c in cols if c >= 0]
-        if len(cols) != num_classes or not used or len(set(used)) != len(used) or max(used) >= width or min(cols) < -1:
-            raise LogitCacheError(f"{where}: class_map columns do not fit {num_classes} classes of {width} outputs")
+        fits = used and len(set(used)) == len(used) and max(used) < width and min(cols) >= -1
+        if len(cols) != num_classes or not fits:
+            raise LogitCacheError(f"{where}: class_map columns do not fit {num_classes} classes of {width} "
+                                  f"outputs")
         return cls(str(record.get("file", "")), str(record.get("sha256", "")), width, tuple(cols))
 
 
@@ -175,14 +180,15 @@ def read_class_map(path: str | Path, classes: list[str], unmapped: str = "error"
             raise
         raise LogitCacheError(f"--class-map {path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
     teacher, mapping = (doc.get("teacher_classes"), doc.get("map")) if isinstance(doc, dict) else (None, None)
-    if (not isinstance(doc, dict) or set(doc) - set(MAP_KEYS) or not isinstance(teacher, list) or not teacher
-            or not all(isinstance(c, str) and c for c in teacher)
-            or not (mapping is None or (isinstance(mapping, dict) and all(isinstance(v, str) for v in mapping.values())))):
+    names = isinstance(teacher, list) and teacher and all(isinstance(c, str) and c for c in teacher)
+    pairs = mapping is None or (isinstance(mapping, dict) and all(isinstance(v, str) for v in mapping.values()))
+    if not isinstance(doc, dict) or set(doc) - set(MAP_KEYS) or not names or not pairs:
         raise LogitCacheError(f'--class-map {path}: expected {{"teacher_classes": ["name", ...], "map": '
                               f'{{"teacher class": "dataset class", ...}}}} (map optional: by name)')
     twice = sorted({c for c in teacher if teacher.count(c) > 1})
     if twice:
-        raise LogitCacheError(f"--class-map {path}: teacher class {twice[0]!r} is listed twice in teacher_classes")
+        raise LogitCacheError(f"--class-map {path}: teacher class {twice[0]!r} is listed twice in "
+                              f"teacher_classes")
     if mapping is None:
         mapping = {c: c for c in teacher if c in classes}
     position = {c: i for i, c in enumerate(teacher)}
@@ -190,7 +196,8 @@ def read_class_map(path: str | Path, classes: list[str], unmapped: str = "error"
     columns = [-1] * len(classes)
     for src, dst in mapping.items():
         if src not in position:
-            raise LogitCacheError(f"--class-map {path}: {src!r} is not one of the teacher's classes (teacher_classes)")
+            raise LogitCacheError(f"--class-map {path}: {src!r} is not one of the teacher's classes "
+                                  f"(teacher_classes)")
         if dst not in dataset:
             raise LogitCacheError(f"--class-map {path}: {dst!r} (for teacher class {src!r}) is not a class of the "
                                   f"dataset")
@@ -265,8 +272,8 @@ def apply_recorded(teachers: list, manifest: dict) -> None:
     view_rate = int(manifest["augment"]["sample_rate"])
     for t, rec in zip(teachers, manifest.get("teachers") or []):
         t.view_rate, t.sample_rate, t.clip_seconds = view_rate, rec.get("sample_rate"), rec.get("clip_seconds")
-        cmap = rec.get("class_map")
-        t.class_map = ClassMap.from_record(cmap, len(manifest["classes"]), f"teacher {t.name}") if cmap else None
+        cmap, where = rec.get("class_map"), f"teacher {t.name}"
+        t.class_map = ClassMap.from_record(cmap, len(manifest["classes"]), where) if cmap else None
 
 
 def coverage(teachers: list) -> torch.Tensor | None:
@@ -274,7 +281,7 @@ def coverage(teachers: list) -> torch.Tensor | None:
     if not any(t.class_map is not None and t.class_map.specialist for t in teachers):
         return None
     width = next(len(t.class_map.columns) for t in teachers if t.class_map is not None)
-    return torch.tensor([t.class_map.covered if t.class_map is not None else [True] * width for t in teachers])
+    return torch.tensor([[True] * width if t.class_map is None else t.class_map.covered for t in teachers])
 
 
 def check_specialists(teachers: list, classes: list[str], kind: str, codec: str, topk: int) -> None:
@@ -291,8 +298,8 @@ def check_specialists(teachers: list, classes: list[str], kind: str, codec: str,
         raise LogitCacheError(f"class {lost[0]!r} is covered by no teacher ({len(lost)} such classes; every class "
                               f"needs at least one)")
     if codec == "compact":
-        t = min(teachers, key=lambda t: int(cov[teachers.index(t)].sum()))
-        covered = int(cov[teachers.index(t)].sum())
+        covered, i = min((int(row.sum()), i) for i, row in enumerate(cov))
+        t = teachers[i]
         if covered < topk:
             raise LogitCacheError(f"--codec compact: teacher {t.name} covers {covered} classes, fewer than --topk "
                                   f"{topk}; its rows would quantise absent classes with the rest (use --topk "

@@ -180,7 +180,8 @@ def test_teachers_at_different_rates_in_one_dump(rates_cache, dataset):
     assert cache.manifest["augment"]["sample_rate"] == SR  # the view is drawn once, at the dataset's rate
     views = stream_views(rates_cache, dataset, 0)
     inputs = _rates_inputs(views)
-    assert inputs["toy_a"][0].shape == (8000,) and inputs["toy_c"][0].shape == (27562,)  # cropped; padded (round half even, as the augmenter)
+    # cropped; padded to round(1.25 * 22050) = 27562 (half to even, as the augmenter rounds)
+    assert inputs["toy_a"][0].shape == (8000,) and inputs["toy_c"][0].shape == (27562,)
     online = {m: toy_logits(m, inputs[m]) for m in cache.members}
     for m in cache.members:
         assert np.array_equal(stored_dense(cache.targets(0, cache.ids, member=m)), online[m].astype(np.float64)), m
@@ -535,7 +536,8 @@ def test_ensemble_logits_without_specialists_is_aggregate():
     for kind in ("multiclass", "multilabel"):
         for method in ("mean_prob", "mean_logit"):
             full = torch.ones(3, C, dtype=torch.bool)
-            assert torch.equal(ensemble_logits(zs, kind, method, [1, 2, 3], full), aggregate(zs, kind, method, [1, 2, 3]))
+            want = aggregate(zs, kind, method, [1, 2, 3])
+            assert torch.equal(ensemble_logits(zs, kind, method, [1, 2, 3], full), want)
             assert torch.equal(ensemble_logits(zs, kind, method), aggregate(zs, kind, method))
 
 
@@ -553,6 +555,10 @@ def test_weighted_specialist_ensemble_matches_the_rule():
             if kind == "multiclass":
                 got = got - _lse(got)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5, err_msg=f"{kind} {method}")
+            frames = ensemble_logits([z.float().reshape(7, 1, C) for z in zs], kind, method, w, torch.tensor(covers))
+            assert frames.shape == (7, 1, C)  # frame-level rows [B, T, C]: the same rule per frame
+            np.testing.assert_allclose(frames[:, 0].double().numpy() - (_lse(frames[:, 0].double().numpy())
+                                       if kind == "multiclass" else 0), want, rtol=1e-5, atol=2e-5)
 
 
 def test_absent_logit_is_log_zero_in_every_dtype():

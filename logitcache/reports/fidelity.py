@@ -401,7 +401,8 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
                                         for r, s in enumerate(ids)]).to(dev)
                     with torch.inference_mode(), autocast(dev, m.get("precision", "fp32")):
                         logits = run_teachers(loaded, wave, lambda: ids)
-                    groups = [("ensemble", None, ensemble_logits(logits, kind, aggregation, weights, coverage(loaded)))]
+                    ens = ensemble_logits(logits, kind, aggregation, weights, coverage(loaded))
+                    groups = [("ensemble", None, ens)]
                     groups += [(n, n, logits[i]) for i, n in member_of.items()]
                     for key, member, z in groups:
                         t = cache.targets(int(epoch), ids, member=member)
