@@ -231,7 +231,7 @@ def test_resume_with_another_teacher_sample_rate_is_refused(dataset, tmp_path):
     before = logitcache.open_cache(out).targets(0).values.copy()
     with pytest.raises(LogitCacheError) as e:
         logitcache.dump(dataset, ["toy_teachers:toy_a"], out, teacher_sample_rates=[22050], resume=True, **kw)
-    assert_one_line_error(e)
+    assert_one_line_error(e, "cannot resume", "teacher 1 (toy_a: sample_rate)")
     assert np.array_equal(logitcache.open_cache(out).targets(0).values, before)
 
 
