@@ -188,6 +188,33 @@ def _factory_options(f):
                              "weights-only).")(f)
 
 
+def _hetero_options(f):
+    """Teachers that differ (logitcache.hetero): their own rate, clip length and classes."""
+    f = click.option("--unmapped", type=click.Choice(["error", "ignore"]), default="error", show_default=True,
+                     help="A dataset class a --class-map does not reach: an error, or (ignore) the teacher is a "
+                          "specialist that contributes only to the classes it maps.")(f)
+    f = click.option("--class-map", "class_maps", multiple=True, metavar="FILE",
+                     help="JSON map of each --teacher's classes onto the dataset's, by name, in --teacher order "
+                          "('-' for none).")(f)
+    f = click.option("--teacher-clip-seconds", "teacher_clip_seconds", multiple=True, metavar="S",
+                     help="Clip length of each --teacher, in order ('-' for the dump's): its resampled view is "
+                          "cropped or zero-padded at the end.")(f)
+    return click.option("--teacher-sample-rate", "teacher_sample_rates", multiple=True, metavar="HZ",
+                        help="Input rate of each --teacher, in order ('-' for the dump's): it gets the drawn "
+                             "view resampled to it.")(f)
+
+
+def _per_teacher(values: tuple[str, ...], number) -> list | None:
+    """Per-teacher CLI strings: '-' or 'none' -> None, numbers parsed (else kept, for the library's error)."""
+    out = []
+    for v in values:
+        try:
+            out.append(None if v in ("-", "none") else number(v))
+        except ValueError:
+            out.append(v)
+    return out or None
+
+
 def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...]) -> dict:
     """The library's state_dicts= and teacher_args= from the CLI's strings."""
     from logitcache.teacher_factory import parse_teacher_args
@@ -218,6 +245,7 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
 @click.option("--ensemble-weight", "--teacher-weight", "ensemble_weights", cls=_Aliased, multiple=True, type=float,
               metavar="W", help="Ensemble weight of each --teacher, in order (default: equal).")
 @_factory_options
+@_hetero_options
 @click.option("--members/--no-members", default=True, show_default=True,
               help="Also store each teacher's own top-k.")
 @click.option("--value-dtype", type=click.Choice(VALUE_DTYPES), default="float16", show_default=True)
@@ -256,9 +284,10 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
                    "zarr cache. [default: on when WORLD_SIZE > 1]")
 @_json_option
 def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
-         ensemble_weights, state_dicts, teacher_args, members, value_dtype, codec, value_bits, sample_n,
-         sample_head, sample_temperature, sample_rate, clip_seconds, backend, precision, compile_, channels_last,
-         workers, chunk_rows, threads, resume, distributed, as_json):
+         ensemble_weights, state_dicts, teacher_args, teacher_sample_rates, teacher_clip_seconds, class_maps,
+         unmapped, members, value_dtype, codec, value_bits, sample_n, sample_head, sample_temperature, sample_rate,
+         clip_seconds, backend, precision, compile_, channels_last, workers, chunk_rows, threads, resume, distributed,
+         as_json):
     """Run the teachers on augmented views and write a cache.
 
     Each of EPOCHS passes draws one augmented view per sample (parameters stored, so the view
@@ -289,7 +318,9 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
             precision=precision, compile=compile_, channels_last=channels_last, num_workers=workers,
             chunk_rows=chunk_rows, resume=resume, progress=True, distributed=distributed, threads=threads,
             codec=codec, value_bits=value_bits, sample_n=sample_n, sample_head=sample_head,
-            sample_temperature=sample_temperature)
+            sample_temperature=sample_temperature, teacher_sample_rates=_per_teacher(teacher_sample_rates, int),
+            teacher_clip_seconds=_per_teacher(teacher_clip_seconds, float),
+            class_maps=[None if p in ("-", "none") else p for p in class_maps] or None, unmapped=unmapped)
         if current_rank() != 0:
             return  # rank 0 reports for the job
         info = inspect_cache(path)

@@ -86,7 +86,8 @@ def config_differences(stored: dict, new: dict) -> list[str]:
             if len(a or []) != len(b or []):
                 out.append(f"teachers ({len(a or [])} in the cache, {len(b or [])} now)")
             else:
-                out += [f"teacher {i + 1} ({x.get('name')}: {'source' if x.get('source') != y.get('source') else 'sha256'})"
+                out += [f"teacher {i + 1} ({x.get('name')}: "
+                        f"{next(k for k in ('source', 'sha256', *sorted(set(x) | set(y))) if x.get(k) != y.get(k))})"
                         for i, (x, y) in enumerate(zip(a, b)) if x != y]
         elif a != b:
             out.append(f"{key} ({_short(a)} in the cache, {_short(b)} now)")

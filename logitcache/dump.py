@@ -31,7 +31,8 @@ from logitcache.distributed import setup as dist_setup
 from logitcache.errors import LogitCacheError, one_line_worker_errors, quote
 from logitcache.layout import Layout, codec_entries, new_manifest, target_sets
 from logitcache.storage import backend_for_new, cache_location, is_url
-from logitcache.targets import AGGREGATIONS, KINDS, aggregate, index_dtype
+from logitcache.hetero import absent_classes, check_specialists, configure_teachers, coverage, ensemble_logits
+from logitcache.targets import AGGREGATIONS, KINDS, index_dtype
 from logitcache.teachers import Teacher, load_teachers, probe_teachers, run_teachers
 from logitcache.views import DrawnViews, SourceContent, ViewSource, collate_views
 
@@ -129,6 +130,10 @@ def dump(
     sample_n: int | None = None,
     sample_head: int | None = None,
     sample_temperature: float | None = None,
+    teacher_sample_rates: list[int | None] | None = None,
+    teacher_clip_seconds: list[float | None] | None = None,
+    class_maps: list[str | None] | None = None,
+    unmapped: str = "error",
 ) -> Path:
     """Dump a cache of ``epochs`` augmented views per sample of the data folder ``data``.
 
@@ -153,6 +158,13 @@ def dump(
     classes, default 0) and ``sample_temperature`` (sampled: the teacher temperature drawn from,
     default 1). Sampled rows are drawn with seeds derived from each view's seed, so they do not
     depend on the batch size or on a resume.
+
+    Teachers that differ (see :mod:`logitcache.hetero`): ``teacher_sample_rates`` and
+    ``teacher_clip_seconds`` (one per teacher, None for the dump's) feed a teacher the drawn view
+    resampled to its rate and cropped or padded to its length; ``class_maps`` (one JSON file per
+    teacher, None for none) map its outputs onto the dataset's classes by name, and ``unmapped``
+    ("error" or "ignore") says whether a dataset class its map misses is an error or makes it a
+    specialist that contributes to the classes it maps only.
     """
     codec_cls = get_codec(codec)
     sampling = {"sample_n": sample_n, "sample_head": sample_head, "sample_temperature": sample_temperature}
@@ -191,6 +203,8 @@ def dump(
     augmenter = Augmenter(load_ops_spec(augment), sr, clip)
     dev = resolve_device(device)
     loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
+    configure_teachers(loaded, augmenter.sample_rate, folder.classes, sample_rates=teacher_sample_rates,
+                       clip_seconds=teacher_clip_seconds, class_maps=class_maps, unmapped=unmapped)
     num_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev, output_kind)
     optimise_teachers(loaded, dev, compile=compile, channels_last=channels_last)
     num_workers = default_workers(dev) if num_workers is None else num_workers
@@ -199,6 +213,7 @@ def dump(
                               f"{len(folder.classes)} (classes.txt / labels.csv)")
     if not 1 <= topk <= num_classes:
         raise LogitCacheError(f"--topk {topk}: must be between 1 and the number of classes ({num_classes})")
+    check_specialists(loaded, folder.classes, output_kind, codec, topk)
 
     N = len(folder)
     member_names = [t.name for t in loaded] if members else []
@@ -217,6 +232,10 @@ def dump(
         topk=topk, frames=frames, value_dtype=value_dtype, epochs=epochs, seed=seed, chunk_rows=R, codec=entries,
         run={"precision": precision, "compile": bool(compile), "channels_last": bool(channels_last),
              "device": dev.type})
+    for t in loaded:  # a specialist's member set: the classes it stores at ABSENT_LOGIT (probability 0)
+        absent, ts = absent_classes(t, folder.classes), manifest["target_sets"].get(Layout.target_set_of(t.name))
+        if absent and ts is not None:
+            ts["absent_classes"] = absent
     writer = _open_writer(ctx, out, manifest, folder.ids, augmenter.param_specs, backend, resume)
     for note in writer.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -393,7 +412,8 @@ def _run_batch(teachers, wave, dev, precision, codec, kind, aggregation, weights
         prefixes = target_sets({"members": [t.name for t in teachers] if members else []})
         # Ensemble and members stacked [G, B, (T,) C]: one encode pass for all (row-wise, so the
         # same bits as one group at a time), a quarter of the kernel launches of a 3-teacher dump.
-        z = torch.stack([aggregate(logits, kind, aggregation, weights)] + (logits if members else []))
+        ensemble = ensemble_logits(logits, kind, aggregation, weights, coverage(teachers))
+        z = torch.stack([ensemble] + (logits if members else []))
         G, B = z.shape[:2]
         seeds = None if view_seeds is None else target_set_seeds(view_seeds, G)
         encoded = codec.encode(z, seeds)

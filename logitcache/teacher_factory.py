@@ -2,9 +2,12 @@
 
 A spec file (``teacher.json``) names a factory with its own arguments and weights::
 
-    {"factory": "mymodels:build", "kwargs": {"width": 64}, "state_dict": "build_w64.pt"}
+    {"factory": "mymodels:build", "kwargs": {"width": 64}, "state_dict": "build_w64.pt",
+     "sample_rate": 32000, "clip_seconds": 10.0, "class_map": "audioset_to_mine.json"}
 
-(``state_dict`` relative to the spec file's folder). Modules are imported from ``sys.path`` and
+(``state_dict`` and ``class_map`` relative to the spec file's folder; ``sample_rate``,
+``clip_seconds`` and ``class_map``, all optional, declare the teacher's own input and classes:
+see :mod:`logitcache.hetero`). Modules are imported from ``sys.path`` and
 the current directory (as ``python -m`` does). The fingerprint covers what the built teacher
 computes with: the factory and its arguments, every tensor of its state dict once built (and
 loaded, so weights set in code count too) and the source file defining the callable.
@@ -27,7 +30,7 @@ import torch
 from logitcache.errors import LogitCacheError
 from logitcache.teachers import first_line, load_state_dict, teacher_format
 
-SPEC_KEYS = ("factory", "kwargs", "state_dict")
+SPEC_KEYS = ("factory", "kwargs", "state_dict", "sample_rate", "clip_seconds", "class_map")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,7 @@ class FactorySpec:
     kwargs: dict = dataclasses.field(default_factory=dict)
     state_dict: str | None = None
     origin: str = ""  # the spec file, when there is one
+    inputs: dict = dataclasses.field(default_factory=dict)  # sample_rate, clip_seconds, class_map it declares
 
     def merged_kwargs(self, given: dict) -> dict:
         both = sorted(set(self.kwargs) & set(given))
@@ -60,13 +64,27 @@ def read_spec_file(path: str | Path) -> FactorySpec:
         raise LogitCacheError(f"{path}: not valid JSON ({first_line(e)})") from None
     expected = '{"factory": "package.module:callable", "kwargs": {...}, "state_dict": "path"}'
     if not isinstance(doc, dict) or set(doc) - set(SPEC_KEYS) or not isinstance(doc.get("factory"), str):
-        raise LogitCacheError(f"{path}: a teacher spec is {expected} (kwargs and state_dict optional)")
+        raise LogitCacheError(f"{path}: a teacher spec is {expected} (kwargs and state_dict optional; also "
+                              f"sample_rate, clip_seconds, class_map)")
     kwargs, state = doc.get("kwargs") or {}, doc.get("state_dict")
     if ":" not in doc["factory"] or not isinstance(kwargs, dict) or not (state is None or isinstance(state, str)):
         raise LogitCacheError(f"{path}: a teacher spec is {expected} (kwargs and state_dict optional)")
     if state:
         state = str(path.parent / state)  # relative to the spec, not to wherever dump runs
-    return FactorySpec(doc["factory"], kwargs, state, str(path))
+    return FactorySpec(doc["factory"], kwargs, state, str(path), _declared_inputs(path, doc))
+
+
+def _declared_inputs(path: Path, doc: dict) -> dict:
+    """The spec's sample_rate, clip_seconds and class_map (relative to the spec), type-checked."""
+    rate, clip, cmap = doc.get("sample_rate"), doc.get("clip_seconds"), doc.get("class_map")
+    if rate is not None and not (type(rate) is int and rate > 0):
+        raise LogitCacheError(f"{path}: sample_rate {rate!r} must be a positive whole number of Hz")
+    if clip is not None and not (type(clip) in (int, float) and clip > 0 and clip < float("inf")):
+        raise LogitCacheError(f"{path}: clip_seconds {clip!r} must be a positive number of seconds")
+    if cmap is not None and not (isinstance(cmap, str) and cmap):
+        raise LogitCacheError(f"{path}: class_map {cmap!r} must be the path of a class map file")
+    out = {"sample_rate": rate, "clip_seconds": clip, "class_map": str(path.parent / cmap) if cmap else None}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def parse_teacher_args(items) -> dict:

@@ -50,11 +50,38 @@ class Teacher:
     format: str = ""
     kwargs: dict = field(default_factory=dict)
     out_shape: tuple | None = None  # [T,] C, set by probe_teachers and held to on every batch
+    # Its own input rate, clip length and classes (logitcache.hetero.configure_teachers); None: the dump's.
+    sample_rate: int | None = None
+    clip_seconds: float | None = None
+    class_map: "ClassMap | None" = None  # noqa: F821 (logitcache.hetero)
+    view_rate: int | None = None  # the rate the views are drawn at
 
     def describe(self) -> dict:
         d = {"name": self.name, "source": self.source, "sha256": self.sha256}
-        # JSON as the manifest stores it (an API caller's non-JSON value as its repr)
-        return {**d, "kwargs": json.loads(json.dumps(self.kwargs, default=repr))} if self.kwargs else d
+        if self.kwargs:  # JSON as the manifest stores it (an API caller's non-JSON value as its repr)
+            d["kwargs"] = json.loads(json.dumps(self.kwargs, default=repr))
+        for key in ("sample_rate", "clip_seconds"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return {**d, "class_map": self.class_map.describe()} if self.class_map is not None else d
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The views ``x`` as this teacher takes them (its own rate and clip length)."""
+        if self.sample_rate is None and self.clip_seconds is None:
+            return x
+        from logitcache.hetero import adapt_input
+
+        return adapt_input(x, self.view_rate, self.sample_rate, self.clip_seconds)
+
+    def outputs(self, z: torch.Tensor) -> torch.Tensor:
+        """Its logits on the dataset's classes."""
+        return z if self.class_map is None else self.class_map.apply(z)
+
+    @property
+    def mapped_shape(self) -> tuple | None:
+        if self.out_shape is None or self.class_map is None:
+            return self.out_shape
+        return (*self.out_shape[:-1], len(self.class_map.columns))
 
 
 def first_line(e: BaseException) -> str:
@@ -223,21 +250,25 @@ def probe_teachers(teachers: list[Teacher], clip_samples: int, device: torch.dev
                 raise LogitCacheError(f"teacher {t.source}: output {_shape(alone)} for 1 clip but {_shape(batch)} "
                                       f"for 3")
             t.out_shape = tuple(batch.shape[1:])
+            if t.class_map is not None and t.out_shape[-1] != t.class_map.width:
+                raise LogitCacheError(f"teacher {t.source}: outputs C={t.out_shape[-1]} classes but its class map "
+                                      f"{t.class_map.source} lists {t.class_map.width} teacher_classes")
             _check_batch_independent(t, batch[0].float(), other[0].float())
             if kind:
                 _warn_if_probabilities(t, batch.float(), kind)
-    shapes = {t.source: t.out_shape for t in teachers}
+    shapes = {t.source: t.mapped_shape for t in teachers}
     if len(set(s[-1] for s in shapes.values())) > 1:
         raise LogitCacheError("teachers disagree on the number of classes: " +
                               ", ".join(f"{k} -> C={v[-1]}" for k, v in shapes.items()))
     if len(set(s[:-1] for s in shapes.values())) > 1:
         raise LogitCacheError("teachers disagree on clip/frame level: " +
                               ", ".join(f"{k} -> {'T=' + str(v[0]) if len(v) == 2 else 'clip'}" for k, v in shapes.items()))
-    shape = teachers[0].out_shape
+    shape = teachers[0].mapped_shape
     return shape[-1], (shape[0] if len(shape) == 2 else None)
 
 
 def _probe_call(t: Teacher, x: torch.Tensor) -> torch.Tensor:
+    x = t.inputs(x)  # the waveform batch it really gets (its own rate and clip length)
     try:
         out = t.module(x)
     except LogitCacheError:
@@ -281,7 +312,7 @@ def run_teachers(teachers: list[Teacher], x: torch.Tensor, sample_ids: Callable[
     out = []
     for t in teachers:
         try:
-            z = t.module(x)
+            z = t.module(t.inputs(x))
         except Exception as e:
             raise LogitCacheError(f"teacher {t.name} failed on sample(s) {_some(sample_ids())}: {first_line(e)}") from None
         expected = (x.shape[0], *t.out_shape) if t.out_shape else None
@@ -289,7 +320,7 @@ def run_teachers(teachers: list[Teacher], x: torch.Tensor, sample_ids: Callable[
             raise LogitCacheError(f"teacher {t.name} returned {_shape(z)} for the batch starting at sample "
                                   f"{sample_ids()[0]} (expected {list(expected or ['B', '...'])}); nothing of "
                                   f"this batch was written")
-        out.append(z.float())
+        out.append(t.outputs(z.float()))
     return out
 
 

@@ -16,7 +16,7 @@ from logitcache.data import AudioFolder
 from logitcache.errors import LogitCacheError
 from logitcache.metrics import average_precision
 from logitcache.storage import is_url
-from logitcache.targets import aggregate, kl_divergence, teacher_probs
+from logitcache.targets import kl_divergence, teacher_probs
 
 
 def _label_score(scores: np.ndarray, labels: np.ndarray, kind: str) -> float | None:
@@ -141,6 +141,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
     import json
 
     from logitcache.device import autocast, resolve_device
+    from logitcache.hetero import apply_recorded, coverage, ensemble_logits
     from logitcache.teachers import load_teachers, probe_teachers, run_teachers
     from logitcache.students import check_student_output, load_student
     from logitcache.views import SourceContent, ViewSource, check_compatible
@@ -240,6 +241,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
             loaded = []
             if teachers:
                 loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
+                apply_recorded(loaded, m)  # each teacher's own rate, clip length and class map, as dumped
                 n_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev, kind)
                 if n_classes != C or frames != c.frames:
                     raise LogitCacheError(f"teachers output C={n_classes} but cache {c.path} holds C={C}")
@@ -255,7 +257,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                     if loaded:
                         with autocast(dev, m.get("precision", "fp32")):
                             z = run_teachers(loaded, x, lambda: [held.ids[i] for i in clips])
-                        e_list.append(aggregate(z, kind, m["aggregation"], m.get("weights")).cpu())
+                        e_list.append(ensemble_logits(z, kind, m["aggregation"], m.get("weights"),
+                                                      coverage(loaded)).cpu())
                         for h, got in enumerate(eval_pairs):
                             pt = _probs(z[h].cpu(), kind)
                             got.append(_student_figures(zh[h].reshape(-1, C), pt.reshape(-1, C), kind))

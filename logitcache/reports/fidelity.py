@@ -18,7 +18,7 @@ from logitcache.codecs.topk import VALUE_DTYPES
 from logitcache.data import AudioFolder
 from logitcache.errors import LogitCacheError
 from logitcache.storage import cache_location
-from logitcache.targets import aggregate, index_dtype, kl_divergence, teacher_probs, topk_targets
+from logitcache.targets import index_dtype, kl_divergence, teacher_probs, topk_targets
 
 
 # ---------------------------------------------------------------- the report part: per k', dtype, classes, members
@@ -359,6 +359,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
     import sys
 
     from logitcache.device import autocast, resolve_device
+    from logitcache.hetero import apply_recorded, coverage, ensemble_logits
     from logitcache.teachers import load_teachers, probe_teachers, run_teachers, teacher_differences
     from logitcache.views import SourceContent, ViewSource, check_compatible
 
@@ -376,6 +377,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
                                   f"got {len(teachers)} --teacher")
         dev = resolve_device(device)
         loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
+        apply_recorded(loaded, m)  # each teacher's own rate, clip length and class map, as dumped
         augmenter = Augmenter.from_spec(m["augment"])
         num_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev, kind)
         if num_classes != len(m["classes"]) or frames != m.get("frames"):
@@ -424,7 +426,8 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
                                         for r, s in enumerate(ids)]).to(dev)
                     with torch.inference_mode(), autocast(dev, m.get("precision", "fp32")):
                         logits = run_teachers(loaded, wave, lambda: ids)
-                    groups = [("ensemble", None, aggregate(logits, kind, aggregation, weights))]
+                    ens = ensemble_logits(logits, kind, aggregation, weights, coverage(loaded))
+                    groups = [("ensemble", None, ens)]
                     groups += [(n, n, logits[i]) for i, n in member_of.items()]
                     for key, member, z in groups:
                         t = cache.targets(int(epoch), ids, member=member)
