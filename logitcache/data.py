@@ -53,13 +53,17 @@ class AudioFolder:
         self.table = LabelTable.from_csv(labels_csv, classes_txt if classes_txt.is_file() else None)
         self.ids: list[str] = self.table.ids
         self.classes: list[str] = self.table.classes
-        self.index: dict[str, int] = self.table.index
         self.info = _read_info(self.root / "dataset.json")
 
     def label_rows(self, index) -> np.ndarray:
         """Dense float32 ``[len(index), C]`` 0/1 label rows of the dataset indices ``index``. The
         folder keeps its labels sparse (``self.table``); ask for the rows a batch needs."""
         return self.table.rows(index)
+
+    @property
+    def index(self) -> dict[str, int]:
+        """Sample id -> dataset index (made on first use)."""
+        return self.table.index
 
     def __len__(self) -> int:
         return len(self.ids)

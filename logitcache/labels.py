@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 from array import array
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,16 @@ from logitcache.errors import LogitCacheError, quote
 class LabelTable:
     """Sample ids, class names and the positive classes of every sample (CSR, see the module doc)."""
 
-    def __init__(self, ids: list[str], classes: list[str], offsets: np.ndarray, class_ids: np.ndarray,
-                 index: dict[str, int] | None = None):
+    def __init__(self, ids: list[str], classes: list[str], offsets: np.ndarray, class_ids: np.ndarray):
         self.ids, self.classes = ids, classes
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.class_ids = np.asarray(class_ids, dtype=np.int32)
-        self.index = index if index is not None else {s: i for i, s in enumerate(ids)}
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """Sample id -> row. Made on first use (replay by id): at 2M rows it is ~150 MB that
+        dump and train never need."""
+        return {s: i for i, s in enumerate(self.ids)}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,7 +87,7 @@ class LabelTable:
 
         path = Path(path)
         try:
-            ids, index, names, flat, offsets = _parse(path)
+            ids, names, flat, offsets = _parse(path)
         except (LogitCacheError, UnicodeDecodeError):
             # A file that is not UTF-8 is refused as such, wherever the bad byte lies and whatever
             # row error the stream met first; the whole-file decode names its byte and line.
@@ -95,16 +100,27 @@ class LabelTable:
         else:
             classes = sorted(names)
         class_ids, offsets = _to_csr(path, ids, names, classes, flat, offsets)
-        return cls(ids, classes, offsets, class_ids, index)
+        return cls(ids, classes, offsets, class_ids)
 
 
-def _parse(path: Path) -> tuple[list[str], dict[str, int], dict[str, int], np.ndarray, np.ndarray]:
-    """(ids, id -> row, class name -> provisional id by first use, provisional ids of every label
-    as written, row offsets into them). Errors name the first bad row, in file order."""
+def _parse(path: Path) -> tuple[list[str], dict[str, int], np.ndarray, np.ndarray]:
+    """(ids, class name -> provisional id by first use, provisional ids of every label as written,
+    row offsets into them). Errors name the first bad row, in file order."""
     ids: list[str] = []
-    index: dict[str, int] = {}
     names: dict[str, int] = {}
     flat, offsets = array("i"), array("q", [0])
+    try:
+        _read_rows(path, ids, names, flat, offsets)
+    except LogitCacheError:
+        _refuse_duplicates(path, ids)  # a duplicate before the bad row is the first error
+        raise
+    _refuse_duplicates(path, ids)
+    if not ids:
+        raise LogitCacheError(f"{path}: no rows")
+    return ids, names, np.frombuffer(flat, dtype=np.int32), np.frombuffer(offsets, dtype=np.int64)
+
+
+def _read_rows(path: Path, ids: list[str], names: dict[str, int], flat: array, offsets: array) -> None:
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         try:
@@ -119,8 +135,7 @@ def _parse(path: Path) -> tuple[list[str], dict[str, int], dict[str, int], np.nd
                 if not row:
                     continue
                 sample_id = row[at_id].strip() if at_id < len(row) else ""
-                _check_id(path, sample_id, index, reader.line_num)
-                index[sample_id] = len(ids)
+                _check_id(path, sample_id, reader.line_num)
                 ids.append(sample_id)
                 for c in (row[at_labels] if at_labels < len(row) else "").split(";"):
                     c = c.strip()
@@ -129,20 +144,35 @@ def _parse(path: Path) -> tuple[list[str], dict[str, int], dict[str, int], np.nd
                 offsets.append(len(flat))
         except csv.Error as e:  # e.g. a field over csv's limit (131072 characters): no id is that long
             raise LogitCacheError(f"{path}: line {reader.line_num}: {e}") from None
-    if not ids:
-        raise LogitCacheError(f"{path}: no rows")
-    return ids, index, names, np.frombuffer(flat, dtype=np.int32), np.frombuffer(offsets, dtype=np.int64)
 
 
-def _check_id(path: Path, sample_id: str, index: dict[str, int], line: int) -> None:
+def _check_id(path: Path, sample_id: str, line: int) -> None:
     from logitcache.data import _leaves_folder
 
     if not sample_id:
         raise LogitCacheError(f"{path}: line {line} has an empty filename")
-    if sample_id in index:
-        raise LogitCacheError(f"{path}: duplicate id {quote(sample_id)}")
     if _leaves_folder(sample_id):
         raise LogitCacheError(f"{path}: id {quote(sample_id)} leaves the data folder")
+
+
+def _refuse_duplicates(path: Path, ids: list[str]) -> None:
+    """Refuses the first id (in file order) equal to an earlier one. Found through sorted string
+    hashes (16 bytes a row) rather than a set or dict of 2M strings (~150 MB); equal hashes are
+    compared as strings, so a collision is no duplicate."""
+    if len(ids) < 2:
+        return
+    h = np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
+    order = np.argsort(h, kind="stable")  # equal hashes: rows ascending
+    h = h[order]
+    first = None
+    for p in np.flatnonzero(h[1:] == h[:-1]) + 1:
+        q = p - 1
+        while q >= 0 and h[q] == h[p] and ids[order[q]] != ids[order[p]]:
+            q -= 1
+        if q >= 0 and h[q] == h[p] and (first is None or order[p] < first):
+            first = int(order[p])
+    if first is not None:
+        raise LogitCacheError(f"{path}: duplicate id {quote(ids[first])}")
 
 
 def _to_csr(path: Path, ids: list[str], names: dict[str, int], classes: list[str], flat: np.ndarray,
@@ -150,8 +180,8 @@ def _to_csr(path: Path, ids: list[str], names: dict[str, int], classes: list[str
     """Provisional ids -> class indices, each row's sorted and de-duplicated (a label written twice
     is one positive, as in a 0/1 row). The first unknown class in file order is refused."""
     class_index = {c: i for i, c in enumerate(classes)}
-    remap = np.array([class_index.get(n, -1) for n in names], dtype=np.int64)
-    final = remap[flat] if len(flat) else np.zeros(0, dtype=np.int64)
+    remap = np.array([class_index.get(n, -1) for n in names], dtype=np.int32)
+    final = remap[flat] if len(flat) else np.zeros(0, dtype=np.int32)
     unknown = np.flatnonzero(final < 0)
     if len(unknown):
         at = int(unknown[0])
@@ -159,12 +189,16 @@ def _to_csr(path: Path, ids: list[str], names: dict[str, int], classes: list[str
         name = next(n for n, i in names.items() if i == flat[at])
         raise LogitCacheError(f"{path}: row {quote(ids[row])} has unknown class {quote(name)} "
                               f"(not in classes.txt)")
-    row = np.repeat(np.arange(len(ids), dtype=np.int64), np.diff(offsets))
-    key = np.sort(row * max(len(classes), 1) + final)  # rows are already in order: sorts within rows
+    C = max(len(classes), 1)
+    key = np.repeat(np.arange(0, len(ids) * C, C, dtype=np.int64), np.diff(offsets))
+    key += final
+    del final
+    key.sort()  # row-major already: this sorts each row's classes
     keep = np.ones(len(key), dtype=bool)
     keep[1:] = key[1:] != key[:-1]
     key = key[keep]
-    counts = np.bincount(row[keep], minlength=len(ids))
+    del keep
+    counts = np.bincount(key // C, minlength=len(ids))
     new_offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(counts, out=new_offsets[1:])
-    return (key % max(len(classes), 1)).astype(np.int32), new_offsets
+    return (key % C).astype(np.int32), new_offsets

@@ -124,3 +124,26 @@ def test_csv_layout_quirks_read_as_before(tmp_path):
     table = LabelTable.from_csv(root / "labels.csv")
     assert table.ids == ["a.wav", "b.wav"] and table.classes == ["cat", "dog"]
     assert np.array_equal(table.rows([0, 1]), [[0, 1], [1, 1]])
+
+
+@pytest.mark.parametrize("same_hash", [False, True], ids=["real_hashes", "every_hash_colliding"])
+def test_the_first_duplicate_in_file_order_is_refused(tmp_path, monkeypatch, same_hash):
+    if same_hash:  # colliding hashes are compared as strings: no false duplicate, the same first one
+        monkeypatch.setattr("logitcache.labels.hash", lambda s: 7, raising=False)
+    rows = ROWS + [("x.wav", "dog"), ("c.wav", "cat"), ("y.wav", ""), ("x.wav", ""), ("a.wav", "")]
+    root = _write(tmp_path / "d", rows)
+    with pytest.raises(LogitCacheError) as e:
+        AudioFolder(root)
+    assert str(e.value) == f"{root / 'labels.csv'}: duplicate id 'c.wav'"
+    assert len(LabelTable.from_csv(_write(tmp_path / "ok", ROWS + [("x.wav", "dog")]) / "labels.csv")) == 8
+
+
+def test_a_duplicate_before_a_bad_row_is_the_error_and_after_it_is_not(tmp_path):
+    path = _write(tmp_path / "d", ROWS + [("b.wav", "dog"), ("/etc/passwd", "")]) / "labels.csv"
+    with pytest.raises(LogitCacheError) as e:
+        LabelTable.from_csv(path)
+    assert str(e.value) == f"{path}: duplicate id 'b.wav'"
+    path = _write(tmp_path / "e", ROWS + [("/etc/passwd", ""), ("b.wav", "dog")]) / "labels.csv"
+    with pytest.raises(LogitCacheError) as e:
+        LabelTable.from_csv(path)
+    assert str(e.value) == f"{path}: id '/etc/passwd' leaves the data folder"
