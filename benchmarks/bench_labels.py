@@ -14,7 +14,7 @@ and prints, per way, the peak resident memory of the process (VmHWM), that above
 after importing logitcache (torch and all: every command pays it, label work or not), the wall time, and the old/new ratios. Goal: new < 1 GB at 2M samples. It also checks
 that both give the same dense rows for a few thousand random samples.
 
-    python benchmarks/bench_labels.py            # ~1-2 min on 2 cores, ~6 GB free memory for "old"
+    python benchmarks/bench_labels.py            # ~2-3 min on 2 cores; "old" needs ~6 GB free memory
     python benchmarks/bench_labels.py --quick
 """
 
