@@ -8,7 +8,6 @@ The folder format is documented in data/README.md.
 from __future__ import annotations
 
 import codecs
-import csv
 import hashlib
 import io
 import json
@@ -25,6 +24,7 @@ import torch
 import torchaudio.functional as AF
 
 from logitcache.errors import LogitCacheError, quote, shorten
+from logitcache.labels import LabelTable
 
 DEFAULT_SAMPLE_RATE = 16000
 DEFAULT_CLIP_SECONDS = 10.0
@@ -49,50 +49,21 @@ class AudioFolder:
         labels_csv = self.root / "labels.csv"
         if not labels_csv.is_file():
             raise LogitCacheError(f"{labels_csv}: missing (a data folder needs labels.csv with filename,labels)")
-        rows = self._read_labels(labels_csv)
-        self.ids: list[str] = [r[0] for r in rows]
         classes_txt = self.root / "classes.txt"
-        if classes_txt.is_file():
-            self.classes = [c.strip() for c in _read_text(classes_txt).splitlines() if c.strip()]
-            if len(set(self.classes)) != len(self.classes):
-                raise LogitCacheError(f"{classes_txt}: a class name is listed twice")
-        else:
-            self.classes = sorted({c for _, labels in rows for c in labels})
-        class_index = {c: i for i, c in enumerate(self.classes)}
-        self.labels = np.zeros((len(rows), len(self.classes)), dtype=np.float32)
-        for row, (sample_id, labels) in enumerate(rows):
-            for c in labels:
-                if c not in class_index:
-                    raise LogitCacheError(f"{labels_csv}: row {quote(sample_id)} has unknown class "
-                                          f"{quote(c)} (not in classes.txt)")
-                self.labels[row, class_index[c]] = 1.0
-        self.index = {s: i for i, s in enumerate(self.ids)}
+        self.table = LabelTable.from_csv(labels_csv, classes_txt if classes_txt.is_file() else None)
+        self.ids: list[str] = self.table.ids
+        self.classes: list[str] = self.table.classes
         self.info = _read_info(self.root / "dataset.json")
 
-    @staticmethod
-    def _read_labels(path: Path) -> list[tuple[str, list[str]]]:
-        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-        rows, seen = [], set()
-        try:
-            missing = {"filename", "labels"} - set(reader.fieldnames or [])
-            if missing:
-                raise LogitCacheError(f"{path}: missing column(s) {', '.join(sorted(missing))} (header must be filename,labels)")
-            for r in reader:
-                sample_id = (r["filename"] or "").strip()
-                if not sample_id:
-                    raise LogitCacheError(f"{path}: line {reader.line_num} has an empty filename")
-                if sample_id in seen:
-                    raise LogitCacheError(f"{path}: duplicate id {quote(sample_id)}")
-                if _leaves_folder(sample_id):
-                    raise LogitCacheError(f"{path}: id {quote(sample_id)} leaves the data folder")
-                seen.add(sample_id)
-                rows.append((sample_id, [c.strip() for c in (r["labels"] or "").split(";") if c.strip()]))
-        except csv.Error as e:  # e.g. a field over csv's limit (131072 characters): no id is that long
-            # DictReader.line_num lags by the row that failed; its csv reader's counts it
-            raise LogitCacheError(f"{path}: line {reader.reader.line_num}: {e}") from None
-        if not rows:
-            raise LogitCacheError(f"{path}: no rows")
-        return rows
+    def label_rows(self, index) -> np.ndarray:
+        """Dense float32 ``[len(index), C]`` 0/1 label rows of the dataset indices ``index``. The
+        folder keeps its labels sparse (``self.table``); ask for the rows a batch needs."""
+        return self.table.rows(index)
+
+    @property
+    def index(self) -> dict[str, int]:
+        """Sample id -> dataset index (made on first use)."""
+        return self.table.index
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -112,7 +83,7 @@ class AudioFolder:
     @property
     def multi_label_rows(self) -> np.ndarray:
         """Dataset indices of the rows that carry two or more labels."""
-        return np.flatnonzero((self.labels > 0).sum(axis=1) >= 2)
+        return self.table.multi_label_rows()
 
     def load(self, index: int, sample_rate: int) -> torch.Tensor:
         """Decoded mono float32 audio at ``sample_rate`` (full length; the augmenter fits it to the clip)."""

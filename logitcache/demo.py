@@ -88,7 +88,7 @@ def clip_logits(model: torch.nn.Module, folder: AudioFolder, augmenter: Augmente
 
 
 def mean_ap(logits: torch.Tensor, folder: AudioFolder) -> float:
-    return float(np.nanmean(average_precision(logits.numpy(), folder.labels)))
+    return float(np.nanmean(average_precision(logits.numpy(), folder.table)))
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from logitcache.distributed import shard_bounds
 from logitcache.dump import cpu_threads, set_threads
 from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.heads import check_heads, heads_aggregation, heads_kd_loss, with_heads
-from logitcache.metrics import average_precision
+from logitcache.metrics import average_precision, top1_accuracy
 from logitcache.storage import is_url
 from logitcache.students import build_student, check_student_output, load_student  # noqa: F401  (re-exported)
 from logitcache.targets import hard_label_loss, kd_loss
@@ -57,8 +57,8 @@ def evaluate(model: torch.nn.Module, folder: AudioFolder, augmenter: Augmenter, 
     model.train()
     s = np.concatenate(scores)
     if kind == "multiclass":
-        return {"top1": float((s.argmax(1) == folder.labels.argmax(1)).mean())}
-    ap = average_precision(s, folder.labels)
+        return {"top1": top1_accuracy(s, folder.table)}
+    ap = average_precision(s, folder.table)
     # No class with a positive clip: mAP is undefined, NaN (null under --json), without numpy's warning.
     return {"mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else math.nan}
 

@@ -109,11 +109,11 @@ class ViewSource:
 
     def labels(self, index: int, params: dict[str, np.ndarray]) -> np.ndarray:
         """Hard labels of the view: mixed like the audio when mixup was applied."""
-        y = self.folder.labels[int(index)]
+        y = self.folder.label_rows([int(index)])[0]
         partner = int(params.get("mixup.partner", -1))
         if partner >= 0:
             lam = np.float32(params["mixup.lam"])
-            y = lam * y + (np.float32(1) - lam) * self.folder.labels[partner]
+            y = lam * y + (np.float32(1) - lam) * self.folder.label_rows([partner])[0]
         return y
 
 
@@ -157,13 +157,13 @@ def row_params(block: dict[str, np.ndarray], row: int) -> dict[str, np.ndarray]:
 
 def batch_labels(folder: AudioFolder, index: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
     """``ViewSource.labels`` of many rows at once (``params``: name -> rows), the same float32 math."""
-    y = folder.labels[np.asarray(index, dtype=np.int64)]
+    y = folder.label_rows(np.asarray(index, dtype=np.int64))
     partner = params.get("mixup.partner")
     if partner is not None:
         mixed = np.flatnonzero(np.asarray(partner) >= 0)
         if len(mixed):
             lam = np.asarray(params["mixup.lam"], dtype=np.float32)[mixed, None]
-            y[mixed] = lam * y[mixed] + (np.float32(1) - lam) * folder.labels[np.asarray(partner)[mixed]]
+            y[mixed] = lam * y[mixed] + (np.float32(1) - lam) * folder.label_rows(np.asarray(partner)[mixed])
     return y
 
 

@@ -193,7 +193,7 @@ def test_evaluation_uses_the_heads_mean_probability(dumper, dataset, tmp_path):
         z = hand.eval().heads(x)
     assert not torch.equal(z[0], z[1])  # the heads did part
     p = torch.stack([torch.sigmoid(zh.double()) for zh in z]).mean(0).numpy()
-    np.testing.assert_allclose(result["eval_mAP"], np.nanmean(average_precision(p, folder.labels)), rtol=1e-6)
+    np.testing.assert_allclose(result["eval_mAP"], np.nanmean(average_precision(p, folder.label_rows(np.arange(len(folder))))), rtol=1e-6)
     # Heads that disagree much (head 1 random and large): evaluate scores the probabilities' mean,
     # which ranks the clips otherwise than the logits' mean would.
     loaded = load_student(tmp_path / "run", "cnn_tiny", C, 16000, None, config, "multilabel")
@@ -205,8 +205,8 @@ def test_evaluation_uses_the_heads_mean_probability(dumper, dataset, tmp_path):
     p = torch.stack([torch.sigmoid(zh.double()) for zh in z]).mean(0).numpy()
     with torch.no_grad():
         np.testing.assert_allclose(torch.sigmoid(loaded(x).double()).numpy(), p, rtol=1e-5, atol=1e-7)
-    by_probs = np.nanmean(average_precision(p, folder.labels))
-    by_logits = np.nanmean(average_precision(((z[0] + z[1]) / 2).numpy(), folder.labels))
+    by_probs = np.nanmean(average_precision(p, folder.label_rows(np.arange(len(folder)))))
+    by_logits = np.nanmean(average_precision(((z[0] + z[1]) / 2).numpy(), folder.label_rows(np.arange(len(folder)))))
     assert abs(by_probs - by_logits) > 1e-4  # far above the rtol below
     got = evaluate(loaded, folder, aug, "multilabel", torch.device("cpu"))["mAP"]
     np.testing.assert_allclose(got, by_probs, rtol=1e-6)

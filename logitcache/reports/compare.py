@@ -14,15 +14,16 @@ from logitcache.augment import Augmenter
 from logitcache.cache import open_cache
 from logitcache.data import AudioFolder
 from logitcache.errors import LogitCacheError
-from logitcache.metrics import average_precision
+from logitcache.labels import LabelTable
+from logitcache.metrics import average_precision, top1_accuracy
 from logitcache.storage import is_url
 from logitcache.targets import kl_divergence, teacher_probs
 
 
-def _label_score(scores: np.ndarray, labels: np.ndarray, kind: str) -> float | None:
+def _label_score(scores: np.ndarray, labels: np.ndarray | LabelTable, kind: str) -> float | None:
     """mAP (multilabel) or top-1 accuracy (multiclass) of clip scores ``[n, C]`` against ``labels``."""
     if kind == "multiclass":
-        return float((scores.argmax(1) == labels.argmax(1)).mean())
+        return top1_accuracy(scores, labels)
     ap = average_precision(scores, labels)
     return float(np.nanmean(ap)) if np.isfinite(ap).any() else None
 
@@ -265,18 +266,18 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
             zs = torch.cat(s_list)
             s_eval = _clip_level(zs.numpy())
             evaluation = {"data": str(eval_data), "clips": len(held), "student_vs_labels": _label_score(
-                s_eval, held.labels, kind), "teachers": [t.name for t in loaded]}
+                s_eval, held.table, kind), "teachers": [t.name for t in loaded]}
             if loaded:
                 ze = torch.cat(e_list)
                 pe = _probs(ze, kind)
                 a1, k1 = _student_figures(zs.reshape(-1, C), pe.reshape(-1, C), kind)
                 e_clip = _clip_level(pe.numpy())
-                s_ap = average_precision(s_eval, held.labels) if kind == "multilabel" else None
-                e_ap = average_precision(e_clip, held.labels) if kind == "multilabel" else None
+                s_ap = average_precision(s_eval, held.table) if kind == "multilabel" else None
+                e_ap = average_precision(e_clip, held.table) if kind == "multilabel" else None
                 evaluation.update({
                     "top1_agreement": float(a1.mean()), "kl_mean": float(k1.mean()),
                     "map_vs_ensemble": _map_vs(s_eval, e_clip, kind),
-                    "ensemble_vs_labels": _label_score(e_clip, held.labels, kind),
+                    "ensemble_vs_labels": _label_score(e_clip, held.table, kind),
                     "per_class": [] if s_ap is None else [
                         {"class": name, "student_ap": None if np.isnan(sa) else float(sa),
                          "ensemble_ap": None if np.isnan(ea) else float(ea)}
