@@ -250,6 +250,8 @@ class CacheWriter:
     n_chunks] marks the chunks still to write; ``notes`` are one-line remarks for the user.
     """
 
+    markers: tuple[str, ...] = ("done",)  # set once a chunk's arrays are durable (members.py: per target set)
+
     def __init__(self, path: str | Path, manifest: dict, ids: list[str], param_specs: dict,
                  backend: str | None = None, queue_size: int = 4, resume: bool = False):
         cls = backend_for_new(path, backend)
@@ -441,7 +443,8 @@ class CacheWriter:
                 # The marker goes last, after a flush: a chunk counts as written only once all its
                 # arrays are durable, and a resume rewrites every chunk whose marker is unset.
                 self.store.flush()
-                self.store.write("done", (epoch, slice(chunk, chunk + 1)), np.ones(1, np.uint8))
+                for marker in self.markers:
+                    self.store.write(marker, (epoch, slice(chunk, chunk + 1)), np.ones(1, np.uint8))
                 self.store.flush()
                 _test_kill("write")
             except BaseException as e:  # surfaced to the producer on its next put/close
