@@ -354,6 +354,9 @@ class CacheWriter:
             if old.get("format_version") not in READABLE_VERSIONS:
                 raise LogitCacheError(f"{self.path}: cache format version {old.get('format_version')} cannot be "
                                       f"resumed by this logitcache (formats {', '.join(map(str, READABLE_VERSIONS))})")
+            if old.get("adding"):  # members.add_teachers owns the cache until it finishes
+                raise LogitCacheError(f"{self.path}: an --add-teacher of this cache is unfinished; re-run it to "
+                                      f"finish it (or cancel it with 'logitcache members drop') before --resume")
             if backend and backend != old.get("backend"):
                 raise LogitCacheError(f"{self.path}: cannot resume: the cache is {old.get('backend')}, "
                                       f"not --backend {backend}")

@@ -584,9 +584,8 @@ def provenance(m: dict) -> dict:
                                                    "started": adding.get("started"), "phase": adding.get("phase")}}
 
 
-def describe(m: dict) -> str:
-    """One line per target set, for ``inspect``'s text output."""
-    p = provenance(m)
+def describe(p: dict) -> str:
+    """One line per target set of a :func:`provenance`, for ``inspect``'s text output."""
     lines = []
     for r in p["target_sets"]:
         what = ", ".join(r["teachers"]) if r["name"] == ENSEMBLE else f"{r['source']} (sha256 {str(r['sha256'])[:12]})"

@@ -9,6 +9,7 @@ import numpy as np
 from logitcache import checks
 from logitcache.cache import Cache, open_cache
 from logitcache.layout import SAMPLE_ARRAYS
+from logitcache.members import provenance
 from logitcache.storage import is_url, url_fs
 
 
@@ -60,7 +61,10 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
     audio_bytes, share_of_audio, arrays (name, shape, dtype, stored_bytes, raw_bytes, ratio),
     targets_table (per target set, "ensemble" and each member: name, stored_bytes, raw_bytes,
     ratio, bytes_per_view), epochs_table (per epoch: epoch, stored_bytes of its per-view arrays,
-    bytes_per_view, chunks_done; empty where the backend cannot split by epoch) and projection.
+    bytes_per_view, chunks_done; empty where the backend cannot split by epoch), projection, and
+    provenance (per target set: how, when and from what teacher it was written, whether the
+    ensemble aggregates it; dropped members; an unfinished addition: see
+    :func:`logitcache.members.provenance`).
 
     ``projection`` (None unless ``project_samples`` or ``project_epochs`` is given) scales this
     cache's measured bytes to that many samples and epochs (each defaults to this cache's):
@@ -154,4 +158,5 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
             "targets_table": targets_table,
             "epochs_table": epochs_table,
             "projection": projection,
+            "provenance": provenance(m),
         }
