@@ -93,9 +93,10 @@ def add_teachers(cache: str | Path, data: str | Path, teachers: list[str], *,
             dev = resolve_device(device)
             plan = _plan(path, manifest, folder, teachers, ensemble_teachers, ensemble_weights, state_dicts,
                          teacher_args, dev)
-            _begin(store, manifest, plan)
-            _write(store, manifest, plan, folder, dev, batch_size, num_workers, threads, progress)
-            _commit(store, manifest, plan)
+            if plan is not None:
+                _begin(store, manifest, plan)
+                _write(store, manifest, plan, folder, dev, batch_size, num_workers, threads, progress)
+                _commit(store, manifest, plan)
         finally:
             store.close()
         _sweep(path)
@@ -143,9 +144,10 @@ def _check_addable(path: Path, m: dict) -> None:
                               f"'logitcache dump --resume' before adding teachers")
 
 
-def _plan(path, m, folder, specs, ensemble_specs, weights, state_dicts, teacher_args, dev) -> _Plan:
+def _plan(path, m, folder, specs, ensemble_specs, weights, state_dicts, teacher_args, dev) -> _Plan | None:
     """Load and check the teachers; the record of what this addition writes (or the stored one,
-    when an unfinished addition of the same teachers is continued)."""
+    when an unfinished addition of the same teachers is continued; None when every teacher is
+    already a member: a re-run after a kill that came after the commit)."""
     ensemble_specs = list(ensemble_specs or [])
     loaded = load_teachers(ensemble_specs + list(specs), state_dicts, teacher_args, dev)
     originals, new = loaded[:len(ensemble_specs)], loaded[len(ensemble_specs):]
@@ -163,6 +165,9 @@ def _plan(path, m, folder, specs, ensemble_specs, weights, state_dicts, teacher_
         if differences:
             raise LogitCacheError(f"--teacher: not the ensemble's teachers of {path} ({'; '.join(differences)}); "
                                   f"give them as dumped to recompute the ensemble, or none to keep it")
+    if all(_is_member(m, t) for t in new):
+        print(f"note: {path}: {', '.join(t.name for t in new)} already added; nothing to do", file=sys.stderr)
+        return None
     known = {t["name"]: t for t in m.get("teachers", [])}
     for t in new:
         _check_name(path, m, t, known)
@@ -193,6 +198,12 @@ def _plan(path, m, folder, specs, ensemble_specs, weights, state_dicts, teacher_
               "ensemble": {"teachers": described, "weights": weights} if recompute else None}
     run = (originals if recompute else []) + new
     return _Plan(run, adding, ensemble, weights)
+
+
+def _is_member(m: dict, t: Teacher) -> bool:
+    """Whether ``t`` (same name, same fingerprint) is a stored member already."""
+    p = (m.get("target_sets") or {}).get(Layout.target_set_of(t.name)) or {}
+    return t.name in m.get("members", []) and [x.get("sha256") for x in p.get("teachers", [])] == [t.sha256]
 
 
 def _check_name(path: Path, m: dict, t: Teacher, known: dict) -> None:
