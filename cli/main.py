@@ -344,9 +344,9 @@ def _add_teachers(data, teachers, add_teachers, out, ensemble_weights, state_dic
 
 def _provenance_lines(info: dict) -> list[str]:
     """One line per target set: how, when and from what it was written."""
-    from logitcache.members import describe
+    from logitcache.reports.inspect import provenance_lines
 
-    return describe(info["provenance"]).splitlines()
+    return provenance_lines(info["provenance"])
 
 
 def _rows_what(info: dict) -> str:

@@ -566,48 +566,4 @@ def _cancel(store, m: dict, ts: str) -> None:
     store.flush()
 
 
-# ---------------------------------------------------------------- provenance, for inspect
-def provenance(m: dict) -> dict:
-    """Every target set with where it came from: ``target_sets`` (name, kind: dumped | added |
-    recomputed, teachers, source, sha256, written_at, in_ensemble, notes) and ``dropped`` members."""
-    rows = []
-    sets = m.get("target_sets") or {}
-    described = {t["name"]: t for t in m.get("teachers", [])}
-    for ts in [ENSEMBLE] + [Layout.target_set_of(n) for n in m.get("members", [])]:
-        p = sets.get(ts, {})
-        teachers = [t["name"] for t in p.get("teachers", [])] or ([t["name"] for t in m.get("teachers", [])]
-                                                                    if ts == ENSEMBLE else [ts.partition("/")[2]])
-        first = p.get("teacher") or described.get(teachers[0], {})
-        kind = "added" if p.get("added") else "recomputed" if p.get("recomputed") else "dumped"
-        notes = []
-        if ts == ENSEMBLE:
-            notes += [f"does not aggregate {', '.join(p['excluded_members'])}"] if p.get("excluded_members") else []
-            notes += [f"still holds dropped {', '.join(p['dropped_members'])}"] if p.get("dropped_members") else []
-        rows.append({"name": ts.rpartition("/")[2] if ts != ENSEMBLE else ENSEMBLE, "target_set": ts, "kind": kind,
-                     "teachers": teachers, "source": None if ts == ENSEMBLE else first.get("source"),
-                     "sha256": None if ts == ENSEMBLE else first.get("sha256"),
-                     "written_at": p.get("written_at", m.get("created")),
-                     "in_ensemble": True if ts == ENSEMBLE else p.get("in_ensemble", teachers[0] in described),
-                     "notes": notes})
-    adding = m.get("adding")
-    return {"target_sets": rows, "dropped": list(m.get("dropped_members") or []),
-            "adding": None if adding is None else {"teachers": [d["name"] for d in adding["new_teachers"]],
-                                                   "started": adding.get("started"), "phase": adding.get("phase")}}
-
-
-def describe(p: dict) -> str:
-    """One line per target set of a :func:`provenance`, for ``inspect``'s text output."""
-    lines = []
-    for r in p["target_sets"]:
-        what = ", ".join(r["teachers"]) if r["name"] == ENSEMBLE else f"{r['source']} (sha256 {str(r['sha256'])[:12]})"
-        extra = "" if r["in_ensemble"] else ", not in the ensemble"
-        notes = "".join(f"; {n}" for n in r["notes"])
-        lines.append(f"{r['name']}: {r['kind']} {r['written_at']} from {what}{extra}{notes}")
-    lines += [f"{d['name']}: dropped {d.get('dropped_at')}" for d in p["dropped"]]
-    if p["adding"]:
-        a = p["adding"]
-        lines.append(f"adding {', '.join(a['teachers'])}: unfinished (started {a['started']}); re-run to finish")
-    return "\n".join(lines)
-
-
-__all__ = ["add_teachers", "drop_member", "provenance"]
+__all__ = ["add_teachers", "drop_member"]

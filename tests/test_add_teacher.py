@@ -101,6 +101,22 @@ def test_ensemble_is_recomputed_exactly_when_its_teachers_are_given(dumper, data
     assert verify_cache(out)["ok"]
 
 
+def test_extending_epochs_after_an_addition(dumper, dataset, tmp_path):
+    """After a recomputed addition the cache is what a dump of all teachers is, so --resume with
+    all of them extends it; an added member outside the ensemble makes the member lists differ."""
+    reference = dumper(teachers=(A, B, C3), **{**KW, "epochs": 3})
+    out = _base(dumper, tmp_path)
+    logitcache.add_teachers(out, dataset, [C3], ensemble_teachers=[A, B], **ADD)
+    logitcache.dump(dataset, [A, B, C3], out, resume=True, **{**dumper.defaults(), **KW, "epochs": 3})
+    assert differing(out, arrays(reference)) == []
+
+    kept = _copy(dumper(teachers=(A, B), **KW), tmp_path / "kept.zarr")
+    logitcache.add_teachers(kept, dataset, [C3], **ADD)
+    with pytest.raises(LogitCacheError) as e:
+        logitcache.dump(dataset, [A, B], kept, resume=True, **{**dumper.defaults(), **KW, "epochs": 3})
+    assert_one_line_error(e, f"{kept}: cannot resume: this dump differs from the cache in members")
+
+
 def test_a_skipped_member_is_added_with_the_seeds_it_would_have_had(dumper, dataset, tmp_path):
     """A --no-members cache: toy_b is in the ensemble already; added later, its sampled rows draw
     from seed group 2, as in the dump that stored it."""
