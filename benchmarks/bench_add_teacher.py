@@ -11,9 +11,10 @@ Then, per round:
          parameters written
 
 Both are wall-clock times of the whole call (teacher loading and probing included), the copy
-of the base cache excluded. Rounds alternate which goes first; the ratio add / dump is the
-median of the per-round ratios (the shared machine's load drifts). Goal: <= 1.1 (an addition
-costs about one teacher's forward over the stored views).
+of the base cache excluded, and CPU seconds (main process + DataLoader workers: what the call
+costs whatever else shares the machine). Rounds alternate which goes first; each ratio add /
+dump is the median of the per-round ratios (the shared machine's load drifts). Goal: wall
+<= 1.1 (an addition costs about one teacher's forward over the stored views).
 
     python benchmarks/bench_add_teacher.py            # ~4 min on 2 idle cores
     python benchmarks/bench_add_teacher.py --quick    # ~1 min
@@ -35,11 +36,12 @@ import _common as C  # noqa: E402
 BASE, NEW = "cnn_small", "crnn_small"
 
 
-def timed(fn, *args, **kw) -> float:
+def timed(fn, *args, **kw) -> tuple[float, float]:
+    """(wall seconds, CPU seconds incl. the call's finished DataLoader workers) of one call."""
     time.sleep(0.5)  # let the previous call's workers exit first
-    t0 = time.perf_counter()
+    c0, t0 = C.cpu_seconds(), time.perf_counter()
     fn(*args, **kw)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, C.cpu_seconds() - c0
 
 
 def main() -> None:
@@ -77,18 +79,18 @@ def main() -> None:
     logitcache.dump(data, [base_t], base, **common)
     work, alone = wd / "added.zarr", wd / "alone.zarr"
 
-    def add() -> float:
+    def add() -> tuple[float, float]:
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(base, work)
         return timed(logitcache.add_teachers, work, data, [new_t], batch_size=args.batch_size, device=dev.type,
                      num_workers=workers, threads=torch.get_num_threads(), progress=False)
 
-    def dump() -> float:
+    def dump() -> tuple[float, float]:
         shutil.rmtree(alone, ignore_errors=True)
         return timed(logitcache.dump, data, [new_t], alone, **common)
 
     add(), dump()  # warm-up, not counted: the first load of each program, first-touch of the files
-    adds, dumps, ratios = [], [], []
+    adds, dumps = [], []
     for r in range(rounds):
         if r % 2 == 0:  # alternate which goes first
             a, d = add(), dump()
@@ -97,15 +99,17 @@ def main() -> None:
             a = add()
         adds.append(a)
         dumps.append(d)
-        ratios.append(a / d)
-        print(f"#   round {r + 1}: add {a:.2f} s, dump alone {d:.2f} s, ratio {a / d:.3f}; load average "
-              f"{os.getloadavg()[0]:.1f}", flush=True)
+        print(f"#   round {r + 1}: add {a[0]:.2f} s ({a[1]:.2f} CPU s), dump alone {d[0]:.2f} s ({d[1]:.2f} CPU s), "
+              f"ratio {a[0] / d[0]:.3f}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    wall = C.median([a[0] / d[0] for a, d in zip(adds, dumps)])
+    cpu = C.median([a[1] / d[1] for a, d in zip(adds, dumps)])
     print()
-    print(C.table(["teacher", "views", "add-teacher s", "dump alone s", "add / dump"],
-                  [[NEW, clips * epochs, round(C.median(adds), 2), round(C.median(dumps), 2),
-                    round(C.median(ratios), 3)]]))
+    print(C.table(["teacher", "views", "add-teacher s", "dump alone s", "add / dump", "CPU s: add / dump"],
+                  [[NEW, clips * epochs, round(C.median([a[0] for a in adds]), 2),
+                    round(C.median([d[0] for d in dumps]), 2), round(wall, 3), round(cpu, 3)]]))
     print()
-    print(f"ratio add-teacher / dump alone: {C.median(ratios):.3f} (goal <= 1.1; median of {rounds} paired rounds)")
+    print(f"ratio add-teacher / dump alone: {wall:.3f} wall, {cpu:.3f} CPU (goal <= 1.1; median of {rounds} "
+          f"paired rounds)")
 
 
 if __name__ == "__main__":

@@ -376,6 +376,13 @@ def test_cli_add_teacher_refuses_options_of_a_new_cache(dumper, dataset, tmp_pat
         "error: --topk: does not apply with --add-teacher (the cache's own settings are used)"]
 
 
+def test_cli_dump_without_any_teacher_is_one_line(dataset, tmp_path):
+    """--teacher is optional now (--add-teacher alone is a dump command): the library says what is missing."""
+    r = CliRunner().invoke(main, ["dump", "--data", str(dataset), "--out", str(tmp_path / "x.zarr")])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == ["error: at least one --teacher is needed"]
+    assert not (tmp_path / "x.zarr").exists()
+
+
 # ---------------------------------------------------------------- inspect
 def test_inspect_lists_members_with_when_and_from_what(dumper, dataset, tmp_path):
     out = _base(dumper, tmp_path)
