@@ -91,12 +91,12 @@ def add_teachers(cache: str | Path, data: str | Path, teachers: list[str], *,
             with open_cache(path) as reader:
                 check_compatible(reader, folder)
             dev = resolve_device(device)
-            plan = _plan(path, manifest, folder, teachers, ensemble_teachers, ensemble_weights, state_dicts,
-                         teacher_args, dev)
+            plan = _plan(path, manifest, teachers, ensemble_teachers, ensemble_weights, state_dicts, teacher_args,
+                         dev)
             if plan is not None:
                 _begin(store, manifest, plan)
                 _write(store, manifest, plan, folder, dev, batch_size, num_workers, threads, progress)
-                _commit(store, manifest, plan)
+                _commit(store, manifest)
         finally:
             store.close()
         _sweep(path)
@@ -144,22 +144,16 @@ def _check_addable(path: Path, m: dict) -> None:
                               f"'logitcache dump --resume' before adding teachers")
 
 
-def _plan(path, m, folder, specs, ensemble_specs, weights, state_dicts, teacher_args, dev) -> _Plan | None:
+def _plan(path, m, specs, ensemble_specs, weights, state_dicts, teacher_args, dev) -> _Plan | None:
     """Load and check the teachers; the record of what this addition writes (or the stored one,
     when an unfinished addition of the same teachers is continued; None when every teacher is
     already a member: a re-run after a kill that came after the commit)."""
     ensemble_specs = list(ensemble_specs or [])
     loaded = load_teachers(ensemble_specs + list(specs), state_dicts, teacher_args, dev)
     originals, new = loaded[:len(ensemble_specs)], loaded[len(ensemble_specs):]
-    augmenter = Augmenter.from_spec(m["augment"])
-    classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev, m["output_kind"])
-    if classes != len(m["classes"]) or frames != m.get("frames"):
-        theirs = f"C={classes}" + (f", T={frames}" if frames else ", clip level")
-        ours = f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else ", clip level")
-        raise LogitCacheError(f"teacher {new[0].source}: outputs {theirs} but cache {path} holds {ours}")
-    stored = m.get("adding")
-    if stored is not None:
-        return _continued(path, m, stored, loaded, new)
+    _check_outputs(path, m, loaded, new[0], dev)
+    if m.get("adding") is not None:
+        return _continued(path, m, m["adding"], loaded, new)
     if originals:
         differences = teacher_differences(m.get("teachers", []), originals)
         if differences:
@@ -172,32 +166,46 @@ def _plan(path, m, folder, specs, ensemble_specs, weights, state_dicts, teacher_
     for t in new:
         _check_name(path, m, t, known)
     joining = [t for t in new if t.name not in known]
-    recompute = bool(originals) and bool(joining)
     if originals and not joining:
         print(f"note: every added teacher is already in the ensemble of {path}; it is not recomputed",
               file=sys.stderr)
-    ensemble = [t["name"] for t in m["teachers"]] + [t.name for t in joining] if recompute else None
-    weights = _weights(path, m, weights, ensemble)
+    recompute = bool(originals) and bool(joining)
+    ensemble = m["teachers"] + [t.describe() for t in joining] if recompute else None
+    weights = _weights(path, m, weights, None if ensemble is None else [d["name"] for d in ensemble])
+    adding = {"started": _now(), "phase": "write", "target_sets": _new_sets(m, new, ensemble),
+              "new_teachers": [t.describe() for t in new],
+              "ensemble": None if ensemble is None else {"teachers": ensemble, "weights": weights}}
+    run = (originals if recompute else []) + new
+    return _Plan(run, adding, None if ensemble is None else [d["name"] for d in ensemble], weights)
+
+
+def _check_outputs(path: Path, m: dict, loaded: list[Teacher], first_new: Teacher, dev) -> None:
+    """The teachers must output what the cache holds: C classes, at its clip or frame level."""
+    classes, frames = probe_teachers(loaded, Augmenter.from_spec(m["augment"]).clip_samples, dev, m["output_kind"])
+    if classes != len(m["classes"]) or frames != m.get("frames"):
+        theirs = f"C={classes}" + (f", T={frames}" if frames else ", clip level")
+        ours = f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else ", clip level")
+        raise LogitCacheError(f"teacher {first_new.source}: outputs {theirs} but cache {path} holds {ours}")
+
+
+def _new_sets(m: dict, new: list[Teacher], ensemble: list[dict] | None) -> dict[str, dict]:
+    """Write location -> provenance of every target set the addition writes: a member per new
+    teacher, and the staged ensemble when it is recomputed (over ``ensemble``, described)."""
+    known = [t["name"] for t in m.get("teachers", [])]
     group = _next_seed_group(m)
     sets: dict[str, dict] = {}
     for t in new:
         if t.name in known:  # already in the ensemble (--no-members, or dropped): the group it had
-            g = 1 + list(known).index(t.name)
+            g = 1 + known.index(t.name)
         else:
             g, group = group, group + 1
         sets[Layout.target_set_of(t.name)] = {
             "teachers": [{"name": t.name, "sha256": t.sha256}], "codec": m["codec"], "added": True,
-            "teacher": t.describe(), "seed_group": g, "in_ensemble": t.name in known or recompute}
-    if recompute:
-        described = m["teachers"] + [t.describe() for t in joining]
-        sets[Layout.staged(ENSEMBLE)] = {"teachers": [{"name": d["name"], "sha256": d.get("sha256")}
-                                                      for d in described], "codec": m["codec"], "recomputed": True,
-                                         "seed_group": 0}
-    adding = {"started": _now(), "phase": "write", "target_sets": sets,
-              "new_teachers": [t.describe() for t in new],
-              "ensemble": {"teachers": described, "weights": weights} if recompute else None}
-    run = (originals if recompute else []) + new
-    return _Plan(run, adding, ensemble, weights)
+            "teacher": t.describe(), "seed_group": g, "in_ensemble": t.name in known or ensemble is not None}
+    if ensemble is not None:
+        sets[Layout.staged(ENSEMBLE)] = {"teachers": [{"name": d["name"], "sha256": d.get("sha256")} for d in ensemble],
+                                         "codec": m["codec"], "recomputed": True, "seed_group": 0}
+    return sets
 
 
 def _is_member(m: dict, t: Teacher) -> bool:
@@ -413,7 +421,7 @@ class _Encoder:
 
 
 # ---------------------------------------------------------------- commit
-def _commit(store, manifest: dict, plan: _Plan) -> None:
+def _commit(store, manifest: dict) -> None:
     """Make the written target sets the cache's: swap a recomputed ensemble in, then one manifest
     write lists the new members (the commit point); markers and the old ensemble become leftovers."""
     adding = manifest["adding"]
