@@ -7,6 +7,7 @@
     logitcache plan --samples 2000000 --epochs 8 --topk 32 --classes 527
     logitcache compare runs/kd --eval-data data/eval --teacher a.pt2 --teacher b.pt2
     logitcache copy run.zarr s3://bucket/run.zarr
+    logitcache dump --data data/train --add-teacher c.pt2 --out run.zarr     logitcache members drop run.zarr c
     torchrun --nproc_per_node=8 -m logitcache dump ...   (or train: see README, Scaling out)
 
 Human output is plain aligned text on stdout; ``--json`` prints exactly one JSON object on
