@@ -7,6 +7,7 @@
     logitcache plan --samples 2000000 --epochs 8 --topk 32 --classes 527
     logitcache compare runs/kd --eval-data data/eval --teacher a.pt2 --teacher b.pt2
     logitcache copy run.zarr s3://bucket/run.zarr
+    logitcache dump --data data/train --add-teacher c.pt2 --out run.zarr     logitcache members drop run.zarr c
     torchrun --nproc_per_node=8 -m logitcache dump ...   (or train: see README, Scaling out)
 
 Human output is plain aligned text on stdout; ``--json`` prints exactly one JSON object on
@@ -226,9 +227,13 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
 # ---------------------------------------------------------------- dump
 @main.command()
 @click.option("--data", required=True, metavar="DIR", help="Dataset folder (labels.csv + audio).")
-@click.option("--teacher", "teachers", required=True, multiple=True, metavar="T",
+@click.option("--teacher", "teachers", multiple=True, metavar="T",
               help="Teacher: a .pt2 torch.export file, an .onnx model, a TorchScript file, "
-                   "package.module:callable or a teacher .json spec. Repeat for an ensemble.")
+                   "package.module:callable or a teacher .json spec. Repeat for an ensemble. With "
+                   "--add-teacher: the ensemble's teachers as dumped, to recompute the ensemble.")
+@click.option("--add-teacher", "add_teachers", multiple=True, metavar="T",
+              help="Add T as a member of the complete cache --out: only T runs, on the stored views "
+                   "(the cache's settings apply). Repeatable. See README, Adding and dropping members.")
 @click.option("--out", required=True, metavar="CACHE",
               help="Cache to create (.zarr folder, or .h5 for HDF5).")
 @click.option("--epochs", default=1, show_default=True, help="Augmented views stored per sample.")
@@ -283,7 +288,7 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
               help="One rank of a torch.distributed job (torchrun): each rank writes its own chunks of one "
                    "zarr cache. [default: on when WORLD_SIZE > 1]")
 @_json_option
-def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
+def dump(data, teachers, add_teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
          ensemble_weights, state_dicts, teacher_args, teacher_sample_rates, teacher_clip_seconds, class_maps,
          unmapped, members, value_dtype, codec, value_bits, sample_n, sample_head, sample_temperature, sample_rate,
          clip_seconds, backend, precision, compile_, channels_last, workers, chunk_rows, threads, resume, distributed,
@@ -308,6 +313,10 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
     from logitcache.distributed import current_rank
     from logitcache.report import human_bytes, inspect_cache
 
+    if add_teachers:
+        _add_teachers(data, teachers, add_teachers, out, ensemble_weights, state_dicts, teacher_args, batch_size,
+                      device, workers, threads, as_json)
+        return
     with _quiet_stdout(as_json):
         path = logitcache.dump(
             data, list(teachers), out, epochs=epochs, topk=topk, augment=augment, seed=seed,
@@ -332,6 +341,47 @@ def dump(data, teachers, out, epochs, topk, augment, seed, batch_size, device, o
                f"{info['samples']} samples), {_rows_what(info)} of {info['classes']} ({info['codec']}), "
                f"{human_bytes(info['bytes_on_disk'])}, "
                f"{info['bytes_per_sample_epoch']:.0f} B/sample-epoch{share}")
+
+
+# dump options that describe a new cache: the cache's own settings apply to an added teacher
+_ADD_REFUSES = ("epochs", "topk", "augment", "seed", "output_kind", "aggregation", "members", "value_dtype", "codec",
+                "value_bits", "sample_n", "sample_head", "sample_temperature", "sample_rate", "clip_seconds",
+                "backend", "precision", "compile_", "channels_last", "chunk_rows", "distributed",
+                "teacher_sample_rates", "teacher_clip_seconds", "class_maps", "unmapped")
+_FLAGS = {"teacher_sample_rates": "--teacher-sample-rate", "teacher_clip_seconds": "--teacher-clip-seconds",
+          "class_maps": "--class-map"}
+
+
+def _add_teachers(data, teachers, add_teachers, out, ensemble_weights, state_dicts, teacher_args, batch_size,
+                  device, workers, threads, as_json) -> None:
+    """``dump --add-teacher``: :func:`logitcache.add_teachers` on the cache --out."""
+    import logitcache
+    from logitcache.report import inspect_cache
+
+    ctx = click.get_current_context()
+    for name in _ADD_REFUSES:
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            flag = _FLAGS.get(name, "--" + name.rstrip("_").replace("_", "-"))
+            raise LogitCacheError(f"{flag}: does not apply with --add-teacher (the cache's own settings are used)")
+    with _quiet_stdout(as_json):
+        path = logitcache.add_teachers(out, data, list(add_teachers), ensemble_teachers=list(teachers) or None,
+                                       ensemble_weights=list(ensemble_weights) or None,
+                                       **_teacher_kwargs(state_dicts, teacher_args), batch_size=batch_size,
+                                       device=device, num_workers=workers, threads=threads, progress=True)
+        info = inspect_cache(path)
+    if as_json:
+        _print_json(info)
+        return
+    click.echo(f"{info['path']}: members {', '.join(info['members'])}")
+    for line in _provenance_lines(info):
+        click.echo(f"  {line}")
+
+
+def _provenance_lines(info: dict) -> list[str]:
+    """One line per target set: how, when and from what it was written."""
+    from logitcache.reports.inspect import provenance_lines
+
+    return provenance_lines(info["provenance"])
 
 
 def _rows_what(info: dict) -> str:
@@ -459,6 +509,10 @@ def inspect(cache, project_samples, project_epochs, as_json):
                   f"{info['bytes_per_sample_epoch']:.1f} B per sample-epoch{share}")),
     ]))
     click.echo()
+    click.echo("target sets:")
+    for line in _provenance_lines(info):
+        click.echo(f"  {line}")
+    click.echo()
     rows = [[a["name"], "x".join(map(str, a["shape"])), a["dtype"], human_bytes(a["stored_bytes"]),
              human_bytes(a["raw_bytes"]), a["ratio"]] for a in info["arrays"]]
     click.echo(format_table(rows, ["array", "shape", "dtype", "stored", "raw", "raw/stored"]))
@@ -518,6 +572,40 @@ def verify(cache, as_json):
             click.echo(f"  - {p}")
     if not result["ok"]:
         sys.exit(1)
+
+
+# ---------------------------------------------------------------- members
+@main.group()
+def members() -> None:
+    """Manage a cache's stored members (add one with 'logitcache dump --add-teacher').
+
+    \b
+    Example:
+      logitcache dump --data data/train --add-teacher c.pt2 --out run.zarr
+      logitcache members drop run.zarr c
+    """
+
+
+@members.command("drop")
+@click.argument("cache", metavar="CACHE")
+@click.argument("name", metavar="NAME")
+@_json_option
+def members_drop(cache, name, as_json):
+    """Remove member NAME's arrays from CACHE (the cache shrinks on disk).
+
+    The manifest stops naming the member before anything is removed, so a kill leaves a valid
+    cache. The ensemble keeps the member's contribution (inspect says so). Dropping a member of
+    an unfinished --add-teacher cancels it.
+    """
+    import logitcache
+    from logitcache.report import human_bytes
+
+    result = logitcache.drop_member(cache, name)
+    if as_json:
+        _print_json(result)
+        return
+    click.echo(f"dropped member {name} from {cache}: {human_bytes(result['bytes_before'])} -> "
+               f"{human_bytes(result['bytes_after'])} on disk")
 
 
 # ---------------------------------------------------------------- fidelity

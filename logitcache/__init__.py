@@ -14,5 +14,7 @@ from logitcache.errors import LogitCacheError  # noqa: E402
 from logitcache.cache import Cache, Targets, open_cache  # noqa: E402
 from logitcache.views import replay  # noqa: E402
 from logitcache.dump import dump  # noqa: E402
+from logitcache.members import add_teachers, drop_member  # noqa: E402
 
-__all__ = ["Cache", "LogitCacheError", "Targets", "dump", "open_cache", "replay", "__version__"]
+__all__ = ["Cache", "LogitCacheError", "Targets", "add_teachers", "drop_member", "dump", "open_cache", "replay",
+           "__version__"]

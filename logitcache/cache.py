@@ -277,6 +277,8 @@ class CacheWriter:
     n_chunks] marks the chunks still to write; ``notes`` are one-line remarks for the user.
     """
 
+    markers: tuple[str, ...] = ("done",)  # set once a chunk's arrays are durable (members.py: per target set)
+
     def __init__(self, path: str | Path, manifest: dict, ids: list[str], param_specs: dict,
                  backend: str | None = None, queue_size: int = 4, resume: bool = False):
         cls = backend_for_new(path, backend)
@@ -381,6 +383,9 @@ class CacheWriter:
             if old.get("format_version") not in READABLE_VERSIONS:
                 raise LogitCacheError(f"{self.path}: cache format version {old.get('format_version')} cannot be "
                                       f"resumed by this logitcache (formats {', '.join(map(str, READABLE_VERSIONS))})")
+            if old.get("adding"):  # members.add_teachers owns the cache until it finishes
+                raise LogitCacheError(f"{self.path}: an --add-teacher of this cache is unfinished; re-run it to "
+                                      f"finish it (or cancel it with 'logitcache members drop') before --resume")
             if backend and backend != old.get("backend"):
                 raise LogitCacheError(f"{self.path}: cannot resume: the cache is {old.get('backend')}, "
                                       f"not --backend {backend}")
@@ -472,7 +477,8 @@ class CacheWriter:
                 # The marker goes last, after a flush: a chunk counts as written only once all its
                 # arrays are durable, and a resume rewrites every chunk whose marker is unset.
                 self.store.flush()
-                self.store.write("done", (epoch, slice(chunk, chunk + 1)), np.ones(1, np.uint8))
+                for marker in self.markers:
+                    self.store.write(marker, (epoch, slice(chunk, chunk + 1)), np.ones(1, np.uint8))
                 self.store.flush()
                 _test_kill("write")
             except BaseException as e:  # surfaced to the producer on its next put/close

@@ -29,6 +29,7 @@ READABLE_VERSIONS = (1, 2)
 # One row per sample, not per view: stored in epoch 0's positions, written with its chunks.
 SAMPLE_ARRAYS = ("content",)
 PARAMS = "params/"  # prefix of the augmentation parameter arrays
+STAGING = "staging/"  # prefix of target sets written to replace others (members.add_teachers)
 # Written whole when the cache is created, so every chunk of them must be in storage.
 LAYOUT_ARRAYS = ("ids/utf8", "ids/offsets")
 # Written as the dump goes (absent: not done yet).
@@ -56,6 +57,15 @@ def config_digest(manifest: dict) -> str:
 def _version(manifest: dict) -> int:
     v = manifest.get("format_version", 1)
     return v if isinstance(v, int) and not isinstance(v, bool) else 1
+
+
+def unlisted(manifest: dict, name: str) -> bool:
+    """Whether array ``name`` is one a manifest knowingly holds outside its layout: a target set
+    of an unfinished ``add_teachers`` (its done marker too), or an array left for removal by an
+    interrupted add or drop (``leftovers``; the next add or drop removes them). Readers never see them."""
+    adding = manifest.get("adding") or {}
+    return any(name == p or name.startswith(p + "/")
+               for p in list(adding.get("target_sets") or {}) + list(manifest.get("leftovers") or []))
 
 
 def target_sets(manifest: dict) -> list[str]:
@@ -300,6 +310,17 @@ class Layout:
     @staticmethod
     def param_path(name: str) -> str:
         return f"{PARAMS}{name}"
+
+    @staticmethod
+    def target_done_path(target_set: str) -> str:
+        """The done marker [E, n_chunks] of one target set being added to a finished cache
+        (``members.add_teachers``); it exists only until the addition is committed."""
+        return f"{target_set}/done"
+
+    @staticmethod
+    def staged(target_set: str) -> str:
+        """Where a target set's replacement is written before it is swapped in (a recomputed ensemble)."""
+        return f"{STAGING}{target_set}"
 
     def target_arrays(self, target_set: str) -> dict[str, ArraySpec]:
         """field -> spec of one target set's arrays."""

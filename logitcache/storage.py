@@ -197,6 +197,18 @@ class ArrayStore:
     def flush(self) -> None: ...  # make every write so far survive the death of this process
     def close(self) -> None: ...
 
+    def delete(self, name: str) -> None:
+        """Remove the array or group ``name`` and everything under it (nothing if absent)."""
+        raise LogitCacheError(f"{self.path}: a {self.name} cache cannot remove arrays")
+
+    def rename(self, src: str, dst: str) -> None:
+        """Move the array or group ``src`` to ``dst`` (absent: the parent of ``dst`` must exist)."""
+        raise LogitCacheError(f"{self.path}: a {self.name} cache cannot rename arrays")
+
+    def has(self, name: str) -> bool:
+        """Whether an array or group ``name`` exists."""
+        return any(a == name or a.startswith(name + "/") for a in self.arrays())
+
 
 BACKENDS: dict[str, type[ArrayStore]] = {}
 
@@ -346,6 +358,23 @@ class ZarrStore(ArrayStore):
     def close(self):
         self._arrays.clear()
 
+    def delete(self, name):
+        if self.has(name):
+            del self.group[name]
+        self._forget(name)
+
+    def rename(self, src, dst):
+        if is_url(self.path):  # object stores copy and delete: not one step
+            raise LogitCacheError(f"{self.path}: arrays of a cache on object storage cannot be renamed")
+        target = Path(self._root) / dst
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(Path(self._root) / src, target)  # one directory rename: all of its chunks at once
+        self._forget(src)
+
+    def _forget(self, name: str) -> None:
+        for key in [k for k in self._arrays if k == name or k.startswith(name + "/")]:
+            del self._arrays[key]
+
     @staticmethod
     def remove(path) -> None:
         if is_url(path):
@@ -484,9 +513,69 @@ class Hdf5Store(ArrayStore):
         self._datasets.clear()
         self.file.close()
 
+    def delete(self, name):
+        # HDF5 does not give the space back: see ``rewrite_without``.
+        if name in self.file:
+            del self.file[name]
+        self._forget(name)
+
+    def rename(self, src, dst):
+        parent = dst.rpartition("/")[0]
+        if parent:
+            self.file.require_group(parent)
+        self.file.move(src, dst)
+        self._forget(src)
+
+    def has(self, name):
+        return name in self.file
+
+    def _forget(self, name: str) -> None:
+        for key in [k for k in self._datasets if k == name or k.startswith(name + "/")]:
+            del self._datasets[key]
+        self._whole = {k for k in self._whole if not (k == name or k.startswith(name + "/"))}
+
+    @staticmethod
+    def rewrite_without(path: Path, names: list[str], manifest: dict) -> None:
+        """Rewrite the file without the arrays and groups ``names`` and with ``manifest``, so their
+        space goes back to the disk (HDF5 never shrinks a file in place). Chunks are copied as
+        stored (H5Ocopy: no decompression, checksums kept); the copy replaces the file in one
+        rename, so a kill at any point leaves either the old file or the new one."""
+        import h5py
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".rewrite")
+        if tmp.exists():
+            tmp.unlink()  # left by a rewrite killed before its rename
+        drop = set(names)
+        try:
+            with h5py.File(path, "r") as src, h5py.File(tmp, "w-") as dst:
+                _copy_group(src, dst, "", drop)
+                dst.attrs[MANIFEST_KEY] = json.dumps(manifest)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp.exists():
+                tmp.unlink()
+            raise
+
     @staticmethod
     def remove(path: Path) -> None:
         os.remove(path)
+
+
+def _copy_group(src, dst, prefix: str, drop: set[str]) -> None:
+    """Copy every member of the HDF5 group ``src`` into ``dst`` except the names in ``drop``."""
+    import h5py
+
+    for key, obj in src.items():
+        name = f"{prefix}{key}"
+        if name in drop:
+            continue
+        if isinstance(obj, h5py.Group) and any(d.startswith(name + "/") for d in drop):
+            _copy_group(obj, dst.require_group(key), name + "/", drop)
+        else:
+            src.copy(obj, dst, name=key)
 
 
 def backend_for_new(path: str | Path, backend: str | None = None) -> type[ArrayStore]:

@@ -8,7 +8,7 @@ import numpy as np
 
 from logitcache import checks
 from logitcache.cache import Cache, open_cache
-from logitcache.layout import SAMPLE_ARRAYS
+from logitcache.layout import SAMPLE_ARRAYS, Layout
 from logitcache.storage import is_url, url_fs
 
 
@@ -60,7 +60,10 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
     audio_bytes, share_of_audio, arrays (name, shape, dtype, stored_bytes, raw_bytes, ratio),
     targets_table (per target set, "ensemble" and each member: name, stored_bytes, raw_bytes,
     ratio, bytes_per_view), epochs_table (per epoch: epoch, stored_bytes of its per-view arrays,
-    bytes_per_view, chunks_done; empty where the backend cannot split by epoch) and projection.
+    bytes_per_view, chunks_done; empty where the backend cannot split by epoch), projection, and
+    provenance (per target set: how, when and from what teacher it was written, whether the
+    ensemble aggregates it; dropped members; an unfinished addition: see
+    :func:`provenance`).
 
     ``projection`` (None unless ``project_samples`` or ``project_epochs`` is given) scales this
     cache's measured bytes to that many samples and epochs (each defaults to this cache's):
@@ -154,4 +157,53 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
             "targets_table": targets_table,
             "epochs_table": epochs_table,
             "projection": projection,
+            "provenance": provenance(m),
         }
+
+
+ENSEMBLE = Layout.target_set_of(None)
+
+
+def provenance(m: dict) -> dict:
+    """Where each target set came from: ``target_sets`` (per target set: name, target_set, kind
+    dumped | added | recomputed, teachers, source, sha256, written_at, in_ensemble, notes),
+    ``dropped`` (the manifest's ``dropped_members``) and ``adding`` (an unfinished addition, or None)."""
+    described = {t["name"]: t for t in m.get("teachers", [])}
+    rows = [_provenance_row(m, ts, described)
+            for ts in [ENSEMBLE] + [Layout.target_set_of(n) for n in m.get("members", [])]]
+    adding = m.get("adding")
+    return {"target_sets": rows, "dropped": list(m.get("dropped_members") or []),
+            "adding": None if adding is None else {"teachers": [d["name"] for d in adding["new_teachers"]],
+                                                   "started": adding.get("started"), "phase": adding.get("phase")}}
+
+
+def _provenance_row(m: dict, ts: str, described: dict) -> dict:
+    p = (m.get("target_sets") or {}).get(ts, {})  # format 1: none, so it was dumped with the cache
+    ensemble = ts == ENSEMBLE
+    teachers = [t["name"] for t in p.get("teachers", [])] or (list(described) if ensemble else [ts.partition("/")[2]])
+    first = {} if ensemble else p.get("teacher") or described.get(teachers[0], {})
+    notes = []
+    if p.get("excluded_members"):
+        notes.append(f"does not aggregate {', '.join(p['excluded_members'])}")
+    if p.get("dropped_members"):
+        notes.append(f"still holds dropped {', '.join(p['dropped_members'])}")
+    return {"name": ENSEMBLE if ensemble else ts.partition("/")[2], "target_set": ts,
+            "kind": "added" if p.get("added") else "recomputed" if p.get("recomputed") else "dumped",
+            "teachers": teachers, "source": first.get("source"), "sha256": first.get("sha256"),
+            "written_at": p.get("written_at", m.get("created")),
+            "in_ensemble": ensemble or p.get("in_ensemble", teachers[0] in described), "notes": notes}
+
+
+def provenance_lines(p: dict) -> list[str]:
+    """One line per target set of a :func:`provenance` (and per dropped member), for ``inspect``'s text."""
+    lines = []
+    for r in p["target_sets"]:
+        what = ", ".join(r["teachers"]) if r["name"] == ENSEMBLE else f"{r['source']} (sha256 {str(r['sha256'])[:12]})"
+        extra = "" if r["in_ensemble"] else ", not in the ensemble"
+        notes = "".join(f"; {n}" for n in r["notes"])
+        lines.append(f"{r['name']}: {r['kind']} {r['written_at']} from {what}{extra}{notes}")
+    lines += [f"{d['name']}: dropped {d.get('dropped_at')}" for d in p["dropped"]]
+    if p["adding"]:
+        a = p["adding"]
+        lines.append(f"adding {', '.join(a['teachers'])}: unfinished (started {a['started']}); re-run to finish")
+    return lines

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from logitcache.cache import Cache, config_digest, open_cache
 from logitcache.data import fingerprint
 from logitcache.errors import LogitCacheError
-from logitcache.layout import LAYOUT_ARRAYS, MARKER_ARRAYS, SAMPLE_ARRAYS, Layout, Manifest
+from logitcache.layout import LAYOUT_ARRAYS, MARKER_ARRAYS, SAMPLE_ARRAYS, Layout, Manifest, unlisted
 
 
 MAX_PROBLEMS = 100  # a wholly damaged cache would otherwise list one problem per chunk
@@ -117,7 +117,9 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
         present = set(cache.store.arrays())
         for name in sorted(set(expected) - present):
             problems.add(f"{name}: array missing")
-        for name in sorted(present - set(expected) - set(LAYOUT_ARRAYS) - set(MARKER_ARRAYS)):
+        # arrays of an unfinished add or drop are known to the manifest, not unexpected
+        for name in sorted(n for n in present - set(expected) - set(LAYOUT_ARRAYS) - set(MARKER_ARRAYS)
+                           if not unlisted(m, n)):
             problems.add(f"{name}: unexpected array (not implied by the manifest)")
         layout_intact = True
         for name in LAYOUT_ARRAYS:

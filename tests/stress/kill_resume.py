@@ -48,6 +48,11 @@ DUMP_KW = dict(topk=10, augment="strong", seed=0, batch_size=8, output_kind="mul
 # ---------------------------------------------------------------- the child and the kills
 def child(data: str, out: str, kill: str | None, kw: dict) -> None:
     """A resumable dump in its own process, optionally killed by the test hook."""
+    api_child(kill, "dump", (data, TEACHERS, out), {"resume": True, **kw})
+
+
+def api_child(kill: str | None, function: str, args: tuple, kw: dict) -> None:
+    """``logitcache.<function>(*args, **kw)`` in its own process, optionally killed by the test hook."""
     import threading
 
     import numcodecs.blosc
@@ -66,7 +71,7 @@ def child(data: str, out: str, kill: str | None, kw: dict) -> None:
         os.environ.pop("LOGITCACHE_TEST_KILL", None)
     import logitcache
 
-    logitcache.dump(data, TEACHERS, out, resume=True, **kw)
+    getattr(logitcache, function)(*args, **kw)
 
 
 def context():
@@ -75,6 +80,14 @@ def context():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["logitcache.dump", "logitcache.report", "zarr", "h5py", "kill_resume"])
     return ctx
+
+
+def run_api_child(ctx, kill: str | None, function: str, *args, **kw) -> int:
+    """Exit code of ``logitcache.<function>(*args, **kw)`` run in a child (-9 when the hook killed it)."""
+    p = ctx.Process(target=api_child, args=(kill, function, args, kw))
+    p.start()
+    p.join()
+    return p.exitcode
 
 
 def run_child(ctx, data, out, kill: str | None, kw: dict, timer: float | None = None) -> int:
