@@ -300,7 +300,6 @@ class CacheWriter:
             raise
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
-        self._spec: Manifest | None = None
         self._thread = threading.Thread(target=self._run, name="logitcache-writer", daemon=True)
         self._thread.start()
 
@@ -323,7 +322,6 @@ class CacheWriter:
         self.todo = ~self.store.read("done").astype(bool)
         self._queue = queue.Queue(maxsize=queue_size)
         self._error = None
-        self._spec = None
         self._min_free = _min_free_bytes()
         self._thread = threading.Thread(target=self._run, name="logitcache-writer", daemon=True)
         self._thread.start()
@@ -451,6 +449,8 @@ class CacheWriter:
                 s.create_array(x.name, x.shape, x.dtype, x.chunks, compress=x.compress)
         s.write("ids/utf8", (slice(None),), utf8)
         s.write("ids/offsets", (slice(None),), offsets)
+
+    _spec: Manifest | None = None  # the typed manifest, made on the first put
 
     def put(self, epoch: int, chunk: int, block: dict[str, np.ndarray]) -> None:
         """Queue one whole chunk: ``block`` maps array name -> rows of that chunk."""

@@ -42,7 +42,7 @@ from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.layout import PARAMS, Layout, config_digest
 from logitcache.lock import DumpLock
 from logitcache.storage import cache_location, is_url, open_store
-from logitcache.targets import aggregate
+from logitcache.hetero import apply_recorded, configure_teachers, coverage, ensemble_logits
 from logitcache.teachers import Teacher, load_teachers, probe_teachers, run_teachers, teacher_differences
 from logitcache.views import SourceContent, ViewSource, check_compatible
 
@@ -151,6 +151,9 @@ def _plan(path, m, specs, ensemble_specs, weights, state_dicts, teacher_args, de
     ensemble_specs = list(ensemble_specs or [])
     loaded = load_teachers(ensemble_specs + list(specs), state_dicts, teacher_args, dev)
     originals, new = loaded[:len(ensemble_specs)], loaded[len(ensemble_specs):]
+    # inputs and class maps: the dumped teachers' as recorded, a new one's as its .json spec declares
+    apply_recorded(originals, m)
+    configure_teachers(new, int(m["augment"]["sample_rate"]), m["classes"])
     _check_outputs(path, m, loaded, new[0], dev)
     if m.get("adding") is not None:
         return _continued(path, m, m["adding"], loaded, new)
@@ -416,7 +419,9 @@ class _Encoder:
 
     def _logits(self, ts: str, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         if ts == Layout.staged(ENSEMBLE):
-            return aggregate([logits[n] for n in self.plan.ensemble], self.kind, self.aggregation, self.plan.weights)
+            by_name = {t.name: t for t in self.plan.run}
+            return ensemble_logits([logits[n] for n in self.plan.ensemble], self.kind, self.aggregation,
+                                   self.plan.weights, coverage([by_name[n] for n in self.plan.ensemble]))
         return logits[self.plan.sets[ts]["teachers"][0]["name"]]
 
 
