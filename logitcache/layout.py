@@ -33,6 +33,12 @@ PARAMS = "params/"  # prefix of the augmentation parameter arrays
 LAYOUT_ARRAYS = ("ids/utf8", "ids/offsets")
 # Written as the dump goes (absent: not done yet).
 MARKER_ARRAYS = ("done",)
+# The manifest's ``member_stats`` value when each member has a ``members/<name>/logit_moments``
+# array [E, n_chunks, 3]: per chunk, the sums of the member's logits, of their squares, and of each
+# row's (view's or frame's) logit sum squared over C (``MOMENTS``). Written with the chunk, before
+# its done marker, so a resumed or distributed dump keeps them exact; absent in older caches.
+MEMBER_STATS = "logit_moments"
+MOMENTS = ("sum", "sum_sq", "row_sum_sq_over_c")
 
 _DIGEST_KEYS = ("dataset", "classes", "augment", "teachers", "output_kind", "aggregation", "weights",
                 "topk", "frames", "value_dtype", "seed", "chunk_rows")
@@ -106,6 +112,7 @@ class Manifest:
     content: bool  # the ``content`` array exists
     augment: dict  # the augmentation spec (params/* arrays follow from it)
     target_sets: dict = field(default_factory=dict)  # name -> provenance (teachers, codec, written_at)
+    member_stats: str | None = None  # MEMBER_STATS when members/<name>/logit_moments exist
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -127,7 +134,8 @@ class Manifest:
                    output_kind=m["output_kind"], members=list(m.get("members") or []),
                    value_dtype=m.get("value_dtype", "float16"), index_dtype=m["index_dtype"],
                    order_dtype=m.get("order_dtype", "uint32"), content=bool(m.get("content")),
-                   augment=m.get("augment") or {}, target_sets=dict(m.get("target_sets") or {}), raw=dict(m))
+                   augment=m.get("augment") or {}, target_sets=dict(m.get("target_sets") or {}),
+                   member_stats=m.get("member_stats"), raw=dict(m))
 
     def to_json(self) -> dict:
         """The JSON document: ``raw`` with the typed fields written back (format 2 entries only
@@ -139,6 +147,9 @@ class Manifest:
         if self.format_version >= 2:
             out.update(format_version=self.format_version, codec=self.codec,
                        codec_options=dict(self.codec_options), target_sets=dict(self.target_sets))
+        out.pop("member_stats", None)
+        if self.member_stats:
+            out["member_stats"] = self.member_stats
         return out
 
     def codec_instance(self) -> TargetCodec:
@@ -149,7 +160,8 @@ class Manifest:
 @dataclass(frozen=True)
 class ArraySpec:
     """One array of the layout. ``per``: "view" ([E, N, ...], chunked (1, R, ...)), "sample" ([N],
-    chunked (R,)), "whole" (written at creation) or "marker" (done)."""
+    chunked (R,)), "chunk" ([E, n_chunks, ...], one row per chunk, chunked (1, 1, ...)), "whole"
+    (written at creation) or "marker" (done)."""
 
     name: str
     shape: tuple | None  # None: known only at creation (ids/utf8, the ids' UTF-8 bytes)
@@ -197,6 +209,11 @@ class Layout:
                                     target_set=ts, field=f)
         if s.content:  # crc32s: incompressible
             a["content"] = ArraySpec("content", (N,), "uint32", (R,), "sample", compress=False)
+        if s.member_stats == MEMBER_STATS:
+            for m in s.members:
+                path = self.stats_path(m)
+                a[path] = ArraySpec(path, (E, -(-N // R), len(MOMENTS)), "float64", (1, 1, len(MOMENTS)), "chunk",
+                                    compress=False, target_set=self.target_set_of(m), field=MEMBER_STATS)
         a["done"] = ArraySpec("done", (E, -(-N // R)), "uint8", (1, 1), "marker", compress=False)
         self.arrays = a
 
@@ -215,8 +232,17 @@ class Layout:
     def param_path(name: str) -> str:
         return f"{PARAMS}{name}"
 
+    @classmethod
+    def stats_path(cls, member: str) -> str:
+        """A member's per-chunk logit sums (see ``MEMBER_STATS``)."""
+        return cls.target_path(cls.target_set_of(member), MEMBER_STATS)
+
+    def per_chunk(self) -> dict[str, ArraySpec]:
+        """Arrays with one row per (epoch, chunk), written with the chunk (member statistics)."""
+        return {n: x for n, x in self.arrays.items() if x.per == "chunk"}
+
     def target_arrays(self, target_set: str) -> dict[str, ArraySpec]:
-        """field -> spec of one target set's arrays."""
+        """field -> spec of one target set's arrays (a member's ``logit_moments`` too)."""
         return {x.field: x for x in self.arrays.values() if x.target_set == target_set}
 
     def fields(self) -> list[str]:
