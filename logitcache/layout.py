@@ -213,7 +213,7 @@ class Layout:
             for m in s.members:
                 path = self.stats_path(m)
                 a[path] = ArraySpec(path, (E, -(-N // R), len(MOMENTS)), "float64", (1, 1, len(MOMENTS)), "chunk",
-                                    compress=False, target_set=self.target_set_of(m), field=MEMBER_STATS)
+                                    compress=False)
         a["done"] = ArraySpec("done", (E, -(-N // R)), "uint8", (1, 1), "marker", compress=False)
         self.arrays = a
 
@@ -242,7 +242,7 @@ class Layout:
         return {n: x for n, x in self.arrays.items() if x.per == "chunk"}
 
     def target_arrays(self, target_set: str) -> dict[str, ArraySpec]:
-        """field -> spec of one target set's arrays (a member's ``logit_moments`` too)."""
+        """field -> spec of one target set's arrays (its codec's; not a member's ``logit_moments``)."""
         return {x.field: x for x in self.arrays.values() if x.target_set == target_set}
 
     def fields(self) -> list[str]:

@@ -94,7 +94,8 @@ def test_topk_codec_writes_format1_bytes(tmp_path):
     targets = {n for n in want if n.startswith(("ensemble/", "members/"))}
     assert len(targets) == 9
     assert {n: (str(raw[n].dtype), raw[n].shape, _sha(raw[n])) for n in want} == want
-    assert set(raw) - set(want) == {"content"}
+    # added since format 1: the content checksums and each member's per-chunk logit sums
+    assert set(raw) - set(want) == {"content", "members/toy_a/logit_moments", "members/toy_b/logit_moments"}
     with logitcache.open_cache(path) as cache:
         assert cache.manifest["format_version"] == 2 and cache.manifest["codec"] == "topk"
         assert cache.manifest["codec_options"] == {"value_dtype": "float16", "index_dtype": "uint8"}
