@@ -11,10 +11,12 @@ from tqdm.auto import tqdm
 
 from logitcache import checks
 from logitcache.augment import Augmenter
-from logitcache.cache import open_cache
+from logitcache.cache import Targets, open_cache
 from logitcache.data import AudioFolder
 from logitcache.errors import LogitCacheError
 from logitcache.metrics import average_precision
+from logitcache.recompose import requested as requested_composition
+from logitcache.recompose import targets as recomposed_targets
 from logitcache.storage import is_url
 from logitcache.targets import aggregate, kl_divergence, teacher_probs
 
@@ -160,6 +162,9 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         folder = AudioFolder(data)
         check_compatible(c, folder)
         kind, C = c.output_kind, len(c.classes)
+        # a run trained on a recomposition (train --ensemble) is compared with that recomposition
+        comp = requested_composition(c, config.get("ensemble"), config.get("ensemble_weights"),
+                                     config.get("aggregation"), config.get("member_weighting"))
         augmenter = Augmenter.from_spec(m["augment"])
         dev = resolve_device(device)
         net = load_student(run, student, C, augmenter.sample_rate, c.frames).to(dev)
@@ -188,7 +193,10 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                     wave = torch.stack([source.replay(i, p) for i, p in zip(index, rows)]).to(dev)
                     with torch.inference_mode(), autocast(dev, "fp32"):
                         zs = net(wave).float().cpu()
-                    t = c.targets(epoch, ids, member=member)
+                    if comp is not None:
+                        t = Targets(*recomposed_targets(c, epoch, ids, comp))
+                    else:
+                        t = c.targets(epoch, ids, member=member)
                     if not c.codec.triple:  # sampled: its stored (empirical) distribution
                         q = c.codec.dense(t)
                     else:
@@ -260,7 +268,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
             "data": str(data),
             "output_kind": kind,
             "metric": "mAP" if kind == "multilabel" else "top1",
-            "targets": "ensemble" if member is None else f"member {member}",
+            "targets": (f"recomposed {','.join(comp.members)}" if comp else
+                        "ensemble" if member is None else f"member {member}"),
             "cache_matches_run": config.get("cache_config_digest") == m.get("config_digest"),
             "checkpoint_epoch": epochs_log[-1].get("epoch") if epochs_log else None,
             "epochs": epochs_log,
