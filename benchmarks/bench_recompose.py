@@ -39,7 +39,7 @@ from logitcache import demo  # noqa: E402
 from logitcache.dump import dump  # noqa: E402
 from logitcache.report import fidelity  # noqa: E402
 
-TOPK = 5
+TOPK = 5  # the demo's
 
 
 def compositions(ranked: list[str]) -> dict[str, dict | None]:
@@ -59,13 +59,14 @@ def main() -> None:
     p = C.parser(__doc__)
     p.add_argument("--seed", type=int, default=0, help="demo seed (data, teachers, views, students)")
     p.add_argument("--samples", type=int, default=512, help="stored views fidelity re-runs the teachers on")
+    p.add_argument("--topk", type=int, default=TOPK, help=f"the dump's k (default: {TOPK}, the demo's; C = 10)")
     for key in ("n_train", "n_eval", "teacher_epochs", "dump_epochs", "student_epochs"):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="override the demo's size")
     args = p.parse_args()
     s = demo._settings(args.quick, {k: getattr(args, k) for k in ("n_train", "n_eval", "teacher_epochs",
                                                                   "dump_epochs", "student_epochs")})
     out = C.workdir(args.workdir)
-    print(f"# bench_recompose: demo sizes {s}, top-{TOPK}, seed {args.seed}, fidelity on {args.samples} views")
+    print(f"# bench_recompose: demo sizes {s}, top-{args.topk}, seed {args.seed}, fidelity on {args.samples} views")
     print(f"# machine: {C.machine()}", flush=True)
     cores = os.cpu_count() or 1
     pair, whole = demo._Cores.split(cores, 2, args.quick), demo._Cores.split(cores, 1, args.quick)
@@ -75,10 +76,10 @@ def main() -> None:
         teachers, teacher_rows = demo._data_and_teachers(out, s, args.seed, False, lambda *_: None, pair)
         quality = {n: m for n, m in zip(demo.TEACHERS, (x[1] for x in teacher_rows))}
         ranked = sorted(demo.TEACHERS, key=lambda n: -quality[n])
-        cache = out / "cache.zarr"
+        cache = out / f"cache_top{args.topk}.zarr"
         shutil.rmtree(cache, ignore_errors=True)
         with demo._threads(whole.threads):
-            dump(out / "data" / "train", teachers, cache, epochs=s["dump_epochs"], topk=TOPK, augment="ced",
+            dump(out / "data" / "train", teachers, cache, epochs=s["dump_epochs"], topk=args.topk, augment="ced",
                  seed=args.seed, batch_size=s["batch_size"], num_workers=whole.workers, progress=False)
         print(f"#   teachers and cache ready at {time.perf_counter() - t0:.0f} s; teacher eval mAP "
               + ", ".join(f"{n} {quality[n]:.3f}" for n in ranked), flush=True)
@@ -88,7 +89,7 @@ def main() -> None:
                       seed=args.seed, num_workers=pair.workers, threads=pair.threads, progress=False, alpha=0.0)
         jobs = []
         for i, (label, kw) in enumerate(comps.items()):
-            run = out / f"student_{i}"
+            run = out / f"student_top{args.topk}_{i}"
             shutil.rmtree(run, ignore_errors=True)
             jobs.append(dict(common, out=run, **(kw or {})))
         students = demo._side_by_side(demo._student_job, jobs, pair.jobs)
@@ -99,7 +100,7 @@ def main() -> None:
     kl = iter(r["recomposed"])
     rows = []
     for (label, kw), m in zip(comps.items(), students):
-        f = next(kl) if kw else {"kl_mean": r["kl_mean"], "kl_max": r["kl_max"], "width": TOPK,
+        f = next(kl) if kw else {"kl_mean": r["kl_mean"], "kl_max": r["kl_max"], "width": args.topk,
                                  "ensemble": list(demo.TEACHERS), "ensemble_weights": None,
                                  "aggregation": r["aggregation"], "member_weighting": "none"}
         weights = ":".join(f"{w:g}" for w in f["ensemble_weights"]) if f["ensemble_weights"] else "equal"

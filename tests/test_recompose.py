@@ -312,6 +312,24 @@ def test_older_cache_resumes_without_stats_and_refuses_zscore_in_one_line(datase
     assert comp.members == ("toy_a", "toy_b")
 
 
+def test_frame_level_members_recompose_and_measure_per_frame(dumper, dataset):
+    names = ("toy_frames", "toy_frames_b")
+    path = dumper(teachers=[f"toy_teachers:{n}" for n in names], epochs=1)
+    views = stream_views(path, dataset, 0)
+    z = {n: teacher_logits(n, views).astype(np.float64) for n in names}  # [N, T, C]
+    with logitcache.open_cache(path) as c:
+        v, i, s = recompose.targets(c, 0, c.ids, recompose.composition(c, list(names), [1, 3]))
+        stats = recompose.member_stats(c)
+    got = teacher_probs(torch.from_numpy(v), torch.from_numpy(i), torch.from_numpy(s), C, "multiclass")
+    want = _ensemble_probs([x.reshape(-1, C) for x in z.values()], "multiclass", "mean_prob", [1, 3])
+    assert v.shape == (N_CLIPS, 6, C)
+    np.testing.assert_allclose(got.double().numpy().reshape(-1, C), want, rtol=2e-5, atol=1e-7)
+    for n in names:  # rows are frames: the spread within a frame's C logits
+        assert stats[n]["count"] == z[n].size
+        assert stats[n]["std"] == pytest.approx(z[n].std(), rel=1e-10)
+        assert stats[n]["std_within"] == pytest.approx((z[n] - z[n].mean(-1, keepdims=True)).std(), rel=1e-10)
+
+
 # ---------------------------------------------------------------- per-row confidence weights
 @pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
 def test_confidence_weighting_weights_members_per_row_by_exp_minus_entropy(request, dataset, kind):
@@ -434,6 +452,12 @@ def test_train_ensemble_weights_count_mismatch_is_one_line(top3_softmax, dataset
 def test_train_ensemble_negative_or_nan_weights_are_one_line(top3_softmax, dataset, tmp_path, weights):
     line = _train_error(top3_softmax, dataset, tmp_path, "--ensemble", "toy_a,toy_b", "--ensemble-weights", weights)
     assert "--ensemble-weights" in line and "must be at least 0" in line
+
+
+def test_train_ensemble_weights_given_both_ways_is_one_line(top3_softmax, dataset, tmp_path):
+    line = _train_error(top3_softmax, dataset, tmp_path, "--ensemble", "toy_a,toy_b", "--ensemble-weights", "1,2",
+                        "--ensemble-weight", 1, "--ensemble-weight", 2)
+    assert "--ensemble-weights and --ensemble-weight: give the weights one way" in line
 
 
 def test_train_ensemble_with_member_is_one_line(top3_softmax, dataset, tmp_path):
