@@ -18,7 +18,8 @@ one recomposed from the cache): the approximation of recomposing top-k members (
 exact tail mass spread evenly over its own tail), next to the stored ensemble's own KL (its top-k
 truncation). Students train two at a time, side by side, one thread each (as the demo does).
 
-    python benchmarks/bench_recompose.py --workdir /tmp/lc-rc             # demo sizes, ~3 min on 2 cores
+    python benchmarks/bench_recompose.py --workdir /tmp/lc-rc             # demo sizes, ~4.5 min on 2 cores
+    python benchmarks/bench_recompose.py --workdir /tmp/lc-rc --topk 2    # the same teachers, ~4 min
     python benchmarks/bench_recompose.py --quick --workdir /tmp/lc-rcq    # smoke run (seconds)
 """
 

@@ -489,6 +489,16 @@ def test_train_zscore_on_cache_without_stats_is_one_line(dumper, dataset, tmp_pa
     assert "stores no per-teacher logit statistics" in line
 
 
+def test_zscore_of_a_member_with_constant_logits_is_one_line(top3_softmax, monkeypatch):
+    with logitcache.open_cache(top3_softmax) as c:
+        real = recompose.member_stats(c)
+        constant = {**real, "toy_b": {**real["toy_b"], "std_within": 0.0}}  # what a constant teacher measures
+        monkeypatch.setattr(recompose, "member_stats", lambda cache: constant)
+        with pytest.raises(LogitCacheError) as e:
+            recompose.composition(c, "toy_a,toy_b", aggregation="mean_prob_zscore")
+    assert_one_line_error(e, "member 'toy_b' has logit std 0", "cannot be standardised", str(top3_softmax))
+
+
 def test_fidelity_ensemble_with_other_teacher_count_is_one_line(top3_softmax, dataset):
     result = CliRunner().invoke(main, [str(a) for a in [
         "fidelity", top3_softmax, "--data", dataset, "--teacher", "toy_teachers:toy_a", "--ensemble", "toy_a"]])
