@@ -224,6 +224,38 @@ def _teacher_kwargs(state_dicts: tuple[str, ...], teacher_args: tuple[str, ...])
             "teacher_args": parse_teacher_args(teacher_args) or None}
 
 
+def _recompose_options(f):
+    """--ensemble, --ensemble-weights/--ensemble-weight, --aggregation, --member-weighting: the same
+    for train and fidelity (logitcache.recompose)."""
+    from logitcache.recompose import AGGREGATIONS as RECOMPOSE_AGGREGATIONS, MEMBER_WEIGHTINGS
+
+    f = click.option("--member-weighting", type=click.Choice(MEMBER_WEIGHTINGS), default=None,
+                     help="With --ensemble: 'confidence' weights the members per row by exp(-entropy) of their "
+                          "stored rows. [default: none]")(f)
+    f = click.option("--aggregation", type=click.Choice(RECOMPOSE_AGGREGATIONS), default=None,
+                     help="With --ensemble: how member logits combine; the _zscore variants standardise each "
+                          "member by its logit statistics measured at dump time. [default: the cache's]")(f)
+    f = click.option("--ensemble-weight", "ensemble_weight", multiple=True, type=float, metavar="W",
+                     help="With --ensemble: one weight per member, repeatable (as dump's --ensemble-weight).")(f)
+    f = click.option("--ensemble-weights", "ensemble_weights", default=None, metavar="W,W,...",
+                     help="With --ensemble: one weight per member, in --ensemble order, comma-separated "
+                          "(normalised, as dump's --ensemble-weight). [default: equal]")(f)
+    return click.option("--ensemble", "ensemble", multiple=True, metavar="NAME,NAME,...",
+                        help="Recompose the targets from these stored members (comma-separated or repeated), "
+                             "without the teachers.")(f)
+
+
+def _recompose_kwargs(ensemble, ensemble_weights, ensemble_weight, aggregation, member_weighting) -> dict:
+    """The library's ensemble=, ensemble_weights=, aggregation=, member_weighting= from the CLI's."""
+    from logitcache.recompose import split_weights
+
+    if ensemble_weights is not None and ensemble_weight:
+        raise LogitCacheError("--ensemble-weights and --ensemble-weight: give the weights one way")
+    weights = split_weights(ensemble_weights) if ensemble_weights is not None else list(ensemble_weight) or None
+    return {"ensemble": list(ensemble) or None, "ensemble_weights": weights, "aggregation": aggregation,
+            "member_weighting": member_weighting}
+
+
 # ---------------------------------------------------------------- dump
 @main.command()
 @click.option("--data", required=True, metavar="DIR", help="Dataset folder (labels.csv + audio).")
@@ -409,6 +441,7 @@ def _rows_what(info: dict) -> str:
 @click.option("--heads", default="ensemble", show_default=True, metavar="ensemble|members",
               help="members: one output head per stored member (shared body), each distilled from its own "
                    "member; the prediction combines the heads as the cache's ensemble combines the members.")
+@_recompose_options
 @click.option("--eval-data", default=None, metavar="DIR",
               help="Labelled folder to report mAP (multilabel) or top-1 accuracy (multiclass) on after each epoch.")
 @click.option("--device", default="auto", show_default=True)
@@ -426,6 +459,7 @@ def _rows_what(info: dict) -> str:
               help="Also write checkpoint.pt every STEPS steps (default: after each epoch only).")
 @_json_option
 def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, temperature, alpha, member, heads,
+          ensemble, ensemble_weights, ensemble_weight, aggregation, member_weighting,
           eval_data, device, precision, workers, threads, seed, allow_partial, distributed, resume, checkpoint_every,
           as_json):
     """Train a student from a cache (teachers are never loaded).
@@ -439,6 +473,8 @@ def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, tempe
           --out runs/kd --epochs 8 --temperature 2 --eval-data data/eval
       torchrun --nproc_per_node=4 -m logitcache train --cache run.zarr --data data/train \\
           --student cnn_tiny --out runs/ddp --batch-size 256    # 64 per rank
+      logitcache train --cache run.zarr --data data/train --student cnn_tiny --out runs/ab \\
+          --ensemble a,b --ensemble-weights 2,1    # members a and b recomposed, no teacher run
     """
     from logitcache.distributed import current_rank
     from logitcache.train import train as run_train
@@ -449,7 +485,9 @@ def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, tempe
                             heads=heads, eval_data=eval_data, device=device, precision=precision,
                             num_workers=workers,
                             seed=seed, allow_partial=allow_partial, progress=True, distributed=distributed,
-                            resume=resume, checkpoint_every=checkpoint_every, threads=threads)
+                            resume=resume, checkpoint_every=checkpoint_every, threads=threads,
+                            **_recompose_kwargs(ensemble, ensemble_weights, ensemble_weight, aggregation,
+                                                member_weighting))
     if current_rank() != 0:
         return  # rank 0 reports for the job
     if as_json:
@@ -621,8 +659,10 @@ def members_drop(cache, name, as_json):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--html", "html_out", default=None, metavar="OUT.html",
               help="Also write a self-contained HTML report with plots (cache summary included).")
+@_recompose_options
 @_json_option
-def fidelity(cache, data, teachers, state_dicts, teacher_args, samples, seed, batch_size, device, html_out, as_json):
+def fidelity(cache, data, teachers, state_dicts, teacher_args, samples, seed, batch_size, device, html_out,
+             ensemble, ensemble_weights, ensemble_weight, aggregation, member_weighting, as_json):
     """Compare the cache with freshly re-run teachers.
 
     Re-runs the teachers on a seeded random sample of stored views and compares with the cache.
@@ -638,13 +678,21 @@ def fidelity(cache, data, teachers, state_dicts, teacher_args, samples, seed, ba
     Example:
       logitcache fidelity run.zarr --data data/train --teacher a.pt2 --teacher b.pt2 --samples 64
       logitcache fidelity run.zarr --data data/train --teacher a.pt2 --html fidelity.html
+      logitcache fidelity run.zarr --data data/train --teacher a.pt2 --teacher b.pt2 \\
+          --ensemble a,b --ensemble-weights 2,1
+
+    With --ensemble (and --ensemble-weights, --aggregation, --member-weighting as for train),
+    also the KL from that composition of the re-run teachers to the one recomposed from the
+    stored members.
     """
     from logitcache.report import fidelity as run_fidelity
     from logitcache.report import format_table
 
     with _quiet_stdout(as_json):
         result = run_fidelity(cache, data, list(teachers), samples=samples, seed=seed, device=device,
-                              **_teacher_kwargs(state_dicts, teacher_args), batch_size=batch_size, progress=True)
+                              **_teacher_kwargs(state_dicts, teacher_args), batch_size=batch_size, progress=True,
+                              **_recompose_kwargs(ensemble, ensemble_weights, ensemble_weight, aggregation,
+                                                  member_weighting))
     if html_out:
         from logitcache.html import write_report
         from logitcache.report import inspect_cache
@@ -665,8 +713,23 @@ def fidelity(cache, data, teachers, state_dicts, teacher_args, samples, seed, ba
                f"{'yes' if result['teachers_match'] else 'NO'}")
     headers = ["targets", "max |dz|", "mean |dz|", "top-k agree", "top-1 agree", "KL mean", "KL max"]
     click.echo(format_table(rows, headers))
-    for line in _fidelity_tables(result):
+    for line in _fidelity_tables(result) + _recomposed_table(result.get("recomposed") or []):
         click.echo(line)
+
+
+def _recomposed_table(recomposed: list[dict]) -> list[str]:
+    """The recompositions of ``fidelity --ensemble`` as text."""
+    from logitcache.report import format_table
+
+    if not recomposed:
+        return []
+    rows = [[",".join(r["ensemble"]), ",".join(f"{w:g}" for w in r["ensemble_weights"]) if r["ensemble_weights"]
+             else "equal", r["aggregation"], r["member_weighting"], r["width"], r["kl_mean"], r["kl_max"],
+             r["top1_agreement"]] for r in recomposed]
+    return ["", f"recomposed from the stored members vs the same composition of the re-run teachers "
+                f"({recomposed[0]['rows']} rows):",
+            format_table(rows, ["ensemble", "weights", "aggregation", "weighting", "classes/row",
+                                "KL mean", "KL max", "top-1 agree"])]
 
 
 def _fidelity_tables(r: dict) -> list[str]:

@@ -472,7 +472,11 @@ class CacheWriter:
                 start = chunk * self.manifest["chunk_rows"]
                 for name, rows in block.items():
                     rows_of = slice(start, start + len(rows))
-                    self.store.write(name, (rows_of,) if name in SAMPLE_ARRAYS else (epoch, rows_of), rows)
+                    if name in self._per_chunk():  # one row per chunk (member statistics)
+                        key = (epoch, slice(chunk, chunk + 1))
+                    else:
+                        key = (rows_of,) if name in SAMPLE_ARRAYS else (epoch, rows_of)
+                    self.store.write(name, key, rows)
                     _test_kill("write")
                 # The marker goes last, after a flush: a chunk counts as written only once all its
                 # arrays are durable, and a resume rewrites every chunk whose marker is unset.
@@ -483,6 +487,12 @@ class CacheWriter:
                 _test_kill("write")
             except BaseException as e:  # surfaced to the producer on its next put/close
                 self._error = e
+
+    def _per_chunk(self) -> set[str]:
+        """Names of the arrays written one row per chunk (``Layout.per_chunk``), from the manifest."""
+        if getattr(self, "_chunk_rows_arrays", None) is None:
+            self._chunk_rows_arrays = set(Layout(self.manifest, param_specs={}).per_chunk())
+        return self._chunk_rows_arrays
 
     def _check_space(self, block: dict[str, np.ndarray]) -> None:
         """Stop cleanly before the disk is full. A zarr chunk write that fails leaves only a temp

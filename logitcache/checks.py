@@ -65,14 +65,16 @@ def optional_real(option: str, value, low: float | None = None, high: float | No
     return None if value is None else real(option, value, low, high, above)
 
 
-def ensemble_weights(weights, n_teachers: int, option: str = "--ensemble-weight") -> list[float] | None:
-    """One finite weight >= 0 per teacher with a positive sum (they are normalised), or None for equal weights."""
+def ensemble_weights(weights, n_teachers: int, option: str = "--ensemble-weight",
+                     of: str = "teacher") -> list[float] | None:
+    """One finite weight >= 0 per teacher (``of``: or member) with a positive sum (they are
+    normalised), or None for equal weights."""
     if weights is None or len(weights) == 0:
         return None
     shown = ", ".join(map(str, weights))
     if len(weights) != n_teachers:
-        raise LogitCacheError(f"{option} {shown}: {len(weights)} ensemble weights for {n_teachers} teachers "
-                              f"(give one per teacher, in order)")
+        raise LogitCacheError(f"{option} {shown}: {len(weights)} ensemble weights for {n_teachers} {of}s "
+                              f"(give one per {of}, in order)")
     try:
         w = [float(x) for x in weights]
     except (TypeError, ValueError):

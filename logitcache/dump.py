@@ -29,7 +29,7 @@ from logitcache.device import autocast, resolve_device
 from logitcache.distributed import deal_chunks
 from logitcache.distributed import setup as dist_setup
 from logitcache.errors import LogitCacheError, one_line_worker_errors, quote
-from logitcache.layout import Layout, codec_entries, new_manifest, target_sets
+from logitcache.layout import MEMBER_STATS, Layout, codec_entries, new_manifest, target_sets
 from logitcache.storage import backend_for_new, cache_location, is_url
 from logitcache.hetero import absent_classes, check_specialists, configure_teachers, coverage, ensemble_logits
 from logitcache.targets import AGGREGATIONS, KINDS, index_dtype
@@ -246,6 +246,8 @@ def dump(
     content, store_content = _content_so_far(writer, N)
     hashes = id_hashes(folder.ids)
     R = manifest["chunk_rows"]
+    moments = writer.manifest.get("member_stats") == MEMBER_STATS  # a resumed older cache has none
+    per_chunk = set(Layout.stats_path(n) for n in member_names) if moments else set()
     chunk_sizes = np.minimum(R, N - np.arange(writer.todo.shape[1]) * R)
     started = time.perf_counter()
     threads_before = set_threads(cpu_threads(dev, num_workers, threads))
@@ -265,7 +267,7 @@ def dump(
             for wave, params, pos, decoded in one_line_worker_errors(loader):
                 content.record(folder, decoded.index, decoded.crc)  # before any teacher time is spent
                 rows = _run_batch(loaded, wave, dev, precision, encoder, output_kind, aggregation, ensemble_weights,
-                                  members, folder, order[pos], seeds[pos])
+                                  members, folder, order[pos], seeds[pos], moments=moments)
                 rows.update({"order": order[pos].astype(manifest["order_dtype"]), "seeds": seeds[pos]})  # unless derived
                 rows.update({Layout.param_path(k): v for k, v in params.items()})
                 if epoch == 0 and store_content:
@@ -278,7 +280,7 @@ def dump(
                     for k, v in rows.items():
                         chunk.setdefault(k, []).append(v[a:b])
                     if int(pos[b - 1]) + 1 == min((c + 1) * R, N):
-                        writer.put(epoch, c, {k: np.concatenate(v) for k, v in chunk.items()})
+                        writer.put(epoch, c, _chunk_block(chunk, per_chunk))
                         chunk = {}
                     a = b
                 bar.update(len(pos))
@@ -391,14 +393,34 @@ def _batching(todo: np.ndarray, rows: int, num_samples: int, batch_size: int) ->
     return {"batch_sampler": _TodoBatches(todo, rows, num_samples, batch_size)}
 
 
+def _chunk_block(chunk: dict[str, list[np.ndarray]], per_chunk: set[str]) -> dict[str, np.ndarray]:
+    """A whole chunk's rows, per array; ``per_chunk`` arrays (member logit sums, one row per view
+    here) summed into the chunk's one row, in position order, so the sum does not depend on how
+    the chunk's views were batched."""
+    out = {k: np.concatenate(v) for k, v in chunk.items()}
+    for k in per_chunk & set(out):
+        out[k] = out[k].sum(0, keepdims=True)
+    return out
+
+
+def logit_moments(z: torch.Tensor) -> torch.Tensor:
+    """[B, 3] float64 per view of one teacher's logits ``[B, (T,) C]``: the sum of its logits, of their
+    squares, and of each row's (frame's) logit sum squared over C (``layout.MOMENTS``)."""
+    z = z.double()
+    s = z.sum(-1)
+    parts = [s, (z * z).sum(-1), s * s / z.shape[-1]]
+    return torch.stack([p.reshape(z.shape[0], -1).sum(1) for p in parts], -1)
+
+
 def _run_batch(teachers, wave, dev, precision, codec, kind, aggregation, weights, members, folder,
-               dataset_index, view_seeds=None) -> dict[str, np.ndarray]:
+               dataset_index, view_seeds=None, moments: bool = False) -> dict[str, np.ndarray]:
     """Teachers back to back on one batch; the codec encodes on the device; only its rows come back.
 
     Each teacher's output is held to the probed shape, and every stored target set (members and
     the ensemble, whose weights can make it NaN on their own) must be finite, or the batch is
     refused whole. Results are cast to their stored dtypes on the device; on CUDA they come back
-    through pinned host buffers with non-blocking copies and a single wait per batch."""
+    through pinned host buffers with non-blocking copies and a single wait per batch. ``moments``:
+    also each member's per-view logit sums (:func:`logit_moments`), for the member statistics."""
     x = wave.to(dev, non_blocking=True)
 
     def ids(rows=None) -> list[str]:
@@ -418,7 +440,8 @@ def _run_batch(teachers, wave, dev, precision, codec, kind, aggregation, weights
         seeds = None if view_seeds is None else target_set_seeds(view_seeds, G)
         encoded = codec.encode(z, seeds)
         bad_sets = ~codec.finite_rows(encoded).reshape(G, B, -1).all(-1)
-        host = _to_host({"bad": bad, "bad_sets": bad_sets, **encoded}, dev)
+        extra = {"moments": torch.stack([logit_moments(x) for x in logits])} if moments and members else {}
+        host = _to_host({"bad": bad, "bad_sets": bad_sets, **encoded, **extra}, dev)
     for t, row_bad in zip(teachers, host["bad"]):
         if row_bad.any():
             raise LogitCacheError(f"teacher {t.name} produced NaN/Inf logits for sample(s) {', '.join(ids(row_bad)[:5])}")
@@ -428,7 +451,9 @@ def _run_batch(teachers, wave, dev, precision, codec, kind, aggregation, weights
             raise LogitCacheError(f"target set {prefix}: NaN/Inf values for sample(s) "
                                   f"{', '.join(ids(row_bad)[:5])}{hint}")
     stored = codec.pack({f: host[f] for f in encoded})  # all groups at once: [G, B, ...]
-    return {Layout.target_path(prefix, f): a[g] for g, prefix in enumerate(prefixes) for f, a in stored.items()}
+    out = {Layout.target_path(prefix, f): a[g] for g, prefix in enumerate(prefixes) for f, a in stored.items()}
+    out.update({Layout.stats_path(t.name): m for t, m in zip(teachers, host.get("moments", ()))})
+    return out
 
 
 _PINNED: dict[tuple, torch.Tensor] = {}  # reusable page-locked buffers, by (name, shape, dtype)

@@ -34,6 +34,12 @@ STAGING = "staging/"  # prefix of target sets written to replace others (members
 LAYOUT_ARRAYS = ("ids/utf8", "ids/offsets")
 # Written as the dump goes (absent: not done yet).
 MARKER_ARRAYS = ("done",)
+# The manifest's ``member_stats`` value when each member has a ``members/<name>/logit_moments``
+# array [E, n_chunks, 3]: per chunk, the sums of the member's logits, of their squares, and of each
+# row's (view's or frame's) logit sum squared over C (``MOMENTS``). Written with the chunk, before
+# its done marker, so a resumed or distributed dump keeps them exact; absent in older caches.
+MEMBER_STATS = "logit_moments"
+MOMENTS = ("sum", "sum_sq", "row_sum_sq_over_c")
 
 _DIGEST_KEYS = ("dataset", "classes", "augment", "teachers", "output_kind", "aggregation", "weights",
                 "topk", "frames", "value_dtype", "seed", "chunk_rows")
@@ -140,7 +146,8 @@ def new_manifest(*, dataset: dict, classes: list[str], augmenter, teachers: list
          "value_dtype": value_dtype, "index_dtype": index_dtype(len(classes)),
          "order_dtype": "uint32" if N < 2**32 else "uint64", "epochs": int(epochs), "seed": int(seed),
          "chunk_rows": int(chunk_rows), **run, "content": "crc32", "format_version": FORMAT_VERSION, **codec,
-         "derived_arrays": list(DERIVABLE), "param_storage": augmenter.param_grid()}
+         "derived_arrays": list(DERIVABLE), "param_storage": augmenter.param_grid(),
+         **({"member_stats": MEMBER_STATS} if members else {})}  # per-teacher logit statistics
     m["target_sets"] = _provenance(m, codec["codec"])
     return m
 
@@ -179,6 +186,7 @@ class Manifest:
     derived: list = field(default_factory=list)  # arrays recomputed on read, not stored (DERIVABLE)
     param_storage: dict = field(default_factory=dict)  # "op.param" -> {dtype, num, den}: stored as integers k
     target_sets: dict = field(default_factory=dict)  # name -> provenance (teachers, codec, written_at)
+    member_stats: str | None = None  # MEMBER_STATS when members/<name>/logit_moments exist
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -201,7 +209,8 @@ class Manifest:
                    value_dtype=m.get("value_dtype", "float16"), index_dtype=m["index_dtype"],
                    order_dtype=m.get("order_dtype", "uint32"), content=bool(m.get("content")),
                    augment=m.get("augment") or {}, target_sets=dict(m.get("target_sets") or {}),
-                   derived=_derived(m), param_storage=_param_storage(m), raw=dict(m))
+                   derived=_derived(m), param_storage=_param_storage(m), member_stats=m.get("member_stats"),
+                   raw=dict(m))
 
     def to_json(self) -> dict:
         """The JSON document: ``raw`` with the typed fields written back (format 2 entries only
@@ -213,6 +222,9 @@ class Manifest:
         if self.format_version >= 2:
             out.update(format_version=self.format_version, codec=self.codec,
                        codec_options=dict(self.codec_options), target_sets=dict(self.target_sets))
+        out.pop("member_stats", None)
+        if self.member_stats:
+            out["member_stats"] = self.member_stats
         return out
 
     def codec_instance(self) -> TargetCodec:
@@ -242,7 +254,8 @@ class Manifest:
 @dataclass(frozen=True)
 class ArraySpec:
     """One array of the layout. ``per``: "view" ([E, N, ...], chunked (1, R, ...)), "sample" ([N],
-    chunked (R,)), "whole" (written at creation) or "marker" (done)."""
+    chunked (R,)), "chunk" ([E, n_chunks, ...], one row per chunk, chunked (1, 1, ...)), "whole"
+    (written at creation) or "marker" (done)."""
 
     name: str
     shape: tuple | None  # None: known only at creation (ids/utf8, the ids' UTF-8 bytes)
@@ -293,6 +306,11 @@ class Layout:
                                     target_set=ts, field=f)
         if s.content:  # crc32s: incompressible
             a["content"] = ArraySpec("content", (N,), "uint32", (R,), "sample", compress=False)
+        if s.member_stats == MEMBER_STATS:
+            for m in s.members:
+                path = self.stats_path(m)
+                a[path] = ArraySpec(path, (E, -(-N // R), len(MOMENTS)), "float64", (1, 1, len(MOMENTS)), "chunk",
+                                    compress=False)
         a["done"] = ArraySpec("done", (E, -(-N // R)), "uint8", (1, 1), "marker", compress=False)
         self.arrays = a
 
@@ -321,9 +339,17 @@ class Layout:
     def staged(target_set: str) -> str:
         """Where a target set's replacement is written before it is swapped in (a recomputed ensemble)."""
         return f"{STAGING}{target_set}"
+    @classmethod
+    def stats_path(cls, member: str) -> str:
+        """A member's per-chunk logit sums (see ``MEMBER_STATS``)."""
+        return cls.target_path(cls.target_set_of(member), MEMBER_STATS)
+
+    def per_chunk(self) -> dict[str, ArraySpec]:
+        """Arrays with one row per (epoch, chunk), written with the chunk (member statistics)."""
+        return {n: x for n, x in self.arrays.items() if x.per == "chunk"}
 
     def target_arrays(self, target_set: str) -> dict[str, ArraySpec]:
-        """field -> spec of one target set's arrays."""
+        """field -> spec of one target set's arrays (its codec's; not a member's ``logit_moments``)."""
         return {x.field: x for x in self.arrays.values() if x.target_set == target_set}
 
     def fields(self) -> list[str]:

@@ -29,12 +29,18 @@ def aggregate(member_logits: list[torch.Tensor], kind: str, method: str = "mean_
     """Ensemble logits. mean_prob gives log(mean p) for softmax and logit(mean p) for sigmoid.
 
     ``weights``: one finite weight >= 0 per member with a positive sum (normalised here), else a
-    :class:`LogitCacheError`; a NaN or negative weight would make a NaN ensemble."""
-    weights = ensemble_weights(weights, len(member_logits), option="ensemble weights")
-    w = torch.tensor(weights if weights else [1.0] * len(member_logits), dtype=torch.float32)
-    w = (w / w.sum()).to(member_logits[0].device)
+    :class:`LogitCacheError`; a NaN or negative weight would make a NaN ensemble. Or a tensor
+    ``[M, ...]`` of per-row weights (the members' leading shape; normalised over members here),
+    as :mod:`logitcache.recompose` gives for members weighted by their confidence."""
     z = torch.stack([m.float() for m in member_logits])  # [M, ..., C]
-    wz = w.view(-1, *([1] * (z.dim() - 1)))
+    if isinstance(weights, torch.Tensor):
+        w = weights.float().to(z.device)
+        wz = (w / w.sum(0, keepdim=True))[..., None]
+    else:
+        weights = ensemble_weights(weights, len(member_logits), option="ensemble weights")
+        w = torch.tensor(weights if weights else [1.0] * len(member_logits), dtype=torch.float32)
+        w = (w / w.sum()).to(z.device)
+        wz = w.view(-1, *([1] * (z.dim() - 1)))
     if method == "mean_logit":
         return (z * wz).sum(0)
     if method != "mean_prob":
@@ -62,6 +68,24 @@ def topk_targets(logits: torch.Tensor, k: int, kind: str) -> tuple[torch.Tensor,
     # logit(mean tail p) = log(sum p) - log(sum (1-p)); the 1/(C-k) cancels. Exact and stable.
     stat = torch.logsumexp(log_p, dim=-1) - torch.logsumexp(log_not_p, dim=-1)
     return values, indices, stat
+
+
+def truncate_targets(values: torch.Tensor, indices: torch.Tensor, stat: torch.Tensor, k2: int, num_classes: int,
+                     kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The targets a top-``k2`` cache would have stored, from a top-k cache's row (k2 <= k).
+
+    softmax: the log-normaliser does not depend on k, so only the top entries are dropped.
+    sigmoid: the dropped entries join the tail, whose mean probability (``stat``) is recomputed
+    exactly from them and the old tail's mean (see the module doc). Fidelity and recomposition use it.
+    """
+    k = values.shape[-1]
+    if k2 == k or kind == "multiclass":
+        return values[..., :k2], indices[..., :k2], stat
+    tail = torch.sigmoid(values[..., k2:].double()).sum(-1)
+    if k < num_classes:  # with k == C the stored stat is a placeholder 0, not a tail
+        tail = tail + (num_classes - k) * torch.sigmoid(stat.double())
+    mean = tail / (num_classes - k2)
+    return values[..., :k2], indices[..., :k2], (torch.log(mean) - torch.log1p(-mean)).float()
 
 
 def _softmax_topk_logprobs(values: torch.Tensor, stat: torch.Tensor, num_classes: int,

@@ -30,6 +30,7 @@ from logitcache.dump import cpu_threads, set_threads
 from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.heads import check_heads, heads_aggregation, heads_kd_loss, with_heads
 from logitcache.metrics import average_precision, top1_accuracy
+from logitcache.recompose import requested as requested_composition
 from logitcache.storage import is_url
 from logitcache.students import build_student, check_student_output, load_student  # noqa: F401  (re-exported)
 from logitcache.targets import hard_label_loss, kd_loss
@@ -143,6 +144,10 @@ def train(
     resume: bool = False,
     checkpoint_every: int | None = None,
     threads: int | None = None,
+    ensemble: list[str] | str | None = None,
+    ensemble_weights: list[float] | None = None,
+    aggregation: str | None = None,
+    member_weighting: str | None = None,
 ) -> dict:
     """Train ``student`` on the cache's targets; writes checkpoint.pt and metrics.jsonl to ``out``.
 
@@ -170,6 +175,12 @@ def train(
     loss is the mean over heads (plus ``alpha`` times the label loss of the heads' prediction),
     and evaluation, the checkpoint and ``compare`` use the heads' prediction, combined as the
     cache's ensemble is.
+
+    ``ensemble`` (stored member names) distils from a recomposition of those members instead of
+    the stored ensemble, the teachers still never loaded: ``ensemble_weights`` (one per member,
+    normalised, as dump's), ``aggregation`` (``mean_prob``, ``mean_logit`` or their ``_zscore``
+    variants; default: the cache's) and ``member_weighting`` (``confidence``: per row); see
+    :mod:`logitcache.recompose`. Not with ``member``, nor on a ``sampled`` cache.
     """
     epochs = checks.optional_whole("--epochs", epochs)
     batch_size = checks.whole("--batch-size", batch_size)
@@ -194,6 +205,7 @@ def train(
     if not c.complete:
         print(f"note: {cache}: the dump did not finish; training on its {len(stored)} complete epoch(s) only "
               f"(stored epochs {', '.join(map(str, stored))})", file=sys.stderr)
+    comp = requested_composition(c, ensemble, ensemble_weights, aggregation, member_weighting, member)
     if member is not None and member not in c.members:
         raise LogitCacheError(f"{cache}: unknown member {member!r} (members: {', '.join(c.members) or 'none stored'})")
     if heads == "members" and not c.members:
@@ -248,6 +260,8 @@ def train(
     config = {"cache": _stored_path(cache), "data": _stored_path(data), "student": student, "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "temperature": temperature, "alpha": alpha, "member": member, "seed": seed,
               "cache_config_digest": c.manifest.get("config_digest"), "stored_epochs": stored}
+    if comp is not None:
+        config.update(comp.describe())
     if ctx.active:
         config.update(ranks=ctx.world, rank_batch_size=rank_batch)
     if heads == "members":
@@ -277,9 +291,10 @@ def train(
         for epoch in range(position["epoch"], epochs):
             stored_epoch = stored[epoch % len(stored)]
             skip = position["batch"] if epoch == position["epoch"] else 0  # batches done before a resume
+            recomposed = comp.describe() if comp is not None else {}
             stream = CacheStream(cache, folder, stored_epoch, rank_batch, member=member,
                                  start=start + skip * rank_batch, stop=stop,
-                                 members=c.members if heads == "members" else None)
+                                 members=c.members if heads == "members" else None, **recomposed)
             loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
                                 prefetch_factor=4 if num_workers else None)
             started, seen, total, done, before = time.perf_counter(), 0, 0.0, skip, 0.0
@@ -335,7 +350,7 @@ def train(
 
 # What a resumed run must share with the checkpoint: a position counts per-rank batches.
 _RESUME_KEYS = ("student", "batch_size", "epochs", "cache_config_digest", "stored_epochs", "ranks", "heads",
-                "head_members")
+                "head_members", "ensemble", "ensemble_weights", "aggregation", "member_weighting")
 
 
 def _check_run_folder(out: Path, resume: bool) -> None:

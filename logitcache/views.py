@@ -17,6 +17,8 @@ from logitcache.augment import Augmenter
 from logitcache.cache import Cache, open_cache
 from logitcache.data import PATH_LIMIT, AudioFolder
 from logitcache.errors import LogitCacheError, shorten
+from logitcache.recompose import Composition, requested
+from logitcache.recompose import read_block as read_recomposed
 
 
 MEMBER_PREFIX = "members/"  # batch keys of the members' targets for per-teacher heads, [B, M, ...]
@@ -170,13 +172,14 @@ def batch_labels(folder: AudioFolder, index: np.ndarray, params: dict[str, np.nd
 class ChunkReader:
     """Rows of one stored epoch, read as whole chunks (one store call per array per chunk), in the
     order they will be needed, with ``ahead`` chunks read in a background thread while the
-    caller works on the current one (decoding and augmenting audio, in a DataLoader worker)."""
+    caller works on the current one (decoding and augmenting audio, in a DataLoader worker).
+    With ``composition`` the targets are recomposed from stored members, in that thread too."""
 
     def __init__(self, cache: Cache, epoch: int, chunks: list[int], member: str | None = None, ahead: int = 1,
-                 members: list[str] | None = None):
+                 members: list[str] | None = None, composition: Composition | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.cache, self.epoch, self.member = cache, int(epoch), member
+        self.cache, self.epoch, self.member, self.composition = cache, int(epoch), member, composition
         self.members = list(members) if members else None
         self.chunks, self.ahead = list(chunks), int(ahead)
         self._next = 0  # index in self.chunks of the next chunk to submit
@@ -188,6 +191,8 @@ class ChunkReader:
         R, N = self.cache.chunk_rows, self.cache.num_samples
         # the losses gather by index, so rows need not be sorted by value (compact decodes ~1.4x faster)
         a, b = chunk * R, min((chunk + 1) * R, N)
+        if self.composition is not None:
+            return read_recomposed(self.cache, self.epoch, a, b, self.composition)
         if self.members is None:
             return self.cache.read_block(self.epoch, a, b, member=self.member, sort=False)
         return self._read_members(a, b)
@@ -250,11 +255,17 @@ class CacheStream(IterableDataset):
     ``stop`` pick a share of positions (e.g. chunk-aligned, for data-parallel training).
     ``members`` (per-teacher heads): instead of the ensemble's targets, each listed member's, as
     ``members/<array>`` ``[B, M, ...]`` in the order listed (each member read a whole chunk at a time).
+
+    ``ensemble`` (member names), with ``ensemble_weights``, ``aggregation`` and
+    ``member_weighting``, recomposes the targets from those stored members (see
+    :mod:`logitcache.recompose`; checked here, one-line errors); batches then carry the
+    recomposed values, indices and stat, of width min(M k, C).
     """
 
     def __init__(self, cache_path: str | Path, data_dir: str | Path | AudioFolder, epoch: int, batch_size: int,
                  member: str | None = None, start: int = 0, stop: int | None = None, read_ahead: int = 1,
-                 members: list[str] | None = None):
+                 members: list[str] | None = None, ensemble=None, ensemble_weights=None,
+                 aggregation: str | None = None, member_weighting: str | None = None):
         # The folder (ids, labels) is parsed once, here, and inherited by forked workers, not
         # re-parsed by every worker every epoch (labels.csv of a 2M-clip dataset takes seconds).
         self.folder = data_dir if isinstance(data_dir, AudioFolder) else AudioFolder(data_dir)
@@ -263,9 +274,12 @@ class CacheStream(IterableDataset):
         self.read_ahead = int(read_ahead)
         self.members = list(members) if members else None
         cache = open_cache(self.cache_path)
-        self.stop = cache.num_samples if stop is None else int(stop)
-        self.start = int(start)
-        cache.close()
+        try:
+            self.stop = cache.num_samples if stop is None else int(stop)
+            self.start = int(start)
+            self.composition = requested(cache, ensemble, ensemble_weights, aggregation, member_weighting, member)
+        finally:
+            cache.close()
 
     def __len__(self) -> int:
         return -(-(self.stop - self.start) // self.batch_size)
@@ -284,7 +298,7 @@ class CacheStream(IterableDataset):
         mine = range(worker, len(self), workers)
         chunks = self._chunks_of(mine, R)
         reader = ChunkReader(cache, self.epoch, chunks, member=self.member, ahead=self.read_ahead,
-                             members=self.members)
+                             members=self.members, composition=self.composition)
         try:
             for b in mine:
                 yield self._batch(source, reader.rows(*self._span(b)))

@@ -94,7 +94,9 @@ def test_topk_codec_writes_format1_bytes_but_for_what_format2_derives_or_bins(tm
                            value_dtype="float16", chunk_rows=4, device="cpu", num_workers=0, progress=False,
                            augment="strong", output_kind="multilabel", topk=5, backend="zarr", codec="topk")
     raw = _raw_arrays(path)
-    assert set(raw) == (set(want) - {"order", "seeds"}) | {"content"}
+    # added since format 1: the content checksums and each member's per-chunk logit sums
+    assert set(raw) == (set(want) - {"order", "seeds"}) | {"content", "members/toy_a/logit_moments",
+                                                           "members/toy_b/logit_moments"}
     targets = {n for n in want if n.startswith(("ensemble/", "members/"))}
     assert len(targets) == 9
     old = logitcache.open_cache(FIXTURE / "strong.zarr")

@@ -11,11 +11,13 @@ from tqdm.auto import tqdm
 
 from logitcache import checks
 from logitcache.augment import Augmenter
-from logitcache.cache import open_cache
+from logitcache.cache import Targets, open_cache
 from logitcache.data import AudioFolder
 from logitcache.errors import LogitCacheError
 from logitcache.labels import LabelTable
 from logitcache.metrics import average_precision, top1_accuracy
+from logitcache.recompose import requested as requested_composition
+from logitcache.recompose import targets as recomposed_targets
 from logitcache.storage import is_url
 from logitcache.targets import kl_divergence, teacher_probs
 
@@ -180,6 +182,9 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         folder = AudioFolder(data)
         check_compatible(c, folder)
         kind, C = c.output_kind, len(c.classes)
+        # a run trained on a recomposition (train --ensemble) is compared with that recomposition
+        comp = requested_composition(c, config.get("ensemble"), config.get("ensemble_weights"),
+                                     config.get("aggregation"), config.get("member_weighting"))
         augmenter = Augmenter.from_spec(m["augment"])
         dev = resolve_device(device)
         net = load_student(run, student, C, augmenter.sample_rate, c.frames, config, kind).to(dev)
@@ -213,7 +218,11 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                     for h, name in enumerate(heads or []):
                         qh = _dense_targets(c, c.targets(epoch, ids, member=name), C, kind)
                         head_pairs[h].append(_student_figures(zh[h].reshape(-1, C), qh.reshape(-1, C), kind))
-                    q = _dense_targets(c, c.targets(epoch, ids, member=member), C, kind)
+                    if comp is not None:
+                        t = Targets(*recomposed_targets(c, epoch, ids, comp))
+                    else:
+                        t = c.targets(epoch, ids, member=member)
+                    q = _dense_targets(c, t, C, kind)
                     a1, k1 = _student_figures(zs.reshape(-1, C), q.reshape(-1, C), kind)
                     top1.append(a1)
                     kl.append(k1)
@@ -291,8 +300,9 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
             "data": str(data),
             "output_kind": kind,
             "metric": "mAP" if kind == "multilabel" else "top1",
-            "targets": ("ensemble" if member is None else f"member {member}") if not heads else
-                       f"members, one head each ({', '.join(heads)})",
+            "targets": (f"members, one head each ({', '.join(heads)})" if heads else
+                        f"recomposed {','.join(comp.members)}" if comp else
+                        "ensemble" if member is None else f"member {member}"),
             "heads": heads,
             "cache_matches_run": config.get("cache_config_digest") == m.get("config_digest"),
             "checkpoint_epoch": epochs_log[-1].get("epoch") if epochs_log else None,

@@ -18,7 +18,7 @@ from logitcache.codecs.topk import VALUE_DTYPES
 from logitcache.data import AudioFolder
 from logitcache.errors import LogitCacheError
 from logitcache.storage import cache_location
-from logitcache.targets import index_dtype, kl_divergence, teacher_probs, topk_targets
+from logitcache.targets import index_dtype, kl_divergence, teacher_probs, topk_targets, truncate_targets  # noqa: F401
 
 
 # ---------------------------------------------------------------- the report part: per k', dtype, classes, members
@@ -31,24 +31,6 @@ def k_grid(k: int) -> list[int]:
     grid = set(range(1, min(k, 16) + 1)) | {s for s in steps if s <= k}
     grid |= {2 ** e for e in range(11, 30) if 2 ** e <= k}
     return sorted(grid | {k})
-
-
-def truncate_targets(values: torch.Tensor, indices: torch.Tensor, stat: torch.Tensor, k2: int, num_classes: int,
-                     kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The targets a top-``k2`` cache would have stored, from a top-k cache's row (k2 <= k).
-
-    softmax: the log-normaliser does not depend on k, so only the top entries are dropped.
-    sigmoid: the dropped entries join the tail, whose mean probability (``stat``) is recomputed
-    exactly from them and the old tail's mean (see targets.py).
-    """
-    k = values.shape[-1]
-    if k2 == k or kind == "multiclass":
-        return values[..., :k2], indices[..., :k2], stat
-    tail = torch.sigmoid(values[..., k2:].double()).sum(-1)
-    if k < num_classes:  # with k == C the stored stat is a placeholder 0, not a tail
-        tail = tail + (num_classes - k) * torch.sigmoid(stat.double())
-    mean = tail / (num_classes - k2)
-    return values[..., :k2], indices[..., :k2], (torch.log(mean) - torch.log1p(-mean)).float()
 
 
 def _dense_log_targets(values: torch.Tensor, indices: torch.Tensor, stat: torch.Tensor, num_classes: int,
@@ -322,7 +304,9 @@ def _summary(parts: list[dict[str, torch.Tensor]]) -> dict:
 
 def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], samples: int = 64, seed: int = 0,
              device: str = "auto", state_dicts: list[str | None] | None = None, teacher_args: dict | None = None,
-             batch_size: int = 32, progress: bool = False) -> dict:
+             batch_size: int = 32, progress: bool = False, ensemble=None, ensemble_weights=None,
+             aggregation: str | None = None, member_weighting: str | None = None,
+             compositions: list[dict] | None = None) -> dict:
     """Re-run the teachers on a seeded random sample of stored views and compare with the cache.
 
     Views are replayed from stored parameters, the teachers run at the dump's precision and are
@@ -355,7 +339,14 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
     * ``disagreement``: the fresh members' pairwise_top1_agreement matrix,
       mean_pairwise_disagreement, diversity_kl (mean KL(member || ensemble)) and
       member_vs_ensemble.
+
+    Recompositions (``ensemble`` with ``ensemble_weights``, ``aggregation``, ``member_weighting``
+    as for train, and/or ``compositions``: a list of dicts of those keys): ``recomposed``, one
+    entry per composition with KL(the composition of the re-run teachers || the one recomposed
+    from the stored members), see :mod:`logitcache.reports.recomposed`. Member i is re-run by
+    teacher i. Empty without them.
     """
+    from logitcache.reports.recomposed import Recompositions
     import sys
 
     from logitcache.device import autocast, resolve_device
@@ -371,7 +362,9 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         m = cache.manifest
         folder = AudioFolder(data_dir)
         check_compatible(cache, folder)
-        kind, aggregation, weights = m["output_kind"], m["aggregation"], m.get("weights")
+        kind, stored_aggregation, weights = m["output_kind"], m["aggregation"], m.get("weights")
+        recomposed = Recompositions(cache, teachers, ensemble, ensemble_weights, aggregation, member_weighting,
+                                    compositions)
         if weights and len(weights) != len(teachers):
             raise LogitCacheError(f"cache {cache.path} was dumped with {len(weights)} weighted teachers; "
                                   f"got {len(teachers)} --teacher")
@@ -426,8 +419,9 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
                                         for r, s in enumerate(ids)]).to(dev)
                     with torch.inference_mode(), autocast(dev, m.get("precision", "fp32")):
                         logits = run_teachers(loaded, wave, lambda: ids)
-                    ens = ensemble_logits(logits, kind, aggregation, weights, coverage(loaded))
+                    ens = ensemble_logits(logits, kind, stored_aggregation, weights, coverage(loaded))
                     groups = [("ensemble", None, ens)]
+                    recomposed.add(int(epoch), ids, logits)
                     groups += [(n, n, logits[i]) for i, n in member_of.items()]
                     for key, member, z in groups:
                         t = cache.targets(int(epoch), ids, member=member)
@@ -447,7 +441,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         "teachers_match": bool(teachers_match),
         "teachers": described,
         "output_kind": kind,
-        "aggregation": aggregation,
+        "aggregation": stored_aggregation,
         "topk": int(m["topk"]),
         "value_dtype": m["value_dtype"],
         "device": dev.type,
@@ -457,6 +451,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         "classes": len(m["classes"]),
         "frames": m.get("frames"),
         "codec": cache.spec.codec,
+        "recomposed": recomposed.result(),
         **(acc.result(m["classes"], size_of) if cache.codec.triple else _not_topk_report(len(flat))),
     }
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from logitcache.cache import Cache, config_digest, open_cache
 from logitcache.data import fingerprint
 from logitcache.errors import LogitCacheError
-from logitcache.layout import LAYOUT_ARRAYS, MARKER_ARRAYS, SAMPLE_ARRAYS, Layout, Manifest, unlisted
+from logitcache.layout import LAYOUT_ARRAYS, MARKER_ARRAYS, MEMBER_STATS, SAMPLE_ARRAYS, Layout, Manifest, unlisted
 
 
 MAX_PROBLEMS = 100  # a wholly damaged cache would otherwise list one problem per chunk
@@ -69,6 +69,8 @@ def _check_rows(name: str, rows: np.ndarray, num_samples: int) -> list[str]:
             bad.append(f"{int(np.isnan(rows).sum())} NaN parameter(s)")
     elif name.endswith(".partner") and rows.size and (rows.min() < -1 or rows.max() >= num_samples):
         bad.append(f"mixup partner index out of range [-1, {num_samples})")  # -1 means no mix
+    elif name.endswith("/" + MEMBER_STATS) and not (np.isfinite(rows).all() and (rows[..., 1:] >= 0).all()):
+        bad.append("logit sums not finite, or a sum of squares below 0")
     return bad
 
 
@@ -113,7 +115,8 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
 
         # -- layout: every expected array present with the expected shape, dtype and chunking
         layout = _expected_arrays(m, problems)
-        expected = {n: (x.shape, x.dtype) for n, x in layout.per_position().items()} if layout else {}
+        written = {**layout.per_position(), **layout.per_chunk()} if layout else {}
+        expected = {n: (x.shape, x.dtype) for n, x in written.items()}
         present = set(cache.store.arrays())
         for name in sorted(set(expected) - present):
             problems.add(f"{name}: array missing")
@@ -198,7 +201,9 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
                     for name in names:
                         if name in SAMPLE_ARRAYS and epoch:
                             continue  # stored once, with epoch 0's chunks
-                        rows_of = (slice(a, b),) if name in SAMPLE_ARRAYS else (epoch, slice(a, b))
+                        per_chunk = layout.arrays[name].per == "chunk"  # one row per chunk: row c
+                        rows_of = (slice(a, b),) if name in SAMPLE_ARRAYS else \
+                            (epoch, slice(c, c + 1) if per_chunk else slice(a, b))
                         trailing = (0,) * (len(expected[name][0]) - 2)
                         # Every chunk is written, even an all-zero one: absent means lost.
                         coords = (c,) if name in SAMPLE_ARRAYS else (epoch, c, *trailing)
@@ -218,7 +223,7 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
                         chunks_checked += 1
                         checked.add(name)
                         spec = layout.arrays[name]
-                        if spec.target_set:
+                        if spec.target_set and not per_chunk:
                             target_rows.setdefault(spec.target_set, {})[spec.field] = rows
                         for msg in _check_rows(name, rows, N):
                             problems.add(f"{name}: {where}: {msg}")
