@@ -39,7 +39,8 @@ from logitcache.codecs import target_set_seeds
 from logitcache.data import AudioFolder
 from logitcache.device import autocast, resolve_device
 from logitcache.errors import LogitCacheError, one_line_worker_errors
-from logitcache.layout import PARAMS, Layout, config_digest
+from logitcache.dump import _chunk_block, logit_moments
+from logitcache.layout import MEMBER_STATS, MOMENTS, PARAMS, Layout, config_digest
 from logitcache.lock import DumpLock
 from logitcache.storage import cache_location, is_url, open_store
 from logitcache.hetero import apply_recorded, configure_teachers, coverage, ensemble_logits
@@ -267,6 +268,14 @@ def _continued(path: Path, m: dict, stored: dict, loaded: list[Teacher], new: li
     return _Plan(run, stored, names, ensemble["weights"] if ensemble else None)
 
 
+def _stats_path(manifest: dict, ts: str) -> str | None:
+    """The per-chunk logit sums of a new member target set, when the cache keeps member statistics
+    (so an added member has what a dump that had it from the start has); None otherwise."""
+    if manifest.get("member_stats") != MEMBER_STATS or not ts.startswith(Layout.target_set_of("")):
+        return None
+    return Layout.stats_path(ts[len(Layout.target_set_of("")):])
+
+
 def _begin(store, manifest: dict, plan: _Plan) -> None:
     """Record the addition, then create its arrays (a kill in between: the next call creates them)."""
     if manifest.get("adding") is None:
@@ -282,6 +291,10 @@ def _begin(store, manifest: dict, plan: _Plan) -> None:
             name = Layout.target_path(ts, f)
             if not store.has(name):
                 store.create_array(name, (E, N, *trailing), dtype, (1, R, *trailing))
+        stats = _stats_path(manifest, ts)
+        if stats is not None and not store.has(stats):
+            spec = Layout(manifest, param_specs={}).arrays["done"]
+            store.create_array(stats, (*spec.shape, len(MOMENTS)), "float64", (1, 1, len(MOMENTS)), compress=False)
         marker = Layout.target_done_path(ts)
         if not store.has(marker):
             store.create_array(marker, layout.arrays["done"].shape, "uint8", (1, 1), compress=False)
@@ -305,9 +318,10 @@ class _Replayed(Dataset):
 class _SetWriter(CacheWriter):
     """The dump's background chunk writer, on an open store, with one done marker per target set."""
 
-    def __init__(self, store, manifest: dict, markers: list[str]):
+    def __init__(self, store, manifest: dict, markers: list[str], per_chunk: set[str]):
         self.path, self.store, self.manifest, self.lock = store.path, store, manifest, _NoLock()
         self.markers, self.notes = tuple(markers), []
+        self._chunk_rows_arrays = set(per_chunk)
         self._min_free = _min_free_bytes()
         self._queue, self._error = queue.Queue(maxsize=4), None
         self._thread = threading.Thread(target=self._run, name="logitcache-writer", daemon=True)
@@ -332,7 +346,8 @@ def _write(store, manifest: dict, plan: _Plan, folder: AudioFolder, dev, batch_s
     source = ViewSource(folder, Augmenter.from_spec(manifest["augment"]), SourceContent.of_cache(cache))
     N, R = cache.num_samples, cache.chunk_rows
     encode = _Encoder(cache, manifest, plan, folder, dev)
-    writer = _SetWriter(store, manifest, markers)
+    per_chunk = {p for p in (_stats_path(manifest, ts) for ts in plan.sets) if p is not None}
+    writer = _SetWriter(store, manifest, markers, per_chunk)
     threads_before = set_threads(cpu_threads(dev, num_workers, threads))
     sizes = np.minimum(R, N - np.arange(todo.shape[1]) * R)
     bar = tqdm(total=int((todo * sizes).sum()), unit="view", desc="add-teacher", disable=not progress,
@@ -344,7 +359,7 @@ def _write(store, manifest: dict, plan: _Plan, folder: AudioFolder, dev, batch_s
             loader = DataLoader(_Replayed(source, block["order"], params), num_workers=num_workers,
                                 **_batching(todo[epoch], R, N, batch_size), pin_memory=dev.type == "cuda",
                                 prefetch_factor=4 if num_workers else None)
-            chunks = _Chunks(writer, epoch, R, N)
+            chunks = _Chunks(writer, epoch, R, N, per_chunk)
             for wave, pos in one_line_worker_errors(loader):
                 pos = pos.numpy()
                 chunks.add(pos, encode(wave, block["order"][pos], block["seeds"][pos]))
@@ -362,8 +377,8 @@ def _write(store, manifest: dict, plan: _Plan, folder: AudioFolder, dev, batch_s
 class _Chunks:
     """Rows of one epoch in stored order -> whole chunks handed to the writer as they fill."""
 
-    def __init__(self, writer: CacheWriter, epoch: int, rows: int, num_samples: int):
-        self.writer, self.epoch, self.R, self.N = writer, epoch, rows, num_samples
+    def __init__(self, writer: CacheWriter, epoch: int, rows: int, num_samples: int, per_chunk: set[str]):
+        self.writer, self.epoch, self.R, self.N, self.per_chunk = writer, epoch, rows, num_samples, per_chunk
         self.parts: dict[str, list[np.ndarray]] = {}
 
     def add(self, pos: np.ndarray, rows: dict[str, np.ndarray]) -> None:
@@ -374,7 +389,7 @@ class _Chunks:
             for k, v in rows.items():
                 self.parts.setdefault(k, []).append(v[a:b])
             if int(pos[b - 1]) + 1 == min((c + 1) * R, self.N):
-                self.writer.put(self.epoch, c, {k: np.concatenate(v) for k, v in self.parts.items()})
+                self.writer.put(self.epoch, c, _chunk_block(self.parts, self.per_chunk))
                 self.parts = {}
             a = b
 
@@ -390,6 +405,7 @@ class _Encoder:
         self.precision = manifest.get("precision", "fp32")
         self.sets = list(plan.sets)
         self.groups = np.array([plan.sets[ts]["seed_group"] for ts in self.sets])
+        self.stats = {ts: _stats_path(manifest, ts) for ts in self.sets if _stats_path(manifest, ts)}
 
     def __call__(self, wave: torch.Tensor, index: np.ndarray, view_seeds: np.ndarray) -> dict[str, np.ndarray]:
         from logitcache.dump import _to_host
@@ -415,7 +431,10 @@ class _Encoder:
             if row_bad.any():
                 raise LogitCacheError(f"target set {ts}: NaN/Inf values for sample(s) {', '.join(ids(row_bad)[:5])}")
         stored = self.codec.pack({f: host[f] for f in encoded})
-        return {Layout.target_path(ts, f): a[g] for g, ts in enumerate(self.sets) for f, a in stored.items()}
+        out = {Layout.target_path(ts, f): a[g] for g, ts in enumerate(self.sets) for f, a in stored.items()}
+        for ts, path in self.stats.items():  # the dump's per-view logit sums of this member
+            out[path] = logit_moments(self._logits(ts, logits)).cpu().numpy()
+        return out
 
     def _logits(self, ts: str, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         if ts == Layout.staged(ENSEMBLE):
