@@ -197,6 +197,9 @@ def train(
     if heads == "members" and member is not None:
         raise LogitCacheError(f"--heads members and --member {member}: choose one (--heads members distils "
                               f"every member, each into its own head)")
+    if heads == "members" and ensemble:
+        raise LogitCacheError(f"--heads members and --ensemble {','.join(ensemble)}: choose one (each head is "
+                              f"distilled from its own member; a recomposed target has no member of its own)")
     _check_run_folder(Path(out), resume)
     c = open_cache(cache)
     folder = AudioFolder(data)

@@ -442,3 +442,14 @@ def test_ddp_heads_equal_one_process_on_the_union_of_rank_batches(dumper, datase
     np.testing.assert_allclose(ddp, ref, rtol=1e-5)
     saved = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert saved["heads"] == cache.members and saved["model"].keys() == model.state_dict().keys()
+
+
+def test_heads_refuse_a_recomposed_ensemble_too(dumper, dataset, tmp_path):
+    from logitcache.errors import LogitCacheError
+    from logitcache.train import train
+
+    with pytest.raises(LogitCacheError) as e:
+        train(dumper(), dataset, "cnn_tiny", tmp_path / "run", heads="members", ensemble=["toy_a", "toy_b"],
+              epochs=1, progress=False)
+    assert str(e.value).startswith("--heads members and --ensemble toy_a,toy_b: choose one") and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
