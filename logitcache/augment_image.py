@@ -149,7 +149,7 @@ class ImageOp(Op):
 
     def number(self, key: str, lo: float, hi: float = math.inf) -> float:
         v = self.hyper[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
             raise self.bad(key, f"is not a number in [{lo}, {hi}]")
         return float(v)
 
@@ -162,7 +162,7 @@ class ImageOp(Op):
     def interval(self, key: str, lo: float, hi: float = math.inf) -> tuple[float, float]:
         v = self.hyper[key]
         ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
         if not ok or not lo <= v[0] <= v[1] <= hi:
             raise self.bad(key, f"is not [low, high] with {lo} <= low <= high <= {hi}")
         return float(v[0]), float(v[1])

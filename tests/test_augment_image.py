@@ -375,6 +375,8 @@ def test_views_identical_in_dataloader_workers(photos):
     ([{"op": "color_jitter", "hue": 0.1}],
      "augmentation op 'color_jitter': unknown setting(s) ['hue']; known: ['brightness', 'contrast', 'p', "
      "'saturation']"),
+    ([{"op": "color_jitter", "brightness": math.inf}],
+     "augmentation op 'color_jitter': brightness=inf is not a number in [0.0, inf]"),
     ([{"op": "mixup", "min_lam": 0.9, "max_lam": 0.5}], "augmentation op 'mixup': max_lam=0.5 is below min_lam"),
     ([{"op": "cutmix", "max_lam": 2}], "augmentation op 'cutmix': max_lam=2 is not a number in [0.0, 1.0]"),
     ([{"op": "rand_augment", "n": 22}], "augmentation op 'rand_augment': n=22 is not an integer in [0, 21]"),
