@@ -150,7 +150,7 @@ class ImageOp(Op):
     def number(self, key: str, lo: float, hi: float = math.inf) -> float:
         v = self.hyper[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-            raise self.bad(key, f"is not a number in [{lo}, {hi}]")
+            raise self.bad(key, f"is not a finite number {f'>= {lo}' if hi == math.inf else f'in [{lo}, {hi}]'}")
         return float(v)
 
     def integer(self, key: str, lo: int, hi: int) -> int:
