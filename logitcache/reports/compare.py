@@ -178,6 +178,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
 
     with open_cache(cache) as c:
         m = c.manifest
+        kind_given = source
         folder = open_source(data, source or config.get("source"))  # the kind the run trained on
         check_compatible(c, folder)
         kind, C = c.output_kind, len(c.classes)
@@ -236,7 +237,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         # -- held-out clips, un-augmented; teachers re-run on them when given
         evaluation = None
         if eval_data is not None:
-            held = open_source(eval_data, source)
+            held = open_source(eval_data, kind_given)
             if held.classes != c.classes:
                 raise LogitCacheError(f"{eval_data}: class list differs from the one cache {c.path} was "
                                       f"dumped with")
