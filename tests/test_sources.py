@@ -132,6 +132,13 @@ def test_train_inspect_verify_on_images(image_cache, class_folders, tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["ok"] is True
     r = CliRunner().invoke(main, ["inspect", str(image_cache), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["samples"] == len(CLASSES) * PER_CLASS
+    from logitcache.reports.compare import compare
+    from logitcache.reports.fidelity import fidelity
+
+    f = fidelity(image_cache, class_folders, TEACHERS, samples=8)
+    assert f["max_abs_logit_error"] == 0.0 and f["top1_agreement"] == 1.0
+    c = compare(tmp_path / "run", eval_data=class_folders, teachers=TEACHERS, samples=8)
+    assert c["views"]["views"] == 8 and 0.0 <= c["views"]["top1_agreement"] <= 1.0
 
 
 def test_labels_csv_layout_dumps_the_same_views(labels_csv_folder, tmp_path):
