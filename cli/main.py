@@ -327,7 +327,8 @@ def dump(data, source, teachers, out, epochs, topk, augment, seed, batch_size, d
             ensemble_weights=list(ensemble_weights) or None, **_teacher_kwargs(state_dicts, teacher_args),
             members=members,
             value_dtype=value_dtype, backend=backend, sample_rate=sample_rate, clip_seconds=clip_seconds,
-            image_size=image_size, source=source, precision=precision, compile=compile_, channels_last=channels_last, num_workers=workers,
+            image_size=image_size, source=source, precision=precision, compile=compile_,
+            channels_last=channels_last, num_workers=workers,
             chunk_rows=chunk_rows, resume=resume, progress=True, distributed=distributed, threads=threads,
             codec=codec, value_bits=value_bits, sample_n=sample_n, sample_head=sample_head,
             sample_temperature=sample_temperature, teacher_sample_rates=_per_teacher(teacher_sample_rates, int),
@@ -548,7 +549,8 @@ def verify(cache, as_json):
 @click.option("--html", "html_out", default=None, metavar="OUT.html",
               help="Also write a self-contained HTML report with plots (cache summary included).")
 @_json_option
-def fidelity(cache, data, source, teachers, state_dicts, teacher_args, samples, seed, batch_size, device, html_out, as_json):
+def fidelity(cache, data, source, teachers, state_dicts, teacher_args, samples, seed, batch_size, device, html_out,
+             as_json):
     """Compare the cache with freshly re-run teachers.
 
     Re-runs the teachers on a seeded random sample of stored views and compares with the cache.

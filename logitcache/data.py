@@ -115,7 +115,8 @@ def _stat_regular(path: str, listed_in: str = "labels.csv", what: str = "audio")
         st = os.stat(path)
     except OSError as e:
         if what != "audio" and (isinstance(e, FileNotFoundError) or not os.path.exists(path)):
-            raise LogitCacheError(f"{shorten(path, PATH_LIMIT)}: {what} file not found (listed in {listed_in})") from None
+            raise LogitCacheError(f"{shorten(path, PATH_LIMIT)}: {what} file not found "
+                                  f"(listed in {listed_in})") from None
         raise _audio_error(path, e, listed_in) from None
     if not stat.S_ISREG(st.st_mode):
         kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from logitcache import checks
-from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, make_spec, presets_for, view_rate, view_seeds
+from logitcache.augment import (Augmenter, epoch_order, id_hashes, load_ops_spec, make_spec, presets_for, view_rate,
+                                view_seeds)
 from logitcache.cache import (CacheWriter, choose_chunk_rows, existing_cache_message, existing_manifest,
                               stored_content)
 from logitcache.codecs import get_codec, target_set_seeds
@@ -238,7 +239,8 @@ def dump(
     dataset = {"fingerprint": folder.fingerprint, "num_samples": N, **folder.dataset_entry()}
     R = chunk_rows if chunk_rows is not None else choose_chunk_rows(encoder.chunk_sizing_bytes(), N)
     manifest = new_manifest(
-        dataset=dataset, source=folder.describe(), classes=folder.classes, augmenter=augmenter, teachers=[t.describe() for t in loaded],
+        dataset=dataset, source=folder.describe(), classes=folder.classes, augmenter=augmenter,
+        teachers=[t.describe() for t in loaded],
         members=member_names, output_kind=output_kind, aggregation=aggregation, weights=ensemble_weights,
         topk=topk, frames=frames, value_dtype=value_dtype, epochs=epochs, seed=seed, chunk_rows=R, codec=entries,
         run={"precision": precision, "compile": bool(compile), "channels_last": bool(channels_last),

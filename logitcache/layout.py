@@ -112,9 +112,9 @@ def _param_storage(m: dict) -> dict:
 _INT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64")
 
 
-def new_manifest(*, dataset: dict, source: dict | None = None, classes: list[str], augmenter, teachers: list[dict], members: list[str],
-                 output_kind: str, aggregation: str, weights: list[float] | None, topk: int, frames: int | None,
-                 value_dtype: str, epochs: int, seed: int, chunk_rows: int, codec: dict, run: dict) -> dict:
+def new_manifest(*, dataset: dict, source: dict | None = None, classes: list[str], augmenter, teachers: list[dict],
+                 members: list[str], output_kind: str, aggregation: str, weights: list[float] | None, topk: int,
+                 frames: int | None, value_dtype: str, epochs: int, seed: int, chunk_rows: int, codec: dict, run: dict) -> dict:
     """The manifest of a new cache (format 2): the one place one is built (dump, plan).
 
     ``source``: the data source's entry (``{"kind": ...}``, :meth:`logitcache.sources.Source.describe`;

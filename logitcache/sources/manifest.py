@@ -125,7 +125,8 @@ def _csv_rows(path: Path):
         header = next(reader, None) or []
         missing = {"path", "labels"} - set(header)
         if missing:
-            raise LogitCacheError(f"{path}: missing column(s) {', '.join(sorted(missing))} (header must be path,labels)")
+            raise LogitCacheError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
+                                  f"(header must be path,labels)")
         at_path, at_labels = header.index("path"), header.index("labels")
         for row in reader:
             if row:
