@@ -484,6 +484,9 @@ IMAGE_PRESETS: dict[str, list[dict]] = {
 }
 
 
+DEFAULT_PRESET = "image_basic"  # crops and flips, the recipe of FKD and MEAL V2
+
+
 def load_image_ops_spec(name_or_file: str) -> list[dict]:
     """An image preset name, or a JSON/TOML file of ops (as :func:`logitcache.augment.load_ops_spec`)."""
     if name_or_file in IMAGE_PRESETS:

@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from logitcache import checks
-from logitcache.augment import Augmenter
+from logitcache.augment import Augmenter, view_rate
 from logitcache.cache import CacheWriter, _min_free_bytes, _NoLock, _test_kill, open_cache
 from logitcache.codecs import target_set_seeds
-from logitcache.data import AudioFolder
+from logitcache.sources import Source, open_source
 from logitcache.device import autocast, resolve_device
 from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.dump import _chunk_block, logit_moments
@@ -88,7 +88,7 @@ def add_teachers(cache: str | Path, data: str | Path, teachers: list[str], *,
         try:
             manifest = store.read_manifest()
             _check_addable(path, manifest)
-            folder = AudioFolder(data)
+            folder = open_source(data)
             with open_cache(path) as reader:
                 check_compatible(reader, folder)
             dev = resolve_device(device)
@@ -154,7 +154,7 @@ def _plan(path, m, specs, ensemble_specs, weights, state_dicts, teacher_args, de
     originals, new = loaded[:len(ensemble_specs)], loaded[len(ensemble_specs):]
     # inputs and class maps: the dumped teachers' as recorded, a new one's as its .json spec declares
     apply_recorded(originals, m)
-    configure_teachers(new, int(m["augment"]["sample_rate"]), m["classes"])
+    configure_teachers(new, view_rate(Augmenter.from_spec(m["augment"])), m["classes"])
     _check_outputs(path, m, loaded, new[0], dev)
     if m.get("adding") is not None:
         return _continued(path, m, m["adding"], loaded, new)
@@ -185,7 +185,7 @@ def _plan(path, m, specs, ensemble_specs, weights, state_dicts, teacher_args, de
 
 def _check_outputs(path: Path, m: dict, loaded: list[Teacher], first_new: Teacher, dev) -> None:
     """The teachers must output what the cache holds: C classes, at its clip or frame level."""
-    classes, frames = probe_teachers(loaded, Augmenter.from_spec(m["augment"]).clip_samples, dev, m["output_kind"])
+    classes, frames = probe_teachers(loaded, Augmenter.from_spec(m["augment"]).view_shape, dev, m["output_kind"])
     if classes != len(m["classes"]) or frames != m.get("frames"):
         theirs = f"C={classes}" + (f", T={frames}" if frames else ", clip level")
         ours = f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else ", clip level")
@@ -328,7 +328,7 @@ class _SetWriter(CacheWriter):
         self._thread.start()
 
 
-def _write(store, manifest: dict, plan: _Plan, folder: AudioFolder, dev, batch_size: int, num_workers, threads,
+def _write(store, manifest: dict, plan: _Plan, folder: Source, dev, batch_size: int, num_workers, threads,
            progress: bool) -> None:
     """Run the teachers on every view of every chunk not yet marked done in all new target sets."""
     from logitcache.dump import _batching, cpu_threads, default_workers, optimise_teachers, set_threads
@@ -399,7 +399,7 @@ class _Encoder:
     same aggregation, the same codec pass (row-wise: a subset of target sets gets the same bits)
     and, for drawing codecs, each target set's own seed group."""
 
-    def __init__(self, cache, manifest: dict, plan: _Plan, folder: AudioFolder, dev):
+    def __init__(self, cache, manifest: dict, plan: _Plan, folder: Source, dev):
         self.codec, self.plan, self.folder, self.dev = cache.codec, plan, folder, dev
         self.kind, self.aggregation = manifest["output_kind"], manifest["aggregation"]
         self.precision = manifest.get("precision", "fp32")
