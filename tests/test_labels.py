@@ -9,6 +9,7 @@ from logitcache.data import AudioFolder
 from logitcache.errors import LogitCacheError
 from logitcache.labels import LabelTable
 from logitcache.metrics import average_precision, top1_accuracy
+from logitcache.augment import Augmenter
 from logitcache.views import ViewSource, batch_labels
 
 CLASSES = ["dog", "cat", "bird", "rain", "car"]  # not sorted, "car" never used
@@ -67,8 +68,8 @@ def test_batch_labels_mix_partners_like_an_independent_computation(tmp_path):
     assert got.dtype == np.float32 and np.array_equal(got, want)
     np.testing.assert_array_equal(got[0], [0.75, 1.0, 0.25, 0.25, 0.0])  # by hand: .25*row3 + .75*row1
     assert np.array_equal(batch_labels(folder, index, {}), dense[index])
-    source = ViewSource.__new__(ViewSource)  # labels() needs the folder only
-    source.folder = folder
+    source = ViewSource.__new__(ViewSource)  # labels() needs the folder and which ops mix
+    source.folder, source.augmenter = folder, Augmenter([{"op": "mixup"}], 16000, 1.0)
     for r in range(len(index)):
         row = source.labels(index[r], {"mixup.partner": partner[r], "mixup.lam": lam[r]})
         assert np.array_equal(row, want[r])
@@ -147,3 +148,17 @@ def test_a_duplicate_before_a_bad_row_is_the_error_and_after_it_is_not(tmp_path)
     with pytest.raises(LogitCacheError) as e:
         LabelTable.from_csv(path)
     assert str(e.value) == f"{path}: id '/etc/passwd' leaves the data folder"
+
+
+def test_batch_labels_mix_every_mixing_op_in_order(tmp_path):
+    """mixup then cutmix (the image ops): y = lam2 (lam1 y + (1 - lam1) y[p1]) + (1 - lam2) y[p2],
+    computed by hand on one-hot rows."""
+    root = _write(tmp_path / "d", [(f"{i}.wav", CLASSES[i]) for i in range(4)])
+    folder = AudioFolder(root)
+    params = {"mixup.partner": np.array([1, -1]), "mixup.lam": np.array([0.75, 1.0], np.float32),
+              "cutmix.partner": np.array([2, 3]), "cutmix.lam": np.array([0.5, 0.25], np.float32)}
+    got = batch_labels(folder, np.array([0, 1]), params, ["mixup", "cutmix"])
+    np.testing.assert_array_equal(got[0, :4], [0.375, 0.125, 0.5, 0.0])
+    np.testing.assert_array_equal(got[1, :4], [0.0, 0.25, 0.0, 0.75])
+    only_mixup = batch_labels(folder, np.array([0, 1]), params, ["mixup"])
+    np.testing.assert_array_equal(only_mixup[0, :4], [0.75, 0.25, 0.0, 0.0])
