@@ -162,7 +162,7 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
     """
     from logitcache.augment import epoch_order, id_hashes, view_seeds
     from logitcache.codecs import target_set_seeds
-    from logitcache.layout import Layout, new_manifest
+    from logitcache.layout import MEMBER_STATS, MOMENTS, Layout, new_manifest
     from logitcache.targets import aggregate
 
     rng = np.random.default_rng(seed)
@@ -209,6 +209,8 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
                     for f, rows in _encoded_rows(encoder, z, topk, output_kind, derived[g]).items():
                         parts.setdefault(Layout.target_path(prefix, f), []).append(rows)
             block.update({n: np.concatenate(p) for n, p in parts.items()})
+            if manifest.get("member_stats") == MEMBER_STATS:  # each member's logit sums: one row per chunk
+                block.update({Layout.stats_path(n): rng.standard_normal((1, len(MOMENTS))) for n in names})
             blocks.append((epoch, c, block))
     return manifest, ids, blocks
 

@@ -87,6 +87,7 @@ def test_plan_arithmetic_by_hand():
     per_view = (M + 1) * (k * (4 + 2) + 4)
     ids = len("audio/00000000.flac") * N + 8 * (N + 1) + 4 * N  # ids, offsets, content (crc32 per sample)
     done = E * -(-N // p["chunk_rows"])
+    done += M * E * -(-N // p["chunk_rows"]) * 3 * 8  # each member's logit sums: 3 float64 per chunk
     assert _row(p, "raw")["bytes_on_disk"] == E * N * per_view + ids + done
     assert p["audio_bytes"] == int(2.5 * 3600 * 16000 * 2) and "16-bit mono PCM" in p["audio_basis"]
     for row in p["backends"]:
