@@ -401,6 +401,18 @@ def load_ops_spec(name_or_file: str, presets: dict[str, list[dict]] | None = Non
     return ops
 
 
+def draw_ops(ops: list, seed: int, ctx) -> dict[str, np.ndarray]:
+    """Every op's parameters for one view, ``"op.param"`` -> array: op i reads the fixed slots
+    ``64 i ...`` of ``seed``'s stream, so no op's draw depends on another's (any modality)."""
+    out = {}
+    for i, op in enumerate(ops):
+        u = uniforms(int(seed), i * _SLOTS_PER_OP, _SLOTS_PER_OP)
+        for k, v in op.draw(u, ctx).items():
+            dtype, shape = op.params[k]
+            out[f"{op.name}.{k}"] = np.asarray(v, dtype=dtype).reshape(shape)
+    return out
+
+
 class Augmenter:
     """Builds the op pipeline from a spec; ``spec`` round-trips through the cache manifest."""
 
@@ -465,13 +477,7 @@ class Augmenter:
         return Context(self.sample_rate, self.clip_samples, **kw)
 
     def draw(self, seed: int, ctx: Context) -> dict[str, np.ndarray]:
-        out = {}
-        for i, op in enumerate(self.ops):
-            u = uniforms(int(seed), i * _SLOTS_PER_OP, _SLOTS_PER_OP)
-            for k, v in op.draw(u, ctx).items():
-                dtype, shape = op.params[k]
-                out[f"{op.name}.{k}"] = np.asarray(v, dtype=dtype).reshape(shape)
-        return out
+        return draw_ops(self.ops, seed, ctx)
 
     @property
     def view_shape(self) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from logitcache.augment import _SLOTS_PER_OP, SPEC_VERSION, Op, _int_dtype, load_ops_spec, uniforms
+from logitcache.augment import _SLOTS_PER_OP, SPEC_VERSION, Op, _int_dtype, draw_ops, load_ops_spec
 from logitcache.errors import LogitCacheError
 
 MODALITY = "image"
@@ -575,13 +575,7 @@ class ImageAugmenter:
         return ImageContext(self.size, **kw)
 
     def draw(self, seed: int, ctx: ImageContext) -> dict[str, np.ndarray]:
-        out = {}
-        for i, op in enumerate(self.ops):
-            u = uniforms(int(seed), i * _SLOTS_PER_OP, _SLOTS_PER_OP)
-            for k, v in op.draw(u, ctx).items():
-                dtype, shape = op.params[k]
-                out[f"{op.name}.{k}"] = np.asarray(v, dtype=dtype).reshape(shape)
-        return out
+        return draw_ops(self.ops, seed, ctx)
 
     def fit(self, source: torch.Tensor, params: dict[str, np.ndarray] | None = None) -> torch.Tensor:
         """The source made into a ``[3, H, W]`` view by the fit op (its stored params; without
