@@ -78,7 +78,7 @@ class Teacher:
     def outputs(self, z: torch.Tensor) -> torch.Tensor:
         """Its logits on the dataset's classes; a dense map ``[B, H', W', C]`` as ``[B, H' * W', C]``
         (row-major: the positions are stored as frames)."""
-        z = z.flatten(1, -2) if z.dim() > 3 else z
+        z = flat_positions(z)
         return z if self.class_map is None else self.class_map.apply(z)
 
     @property
@@ -91,6 +91,12 @@ class Teacher:
     def positions(self) -> tuple | None:
         """(H', W') of a dense output map, else None (clip or frame level)."""
         return self.out_shape[:-1] if self.out_shape is not None and len(self.out_shape) > 2 else None
+
+
+def flat_positions(z: torch.Tensor) -> torch.Tensor:
+    """A dense map ``[B, H', W', C]`` as ``[B, H' * W', C]``, row-major: how a cache stores a map's
+    positions (as frames), for teachers and students alike; other shapes as they are."""
+    return z.flatten(1, -2) if z.dim() > 3 else z
 
 
 def first_line(e: BaseException) -> str:
