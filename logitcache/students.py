@@ -11,7 +11,7 @@ import torch
 from logitcache.cache import Cache
 from logitcache.errors import LogitCacheError
 from logitcache.heads import from_config
-from logitcache.teachers import first_line, flat_positions, load_state_dict  # noqa: F401  (flat_positions re-exported)
+from logitcache.teachers import first_line, flat_positions, load_state_dict  # noqa: F401  (re-exported)
 
 
 def build_student(spec: str, num_classes: int, sample_rate: int | None, frames: int | None,

@@ -2,7 +2,8 @@
 
 A teacher maps a float32 view (a waveform ``[B, samples]`` or images ``[B, 3, H, W]``) to logits
 ``[B, C]`` (clip level), ``[B, T, C]`` (frame level) or ``[B, H', W', C]`` (a dense map, channels
-last; stored per position as ``T = H' * W'`` frames in row-major order, see :func:`position_shape`). Formats, by what loading them runs:
+last; stored per position as ``T = H' * W'`` frames in row-major order, see :func:`position_shape`).
+Formats, by what loading them runs:
 
 * data, loaded without executing anything from the file: a ``torch.export`` program (``.pt2``,
   see :mod:`logitcache.teacher_pt2`) and an ONNX model (``.onnx``, :mod:`logitcache.teacher_onnx`);

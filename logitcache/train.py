@@ -251,7 +251,8 @@ def train(
         raise LogitCacheError(f"{cache}: {-(-c.num_samples // c.chunk_rows)} chunk(s) per epoch cannot be shared by "
                               f"{ctx.world} ranks; use fewer ranks (or dump with a smaller --chunk-rows)")
     _check_dense_labels(c, alpha, heads)
-    model = build_student(student, len(c.classes), view_rate(augmenter), c.frames, seed, c.position_shape).to(dev)
+    model = build_student(student, len(c.classes), view_rate(augmenter), c.frames, seed, c.position_shape)
+    model = model.to(dev)
     check_student_output(model, student, c, augmenter.view_shape, dev)
     if heads == "members":
         model = with_heads(model, student, c.members, len(c.classes), c.output_kind, augmenter.view_shape,

@@ -103,6 +103,10 @@ def test_train_dense_student(dense_cache, folder, tmp_path):
                     max_steps=2, record_steps=True, eval_data=folder, progress=False)
     assert len(metrics["step_losses"]) == 2 and all(np.isfinite(metrics["step_losses"]))
     assert 0.0 <= metrics["eval_top1"] <= 1.0
+    from logitcache.reports.compare import compare
+
+    c = compare(tmp_path / "run", eval_data=folder, teachers=DENSE, samples=4, progress=False)
+    assert c["views"]["views"] == 4 and 0.0 <= c["views"]["top1_agreement"] <= 1.0
 
 
 def test_verify_and_inspect_dense(dense_cache):
@@ -113,6 +117,14 @@ def test_verify_and_inspect_dense(dense_cache):
     assert r.exit_code == 0 and (info["frames"], info["positions"]) == (16, [4, 4])
     r = CliRunner().invoke(main, ["inspect", str(dense_cache)])
     assert r.exit_code == 0 and "a 4x4 map (16 positions)" in r.stdout
+
+
+@TOPK_ONLY
+def test_fidelity_of_dense_cache(dense_cache, folder):
+    from logitcache.reports.fidelity import fidelity
+
+    f = fidelity(dense_cache, folder, DENSE, samples=4, progress=False)
+    assert f["frames"] == 16 and f["max_abs_logit_error"] == 0.0 and f["top1_agreement"] == 1.0
 
 
 # ------------------------------------------------------------------ bad input, one line each
@@ -161,3 +173,15 @@ def test_edited_positions_is_one_line(dense_cache):
     with pytest.raises(LogitCacheError, match=r"x.zarr: manifest entry 'positions' is \[4, 5\], not a list of "
                                               r"position counts whose product is frames=16"):
         check_manifest("x.zarr", {**m, "positions": [4, 5]})
+
+
+def test_add_teacher_to_a_dense_cache(folder, tmp_path):
+    out = logitcache.dump(folder, DENSE[:1], tmp_path / "one.zarr", **DUMP)
+    with pytest.raises(LogitCacheError, match=r"teacher toy_image_teachers:dense_2x2: outputs C=3, T=4 \(a 2x2 map\) "
+                                              r"but cache .* holds C=3, T=16 \(a 4x4 map\)"):
+        logitcache.add_teachers(out, folder, ["toy_image_teachers:dense_2x2"], progress=False)
+    logitcache.add_teachers(out, folder, [DENSE[1]], progress=False)
+    cache = logitcache.open_cache(out)
+    fresh = _fresh(cache, folder, 0, cache.ids)["dense_b"].reshape(len(cache.ids), 16, C)
+    t = cache.targets(0, cache.ids, member="dense_b")
+    assert np.array_equal(t.values, torch.topk(fresh, 2, dim=-1).values.numpy())

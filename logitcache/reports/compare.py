@@ -189,7 +189,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                                      config.get("aggregation"), config.get("member_weighting"))
         augmenter = Augmenter.from_spec(m["augment"])
         dev = resolve_device(device)
-        net = load_student(run, student, C, view_rate(augmenter), c.frames, config, kind, c.position_shape).to(dev)
+        net = load_student(run, student, C, view_rate(augmenter), c.frames, config, kind, c.position_shape)
+        net = net.to(dev)
         check_student_output(net, student, c, augmenter.view_shape, dev)
 
         # -- cached training views: a seeded sample of (epoch, position) from the epochs trained on
@@ -266,7 +267,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                 x = torch.stack([plain.plain(i) for i in clips]).to(dev)
                 with torch.inference_mode():
                     zh = net(x, all_heads=True).float().cpu() if heads else None
-                    s_list.append(net(x).float().cpu() if zh is None else net.combine(zh))
+                    s_list.append(flat_positions(net(x).float().cpu()) if zh is None else net.combine(zh))
                     if loaded:
                         with autocast(dev, m.get("precision", "fp32")):
                             z = run_teachers(loaded, x, lambda: [held.ids[i] for i in clips])

@@ -377,7 +377,8 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         num_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, kind)
         positions = position_shape(loaded)
         if num_classes != len(m["classes"]) or frames != m.get("frames") or positions != m.get("positions"):
-            theirs = f"C={num_classes}" + (f", T={frames}" if frames else "") + (f", map {positions}" if positions else "")
+            theirs = (f"C={num_classes}" + (f", T={frames}" if frames else "")
+                      + (f", map {positions}" if positions else ""))
             ours = (f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else "")
                     + (f", map {m['positions']}" if m.get("positions") else ""))
             raise LogitCacheError(f"teachers output {theirs} but cache {cache.path} holds {ours}")
