@@ -185,3 +185,19 @@ def test_add_teacher_to_a_dense_cache(folder, tmp_path):
     fresh = _fresh(cache, folder, 0, cache.ids)["dense_b"].reshape(len(cache.ids), 16, C)
     t = cache.targets(0, cache.ids, member="dense_b")
     assert np.array_equal(t.values, torch.topk(fresh, 2, dim=-1).values.numpy())
+
+
+@TOPK_ONLY
+def test_heads_members_on_dense_map_is_refused(dense_cache, folder, tmp_path):
+    with pytest.raises(LogitCacheError, match=r"--heads members: not supported for dense-map targets \(cache .* holds "
+                                              r"a 4x4 map per view\)"):
+        train(dense_cache, folder, "image_dense_tiny", tmp_path / "run", heads="members", progress=False)
+
+
+def test_by_position_of_a_clip_cache_is_refused(folder, tmp_path):
+    out = logitcache.dump(folder, ["toy_image_teachers:image_a"], tmp_path / "clip.zarr", **{**DUMP, "topk": C})
+    cache = logitcache.open_cache(out)
+    assert "positions" not in cache.manifest and cache.position_shape is None
+    with pytest.raises(LogitCacheError, match=r"clip.zarr: targets have no position map \(frames=None\); by_position "
+                                              r"applies to dense-map caches"):
+        cache.by_position(cache.targets(0))
