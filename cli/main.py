@@ -546,6 +546,8 @@ def inspect(cache, project_samples, project_epochs, as_json):
         share = f", {100 * info['share_of_audio']:.2f}% of the audio ({human_bytes(info['audio_bytes'])})"
     if info["frames"]:
         frames = f", {info['frames']} frames"
+    if info.get("positions"):
+        frames = f", a {'x'.join(map(str, info['positions']))} map ({info['frames']} positions)"
     click.echo(_kv_table([
         ("cache", f"{info['path']} ({info['backend']}, {'complete' if info['complete'] else 'INCOMPLETE'})"),
         ("views", f"{info['epochs']} epochs x {info['samples']} samples"),

@@ -65,7 +65,7 @@ def choose_chunk_rows(row_bytes: int, num_samples: int, target_bytes: int = 8 <<
 # the layout and inference settings that change stored bytes without being "configuration".
 RESUME_KEYS = ("dataset", "classes", "augment", "teachers", "members", "output_kind", "aggregation", "weights",
                "topk", "frames", "value_dtype", "index_dtype", "order_dtype", "seed", "chunk_rows", "precision",
-               "codec", "codec_options")
+               "codec", "codec_options", "positions")
 
 
 def _short(v) -> str:
@@ -576,10 +576,21 @@ def check_manifest(path, manifest: dict) -> None:
     if frames is not None and (not isinstance(frames, int) or isinstance(frames, bool) or frames < 1):
         raise LogitCacheError(f"{path}: manifest entry 'frames' is {_short(frames)}, not a positive whole number "
                               f"(edited or damaged)")
+    _check_positions(path, manifest.get("positions"), frames)
     for key in ("epochs", "topk", "chunk_rows"):
         if manifest[key] < (0 if key == "epochs" else 1):
             raise LogitCacheError(f"{path}: manifest entry '{key}' is {manifest[key]}, out of range "
                                   f"(edited or damaged)")
+
+
+def _check_positions(path, positions, frames) -> None:
+    if positions is None:
+        return
+    whole = isinstance(positions, list) and len(positions) >= 2 and all(
+        isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in positions)
+    if not whole or frames != int(np.prod(positions)):
+        raise LogitCacheError(f"{path}: manifest entry 'positions' is {_short(positions)}, not a list of position "
+                              f"counts whose product is frames={frames} (edited or damaged)")
 
 
 class Cache:
@@ -672,6 +683,26 @@ class Cache:
     @property
     def frames(self) -> int | None:
         return self.manifest.get("frames")
+
+    @property
+    def position_shape(self) -> tuple[int, ...] | None:
+        """(H', W') when the targets' frames are the positions of dense-map teachers (stored
+        row-major, ``frames = H' * W'``), else None. :meth:`by_position` views rows that way."""
+        positions = self.manifest.get("positions")
+        return tuple(positions) if positions else None
+
+    def by_position(self, rows):
+        """Rows with the frame axis second (``targets(...)`` fields ``[n, T, ...]``, a student's
+        ``[n, T, C]``) viewed as ``[n, H', W', ...]``; a :class:`Targets` or a dict field by field.
+        A cache without ``positions`` is refused (its frames are a time axis)."""
+        if self.position_shape is None:
+            raise LogitCacheError(f"{self.path}: targets have no position map (frames={self.frames}); "
+                                  f"by_position applies to dense-map caches")
+        if isinstance(rows, Targets):
+            return Targets(*(self.by_position(a) for a in (rows.values, rows.indices, rows.stat)))
+        if isinstance(rows, dict):
+            return {k: self.by_position(v) for k, v in rows.items()}
+        return rows.reshape(rows.shape[0], *self.position_shape, *rows.shape[2:])
 
     @property
     def chunk_rows(self) -> int:

@@ -35,7 +35,7 @@ from logitcache.sources import image_size as check_image_size
 from logitcache.storage import backend_for_new, cache_location, is_url
 from logitcache.hetero import absent_classes, check_specialists, configure_teachers, coverage, ensemble_logits
 from logitcache.targets import AGGREGATIONS, KINDS, index_dtype
-from logitcache.teachers import Teacher, load_teachers, probe_teachers, run_teachers
+from logitcache.teachers import Teacher, load_teachers, position_shape, probe_teachers, run_teachers
 from logitcache.views import DrawnViews, SourceContent, ViewSource, collate_views
 
 def default_workers(dev: torch.device) -> int:
@@ -244,7 +244,7 @@ def dump(
         members=member_names, output_kind=output_kind, aggregation=aggregation, weights=ensemble_weights,
         topk=topk, frames=frames, value_dtype=value_dtype, epochs=epochs, seed=seed, chunk_rows=R, codec=entries,
         run={"precision": precision, "compile": bool(compile), "channels_last": bool(channels_last),
-             "device": dev.type})
+             "device": dev.type}, positions=position_shape(loaded))
     for t in loaded:  # a specialist's member set: the classes it stores at ABSENT_LOGIT (probability 0)
         absent, ts = absent_classes(t, folder.classes), manifest["target_sets"].get(Layout.target_set_of(t.name))
         if absent and ts is not None:

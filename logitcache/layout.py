@@ -43,7 +43,7 @@ MOMENTS = ("sum", "sum_sq", "row_sum_sq_over_c")
 
 _DIGEST_KEYS = ("dataset", "classes", "augment", "teachers", "output_kind", "aggregation", "weights",
                 "topk", "frames", "value_dtype", "seed", "chunk_rows")
-_DIGEST_KEYS_IF_PRESENT = ("derived_arrays", "param_storage", "source")
+_DIGEST_KEYS_IF_PRESENT = ("derived_arrays", "param_storage", "source", "positions")
 # Arrays a format-2 cache may derive instead of storing: both are pure functions of (seed, epoch,
 # sample id) (augment.epoch_order, augment.view_seeds), pinned by tests/test_golden.py.
 DERIVABLE = ("order", "seeds")
@@ -130,7 +130,8 @@ _INT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64")
 
 def new_manifest(*, dataset: dict, source: dict | None = None, classes: list[str], augmenter, teachers: list[dict],
                  members: list[str], output_kind: str, aggregation: str, weights: list[float] | None, topk: int,
-                 frames: int | None, value_dtype: str, epochs: int, seed: int, chunk_rows: int, codec: dict, run: dict) -> dict:
+                 frames: int | None, value_dtype: str, epochs: int, seed: int, chunk_rows: int, codec: dict, run: dict,
+                 positions: list[int] | None = None) -> dict:
     """The manifest of a new cache (format 2): the one place one is built (dump, plan).
 
     ``source``: the data source's entry (``{"kind": ...}``, :meth:`logitcache.sources.Source.describe`;
@@ -138,7 +139,9 @@ def new_manifest(*, dataset: dict, source: dict | None = None, classes: list[str
     description (name, source, fingerprint); ``codec``: the entries
     of :func:`codec_entries`; ``run``: how the dump ran (precision, device, ...; not content).
     Order and seeds are derived, not stored; params drawn on an integer grid are stored as their
-    integers (:meth:`Augmenter.param_grid`); ``content`` holds crc32s of the source files."""
+    integers (:meth:`Augmenter.param_grid`); ``content`` holds crc32s of the source files.
+    ``positions``: ``[H', W']`` of dense-map teachers, whose ``frames = H' * W'`` positions are
+    stored row-major (absent for clip and frame level)."""
     from logitcache.targets import index_dtype
 
     N = int(dataset["num_samples"])
@@ -152,6 +155,8 @@ def new_manifest(*, dataset: dict, source: dict | None = None, classes: list[str
          **({"member_stats": MEMBER_STATS} if members else {})}  # per-teacher logit statistics
     if source is not None:
         m["source"] = dict(source)
+    if positions is not None:
+        m["positions"] = [int(p) for p in positions]
     m["target_sets"] = _provenance(m, codec["codec"])
     return m
 
@@ -178,7 +183,7 @@ class Manifest:
     num_samples: int  # N, the dataset's samples
     num_classes: int  # C
     topk: int  # k
-    frames: int | None  # T for frame-level targets, else None
+    frames: int | None  # T for frame-level targets (H' * W' for a dense map), else None
     chunk_rows: int  # rows per chunk along positions
     output_kind: str  # multilabel | multiclass
     members: list[str]  # teachers whose own top-k are stored besides the ensemble's
@@ -191,6 +196,7 @@ class Manifest:
     param_storage: dict = field(default_factory=dict)  # "op.param" -> {dtype, num, den}: stored as integers k
     target_sets: dict = field(default_factory=dict)  # name -> provenance (teachers, codec, written_at)
     member_stats: str | None = None  # MEMBER_STATS when members/<name>/logit_moments exist
+    positions: tuple | None = None  # (H', W') when the frames are a dense map's positions, row-major
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -214,7 +220,7 @@ class Manifest:
                    order_dtype=m.get("order_dtype", "uint32"), content=bool(m.get("content")),
                    augment=m.get("augment") or {}, target_sets=dict(m.get("target_sets") or {}),
                    derived=_derived(m), param_storage=_param_storage(m), member_stats=m.get("member_stats"),
-                   raw=dict(m))
+                   positions=tuple(m["positions"]) if m.get("positions") else None, raw=dict(m))
 
     def to_json(self) -> dict:
         """The JSON document: ``raw`` with the typed fields written back (format 2 entries only
@@ -226,6 +232,9 @@ class Manifest:
         if self.format_version >= 2:
             out.update(format_version=self.format_version, codec=self.codec,
                        codec_options=dict(self.codec_options), target_sets=dict(self.target_sets))
+        out.pop("positions", None)
+        if self.positions:
+            out["positions"] = list(self.positions)
         out.pop("member_stats", None)
         if self.member_stats:
             out["member_stats"] = self.member_stats

@@ -44,7 +44,8 @@ from logitcache.layout import MEMBER_STATS, MOMENTS, PARAMS, Layout, config_dige
 from logitcache.lock import DumpLock
 from logitcache.storage import cache_location, is_url, open_store
 from logitcache.hetero import apply_recorded, configure_teachers, coverage, ensemble_logits
-from logitcache.teachers import Teacher, load_teachers, probe_teachers, run_teachers, teacher_differences
+from logitcache.teachers import (Teacher, load_teachers, position_shape, probe_teachers, run_teachers,
+                                 teacher_differences)
 from logitcache.views import SourceContent, ViewSource, check_compatible
 
 ENSEMBLE = Layout.target_set_of(None)
@@ -186,10 +187,16 @@ def _plan(path, m, specs, ensemble_specs, weights, state_dicts, teacher_args, de
 def _check_outputs(path: Path, m: dict, loaded: list[Teacher], first_new: Teacher, dev) -> None:
     """The teachers must output what the cache holds: C classes, at its clip or frame level."""
     classes, frames = probe_teachers(loaded, Augmenter.from_spec(m["augment"]).view_shape, dev, m["output_kind"])
-    if classes != len(m["classes"]) or frames != m.get("frames"):
-        theirs = f"C={classes}" + (f", T={frames}" if frames else ", clip level")
-        ours = f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else ", clip level")
+    positions = position_shape(loaded)
+    if classes != len(m["classes"]) or frames != m.get("frames") or positions != m.get("positions"):
+        theirs = f"C={classes}" + (f", T={frames}" if frames else ", clip level") + _map_words(positions)
+        ours = (f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else ", clip level")
+                + _map_words(m.get("positions")))
         raise LogitCacheError(f"teacher {first_new.source}: outputs {theirs} but cache {path} holds {ours}")
+
+
+def _map_words(positions) -> str:
+    return f" (a {'x'.join(map(str, positions))} map)" if positions else ""
 
 
 def _new_sets(m: dict, new: list[Teacher], ensemble: list[dict] | None) -> dict[str, dict]:

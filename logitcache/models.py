@@ -127,12 +127,19 @@ def list_image_models() -> list[str]:
     return sorted(_IMAGE_REGISTRY)
 
 
-def _create_image_model(name: str, num_classes, frames, seed, **kwargs) -> nn.Module:
+def _create_image_model(name: str, num_classes, frames, seed, positions=None, **kwargs) -> nn.Module:
     if not _is_int(num_classes) or num_classes < 1:
         raise LogitCacheError(f"num_classes must be a positive int, got {num_classes!r}")
+    dense = name in _DENSE_IMAGE_MODELS
     if frames is not None:
-        raise LogitCacheError(f"model {name!r} gives clip-level logits only (frames={frames!r})")
+        raise LogitCacheError(f"model {name!r} gives {'dense-map' if dense else 'clip-level'} logits, not frames "
+                              f"(frames={frames!r})")
+    if positions is not None and not dense:
+        raise LogitCacheError(f"model {name!r} gives clip-level logits and the targets are a "
+                              f"{'x'.join(map(str, positions))} map; choose one of: {', '.join(_DENSE_IMAGE_MODELS)}")
     kwargs.pop("sample_rate", None)
+    if dense:
+        kwargs["positions"] = None if positions is None else [int(p) for p in positions]
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
@@ -151,6 +158,26 @@ def image_cnn_tiny(num_classes: int, width: int = 16) -> nn.Module:
         nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+
+@register_image_model
+def image_dense_tiny(num_classes: int, width: int = 16, positions: list[int] | None = None) -> nn.Module:
+    """A dense-map student: two strided 3x3 convolutions, average-pooled to ``positions`` (H', W')
+    (default: the body's own 1/4-resolution map), a 1x1-convolution head; logits ``[B, H', W', C]``
+    channels last, as dense-map teachers give them."""
+    pool = nn.AdaptiveAvgPool2d(tuple(positions)) if positions else nn.Identity()
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        pool, nn.Conv2d(2 * width, num_classes, 1), _ChannelsLast())
+
+
+class _ChannelsLast(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+_DENSE_IMAGE_MODELS = ("image_dense_tiny",)
 
 
 def _is_int(x) -> bool:

@@ -1,7 +1,9 @@
 """Loading teachers, and the contract every teacher is held to.
 
-A teacher maps a float32 waveform ``[B, samples]`` to logits ``[B, C]`` (clip level) or
-``[B, T, C]`` (frame level). Formats, by what loading them runs:
+A teacher maps a float32 view (a waveform ``[B, samples]`` or images ``[B, 3, H, W]``) to logits
+``[B, C]`` (clip level), ``[B, T, C]`` (frame level) or ``[B, H', W', C]`` (a dense map, channels
+last; stored per position as ``T = H' * W'`` frames in row-major order, see :func:`position_shape`).
+Formats, by what loading them runs:
 
 * data, loaded without executing anything from the file: a ``torch.export`` program (``.pt2``,
   see :mod:`logitcache.teacher_pt2`) and an ONNX model (``.onnx``, :mod:`logitcache.teacher_onnx`);
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 import sys
 import warnings
@@ -49,7 +52,7 @@ class Teacher:
     sha256: str
     format: str = ""
     kwargs: dict = field(default_factory=dict)
-    out_shape: tuple | None = None  # [T,] C, set by probe_teachers and held to on every batch
+    out_shape: tuple | None = None  # [T,] C or H', W', C; set by probe_teachers and held to on every batch
     # Its own input rate, clip length and classes (logitcache.hetero.configure_teachers); None: the dump's.
     sample_rate: int | None = None
     clip_seconds: float | None = None
@@ -74,7 +77,9 @@ class Teacher:
         return adapt_input(x, self.view_rate, self.sample_rate, self.clip_seconds)
 
     def outputs(self, z: torch.Tensor) -> torch.Tensor:
-        """Its logits on the dataset's classes."""
+        """Its logits on the dataset's classes; a dense map ``[B, H', W', C]`` as ``[B, H' * W', C]``
+        (row-major: the positions are stored as frames)."""
+        z = flat_positions(z)
         return z if self.class_map is None else self.class_map.apply(z)
 
     @property
@@ -82,6 +87,17 @@ class Teacher:
         if self.out_shape is None or self.class_map is None:
             return self.out_shape
         return (*self.out_shape[:-1], len(self.class_map.columns))
+
+    @property
+    def positions(self) -> tuple | None:
+        """(H', W') of a dense output map, else None (clip or frame level)."""
+        return self.out_shape[:-1] if self.out_shape is not None and len(self.out_shape) > 2 else None
+
+
+def flat_positions(z: torch.Tensor) -> torch.Tensor:
+    """A dense map ``[B, H', W', C]`` as ``[B, H' * W', C]``, row-major: how a cache stores a map's
+    positions (as frames), for teachers and students alike; other shapes as they are."""
+    return z.flatten(1, -2) if z.dim() > 3 else z
 
 
 def first_line(e: BaseException) -> str:
@@ -263,10 +279,23 @@ def probe_teachers(teachers: list[Teacher], view_shape: tuple[int, ...] | int, d
         raise LogitCacheError("teachers disagree on the number of classes: " +
                               ", ".join(f"{k} -> C={v[-1]}" for k, v in shapes.items()))
     if len(set(s[:-1] for s in shapes.values())) > 1:
-        raise LogitCacheError("teachers disagree on clip/frame level: " +
-                              ", ".join(f"{k} -> {'T=' + str(v[0]) if len(v) == 2 else 'clip'}" for k, v in shapes.items()))
+        raise LogitCacheError("teachers disagree on clip/frame/map level: " +
+                              ", ".join(f"{k} -> {_level(v)}" for k, v in shapes.items()))
     shape = teachers[0].mapped_shape
-    return shape[-1], (shape[0] if len(shape) == 2 else None)
+    return shape[-1], (math.prod(shape[:-1]) if len(shape) > 1 else None)
+
+
+def position_shape(teachers: list[Teacher]) -> list[int] | None:
+    """[H', W'] of probed dense-map teachers (their frames are ``H' * W'`` positions, row-major),
+    else None. The manifest records it as ``positions``."""
+    shape = teachers[0].positions
+    return list(shape) if shape is not None else None
+
+
+def _level(shape: tuple) -> str:
+    if len(shape) == 1:
+        return "clip"
+    return f"T={shape[0]}" if len(shape) == 2 else "map " + "x".join(map(str, shape[:-1]))
 
 
 def _probe_call(t: Teacher, x: torch.Tensor) -> torch.Tensor:
@@ -278,9 +307,9 @@ def _probe_call(t: Teacher, x: torch.Tensor) -> torch.Tensor:
     except Exception as e:
         raise LogitCacheError(f"teacher {t.source}: fails on a [{x.shape[0]}, {x.shape[1]}] waveform batch "
                               f"({first_line(e)})") from None
-    if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3) or out.shape[0] != x.shape[0]:
+    if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3, 4) or out.shape[0] != x.shape[0]:
         raise LogitCacheError(f"teacher {t.source}: output {_shape(out)} for a batch of {x.shape[0]} is not "
-                              f"[B, C] or [B, T, C] logits")
+                              f"[B, C], [B, T, C] or [B, H', W', C] logits")
     return out
 
 

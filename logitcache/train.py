@@ -32,7 +32,7 @@ from logitcache.metrics import average_precision, top1_accuracy
 from logitcache.recompose import requested as requested_composition
 from logitcache.sources import Source, open_source
 from logitcache.storage import is_url
-from logitcache.students import build_student, check_student_output, load_student  # noqa: F401  (re-exported)
+from logitcache.students import build_student, check_student_output, flat_positions, load_student  # noqa: F401
 from logitcache.targets import hard_label_loss, kd_loss
 from logitcache.views import CacheStream, ViewSource, check_compatible
 
@@ -51,7 +51,7 @@ def evaluate(model: torch.nn.Module, folder: Source, augmenter: Augmenter, kind:
     plain = ViewSource(folder, augmenter)
     for a in range(0, len(folder), batch_size):
         x = torch.stack([plain.plain(i) for i in range(a, min(a + batch_size, len(folder)))])
-        z = model(x.to(device)).float()
+        z = flat_positions(model(x.to(device)).float())
         if z.dim() == 3:
             z = z.max(dim=1).values  # frame-level: a clip holds a class if any frame does
         scores.append(z.cpu().numpy())
@@ -86,7 +86,7 @@ def distill_step(model, optimizer, batch: dict, kind: str, device: torch.device,
             z_heads = model(x, all_heads=True)
             z = getattr(model, "module", model).combine(z_heads)
         else:
-            z = model(x)
+            z = flat_positions(model(x))  # a dense map [B, H', W', C] against its positions stored as frames
     loss = torch.zeros((), device=device)
     if alpha < 1.0:
         if heads:
@@ -250,7 +250,9 @@ def train(
     if steps_per_epoch == 0:
         raise LogitCacheError(f"{cache}: {-(-c.num_samples // c.chunk_rows)} chunk(s) per epoch cannot be shared by "
                               f"{ctx.world} ranks; use fewer ranks (or dump with a smaller --chunk-rows)")
-    model = build_student(student, len(c.classes), view_rate(augmenter), c.frames, seed).to(dev)
+    _check_dense_labels(c, alpha, heads)
+    model = build_student(student, len(c.classes), view_rate(augmenter), c.frames, seed, c.position_shape)
+    model = model.to(dev)
     check_student_output(model, student, c, augmenter.view_shape, dev)
     if heads == "members":
         model = with_heads(model, student, c.members, len(c.classes), c.output_kind, augmenter.view_shape,
@@ -360,6 +362,19 @@ def train(
 # What a resumed run must share with the checkpoint: a position counts per-rank batches.
 _RESUME_KEYS = ("student", "batch_size", "epochs", "cache_config_digest", "stored_epochs", "ranks", "heads",
                 "head_members", "ensemble", "ensemble_weights", "aggregation", "member_weighting")
+
+
+def _check_dense_labels(c: Cache, alpha: float, heads: str) -> None:
+    """Dense-map targets are distilled by KD alone: the labels are per image, and no rule says which
+    of a map's positions hold an image's class (a max over frames would claim every map holds it)."""
+    if c.position_shape is None:
+        return
+    where = f"cache {c.path} holds a {'x'.join(map(str, c.position_shape))} map per view"
+    if alpha > 0:
+        raise LogitCacheError(f"--alpha {alpha:g}: the labels are per image but {where}; train a dense-map "
+                              f"student with --alpha 0 (KD only)")
+    if heads == "members":
+        raise LogitCacheError(f"--heads members: not supported for dense-map targets ({where})")
 
 
 def _check_run_folder(out: Path, resume: bool) -> None:

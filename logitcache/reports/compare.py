@@ -147,7 +147,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
     from logitcache.device import autocast, resolve_device
     from logitcache.hetero import apply_recorded, coverage, ensemble_logits
     from logitcache.teachers import load_teachers, probe_teachers, run_teachers
-    from logitcache.students import check_student_output, load_student
+    from logitcache.students import check_student_output, flat_positions, load_student
     from logitcache.views import SourceContent, ViewSource, check_compatible
 
     samples, batch_size = checks.whole("--samples", samples), checks.whole("--batch-size", batch_size)
@@ -189,7 +189,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                                      config.get("aggregation"), config.get("member_weighting"))
         augmenter = Augmenter.from_spec(m["augment"])
         dev = resolve_device(device)
-        net = load_student(run, student, C, view_rate(augmenter), c.frames, config, kind).to(dev)
+        net = load_student(run, student, C, view_rate(augmenter), c.frames, config, kind, c.position_shape)
+        net = net.to(dev)
         check_student_output(net, student, c, augmenter.view_shape, dev)
 
         # -- cached training views: a seeded sample of (epoch, position) from the epochs trained on
@@ -216,7 +217,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                     wave = torch.stack([source.replay(i, p) for i, p in zip(index, rows)]).to(dev)
                     with torch.inference_mode(), autocast(dev, "fp32"):
                         zh = net(wave, all_heads=True).float().cpu() if heads else None
-                        zs = net(wave).float().cpu() if zh is None else net.combine(zh)
+                        zs = flat_positions(net(wave).float().cpu()) if zh is None else net.combine(zh)
                     for h, name in enumerate(heads or []):
                         qh = _dense_targets(c, c.targets(epoch, ids, member=name), C, kind)
                         head_pairs[h].append(_student_figures(zh[h].reshape(-1, C), qh.reshape(-1, C), kind))
@@ -266,7 +267,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                 x = torch.stack([plain.plain(i) for i in clips]).to(dev)
                 with torch.inference_mode():
                     zh = net(x, all_heads=True).float().cpu() if heads else None
-                    s_list.append(net(x).float().cpu() if zh is None else net.combine(zh))
+                    s_list.append(flat_positions(net(x).float().cpu()) if zh is None else net.combine(zh))
                     if loaded:
                         with autocast(dev, m.get("precision", "fp32")):
                             z = run_teachers(loaded, x, lambda: [held.ids[i] for i in clips])

@@ -353,7 +353,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
 
     from logitcache.device import autocast, resolve_device
     from logitcache.hetero import apply_recorded, coverage, ensemble_logits
-    from logitcache.teachers import load_teachers, probe_teachers, run_teachers, teacher_differences
+    from logitcache.teachers import load_teachers, position_shape, probe_teachers, run_teachers, teacher_differences
     from logitcache.views import SourceContent, ViewSource, check_compatible
 
     samples, batch_size = checks.whole("--samples", samples), checks.whole("--batch-size", batch_size)
@@ -375,9 +375,12 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         apply_recorded(loaded, m)  # each teacher's own rate, clip length and class map, as dumped
         augmenter = Augmenter.from_spec(m["augment"])
         num_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, kind)
-        if num_classes != len(m["classes"]) or frames != m.get("frames"):
-            theirs = f"C={num_classes}" + (f", T={frames}" if frames else "")
-            ours = f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else "")
+        positions = position_shape(loaded)
+        if num_classes != len(m["classes"]) or frames != m.get("frames") or positions != m.get("positions"):
+            theirs = (f"C={num_classes}" + (f", T={frames}" if frames else "")
+                      + (f", map {positions}" if positions else ""))
+            ours = (f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else "")
+                    + (f", map {m['positions']}" if m.get("positions") else ""))
             raise LogitCacheError(f"teachers output {theirs} but cache {cache.path} holds {ours}")
 
         dumped = m.get("teachers", [])

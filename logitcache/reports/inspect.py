@@ -54,7 +54,8 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
     manifest files); ``arrays[i].stored_bytes`` are the arrays' own shares and
     ``arrays[i].ratio`` is raw / stored (how well that array compresses).
 
-    Keys: path, backend, complete, samples, epochs, topk, classes (count), frames, output_kind,
+    Keys: path, backend, complete, samples, epochs, topk, classes (count), frames,
+    positions ([H', W'] of a dense map, else None), output_kind,
     aggregation, members, teachers (names), value_dtype, index_dtype, chunk_rows, chunks_done,
     chunks_total, bytes_on_disk, bytes_arrays, bytes_uncompressed, bytes_per_sample_epoch,
     audio_bytes, share_of_audio, arrays (name, shape, dtype, stored_bytes, raw_bytes, ratio),
@@ -134,6 +135,7 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
             "topk": cache.topk,
             "classes": len(m["classes"]),
             "frames": cache.frames,
+            "positions": list(cache.position_shape) if cache.position_shape else None,
             "output_kind": cache.output_kind,
             "aggregation": m.get("aggregation"),
             "members": cache.members,
