@@ -256,9 +256,18 @@ def _recompose_kwargs(ensemble, ensemble_weights, ensemble_weight, aggregation, 
             "member_weighting": member_weighting}
 
 
+def _source_option(f):
+    return click.option("--source", default=None, metavar="KIND",
+                        help="The data's source kind: audio_folder, image_folder or manifest. [default: detected "
+                             "from --data]")(f)
+
+
 # ---------------------------------------------------------------- dump
 @main.command()
-@click.option("--data", required=True, metavar="DIR", help="Dataset folder (labels.csv + audio).")
+@click.option("--data", required=True, metavar="PATH",
+              help="Data: a folder (labels.csv + audio or images, or one image sub-folder per class) or a "
+                   ".csv/.jsonl manifest of files and labels.")
+@_source_option
 @click.option("--teacher", "teachers", multiple=True, metavar="T",
               help="Teacher: a .pt2 torch.export file, an .onnx model, a TorchScript file, "
                    "package.module:callable or a teacher .json spec. Repeat for an ensemble. With "
@@ -270,8 +279,9 @@ def _recompose_kwargs(ensemble, ensemble_weights, ensemble_weight, aggregation, 
               help="Cache to create (.zarr folder, or .h5 for HDF5).")
 @click.option("--epochs", default=1, show_default=True, help="Augmented views stored per sample.")
 @click.option("--topk", default=20, show_default=True, help="Logits stored per view (and frame).")
-@click.option("--augment", default="ced", show_default=True, metavar="NAME|FILE",
-              help="Augmentation preset (none, ced, strong) or a JSON/TOML ops file.")
+@click.option("--augment", default=None, metavar="NAME|FILE",
+              help="Augmentation preset (audio: none, ced, strong) or a JSON/TOML ops file. [default: ced for "
+                   "audio, the image preset for images]")
 @click.option("--seed", default=0, show_default=True, help="Base seed of orders and augmentations.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -302,6 +312,8 @@ def _recompose_kwargs(ensemble, ensemble_weights, ensemble_weight, aggregation, 
               help="Default: the dataset's (dataset.json).")
 @click.option("--clip-seconds", type=float, default=None, metavar="S",
               help="Default: the dataset's (dataset.json).")
+@click.option("--image-size", default=None, metavar="PX|HxW",
+              help="Images: the view size. [default: dataset.json's image_size, else 224]")
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
               help="Default: from --out's suffix, else zarr.")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
@@ -320,11 +332,11 @@ def _recompose_kwargs(ensemble, ensemble_weights, ensemble_weight, aggregation, 
               help="One rank of a torch.distributed job (torchrun): each rank writes its own chunks of one "
                    "zarr cache. [default: on when WORLD_SIZE > 1]")
 @_json_option
-def dump(data, teachers, add_teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
+def dump(data, source, teachers, add_teachers, out, epochs, topk, augment, seed, batch_size, device, output_kind, aggregation,
          ensemble_weights, state_dicts, teacher_args, teacher_sample_rates, teacher_clip_seconds, class_maps,
          unmapped, members, value_dtype, codec, value_bits, sample_n, sample_head, sample_temperature, sample_rate,
-         clip_seconds, backend, precision, compile_, channels_last, workers, chunk_rows, threads, resume, distributed,
-         as_json):
+         clip_seconds, image_size, backend, precision, compile_, channels_last, workers, chunk_rows, threads, resume,
+         distributed, as_json):
     """Run the teachers on augmented views and write a cache.
 
     Each of EPOCHS passes draws one augmented view per sample (parameters stored, so the view
@@ -356,7 +368,7 @@ def dump(data, teachers, add_teachers, out, epochs, topk, augment, seed, batch_s
             ensemble_weights=list(ensemble_weights) or None, **_teacher_kwargs(state_dicts, teacher_args),
             members=members,
             value_dtype=value_dtype, backend=backend, sample_rate=sample_rate, clip_seconds=clip_seconds,
-            precision=precision, compile=compile_, channels_last=channels_last, num_workers=workers,
+            image_size=image_size, source=source, precision=precision, compile=compile_, channels_last=channels_last, num_workers=workers,
             chunk_rows=chunk_rows, resume=resume, progress=True, distributed=distributed, threads=threads,
             codec=codec, value_bits=value_bits, sample_n=sample_n, sample_head=sample_head,
             sample_temperature=sample_temperature, teacher_sample_rates=_per_teacher(teacher_sample_rates, int),
@@ -427,7 +439,8 @@ def _rows_what(info: dict) -> str:
 # ---------------------------------------------------------------- train
 @main.command()
 @click.option("--cache", required=True, metavar="CACHE", help="Cache written by 'logitcache dump'.")
-@click.option("--data", required=True, metavar="DIR", help="The dataset folder the cache was dumped from.")
+@click.option("--data", required=True, metavar="PATH", help="The data the cache was dumped from.")
+@_source_option
 @click.option("--student", required=True, metavar="NAME|module:callable",
               help="A model zoo name (cnn_tiny, cnn_small, crnn_small, transformer_tiny) or a factory.")
 @click.option("--out", required=True, metavar="RUN", help="Run folder (checkpoint.pt, metrics.jsonl).")
@@ -458,7 +471,7 @@ def _rows_what(info: dict) -> str:
 @click.option("--checkpoint-every", type=int, default=None, metavar="STEPS",
               help="Also write checkpoint.pt every STEPS steps (default: after each epoch only).")
 @_json_option
-def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, temperature, alpha, member, heads,
+def train(cache, data, source, student, out, epochs, batch_size, lr, weight_decay, temperature, alpha, member, heads,
           ensemble, ensemble_weights, ensemble_weight, aggregation, member_weighting,
           eval_data, device, precision, workers, threads, seed, allow_partial, distributed, resume, checkpoint_every,
           as_json):
@@ -485,7 +498,7 @@ def train(cache, data, student, out, epochs, batch_size, lr, weight_decay, tempe
                             heads=heads, eval_data=eval_data, device=device, precision=precision,
                             num_workers=workers,
                             seed=seed, allow_partial=allow_partial, progress=True, distributed=distributed,
-                            resume=resume, checkpoint_every=checkpoint_every, threads=threads,
+                            resume=resume, checkpoint_every=checkpoint_every, threads=threads, source=source,
                             **_recompose_kwargs(ensemble, ensemble_weights, ensemble_weight, aggregation,
                                                 member_weighting))
     if current_rank() != 0:
@@ -649,7 +662,8 @@ def members_drop(cache, name, as_json):
 # ---------------------------------------------------------------- fidelity
 @main.command()
 @click.argument("cache", metavar="CACHE")
-@click.option("--data", required=True, metavar="DIR", help="The dataset folder the cache was dumped from.")
+@click.option("--data", required=True, metavar="PATH", help="The data the cache was dumped from.")
+@_source_option
 @click.option("--teacher", "teachers", required=True, multiple=True, metavar="T",
               help="The teachers of the dump, in the same order.")
 @_factory_options
@@ -661,7 +675,7 @@ def members_drop(cache, name, as_json):
               help="Also write a self-contained HTML report with plots (cache summary included).")
 @_recompose_options
 @_json_option
-def fidelity(cache, data, teachers, state_dicts, teacher_args, samples, seed, batch_size, device, html_out,
+def fidelity(cache, data, source, teachers, state_dicts, teacher_args, samples, seed, batch_size, device, html_out,
              ensemble, ensemble_weights, ensemble_weight, aggregation, member_weighting, as_json):
     """Compare the cache with freshly re-run teachers.
 
@@ -692,7 +706,7 @@ def fidelity(cache, data, teachers, state_dicts, teacher_args, samples, seed, ba
         result = run_fidelity(cache, data, list(teachers), samples=samples, seed=seed, device=device,
                               **_teacher_kwargs(state_dicts, teacher_args), batch_size=batch_size, progress=True,
                               **_recompose_kwargs(ensemble, ensemble_weights, ensemble_weight, aggregation,
-                                                  member_weighting))
+                                                  member_weighting), source=source)
     if html_out:
         from logitcache.html import write_report
         from logitcache.report import inspect_cache
@@ -847,8 +861,9 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, va
 @main.command()
 @click.argument("run", metavar="RUN")
 @click.option("--cache", default=None, metavar="CACHE", help="The cache the run trained on (default: RUN's).")
-@click.option("--data", default=None, metavar="DIR", help="The data folder of that cache (default: RUN's).")
-@click.option("--eval-data", default=None, metavar="DIR", help="Held-out labelled folder (un-augmented clips).")
+@click.option("--data", default=None, metavar="PATH", help="The data of that cache (default: RUN's).")
+@_source_option
+@click.option("--eval-data", default=None, metavar="PATH", help="Held-out labelled data (un-augmented views).")
 @click.option("--teacher", "teachers", multiple=True, metavar="T",
               help="Re-run these teachers on --eval-data (the dump's teachers, in order).")
 @_factory_options
@@ -864,7 +879,7 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, va
 @click.option("--trust-run", is_flag=True,
               help="Import the student factory named in RUN's config.json without --student.")
 @_json_option
-def compare(run, cache, data, eval_data, teachers, state_dicts, teacher_args, samples, seed, batch_size, device,
+def compare(run, cache, data, source, eval_data, teachers, state_dicts, teacher_args, samples, seed, batch_size, device,
             html_out, student, trust_run, as_json):
     """Does a trained student match the ensemble?
 
@@ -889,7 +904,7 @@ def compare(run, cache, data, eval_data, teachers, state_dicts, teacher_args, sa
         r = run_compare(run, cache, data, eval_data=eval_data, teachers=list(teachers),
                         **_teacher_kwargs(state_dicts, teacher_args), samples=samples,
                         seed=seed, device=device, batch_size=batch_size, progress=True, student=student,
-                        trust_run=trust_run)
+                        trust_run=trust_run, source=source)
     if html_out:
         from logitcache.html import write_report
 

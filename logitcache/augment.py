@@ -380,14 +380,16 @@ DEFAULT_PRESET = "ced"
 _SLOTS_PER_OP = 64
 
 
-def load_ops_spec(name_or_file: str) -> list[dict]:
-    """A preset name, or a JSON/TOML file holding ``ops = [...]`` (or a bare JSON list)."""
-    if name_or_file in PRESETS:
-        return [dict(o) for o in PRESETS[name_or_file]]
+def load_ops_spec(name_or_file: str, presets: dict[str, list[dict]] | None = None) -> list[dict]:
+    """A preset name (of ``presets``, default the audio ones), or a JSON/TOML file holding
+    ``ops = [...]`` (or a bare JSON list)."""
+    presets = PRESETS if presets is None else presets
+    if name_or_file in presets:
+        return [dict(o) for o in presets[name_or_file]]
     path = Path(name_or_file)
     if not path.is_file():
         raise LogitCacheError(
-            f"augmentation {name_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON/TOML file"
+            f"augmentation {name_or_file!r} is neither a preset ({', '.join(presets)}) nor a JSON/TOML file"
         )
     try:
         doc = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
@@ -420,6 +422,10 @@ class Augmenter:
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Augmenter":
+        """The augmenter of a spec, audio or image by its ``modality`` (absent: audio)."""
+        modality = spec.get("modality", "audio")
+        if modality != "audio":
+            return _augmenter_class(modality).from_spec(spec)
         if spec.get("version") != SPEC_VERSION:
             raise LogitCacheError(
                 f"augmentation spec version {spec.get('version')} is not supported (this logitcache reads {SPEC_VERSION})"
@@ -461,6 +467,15 @@ class Augmenter:
                 out[f"{op.name}.{k}"] = np.asarray(v, dtype=dtype).reshape(shape)
         return out
 
+    @property
+    def view_shape(self) -> tuple[int, ...]:
+        """Shape of one view (teachers take ``[B, *view_shape]``)."""
+        return (self.clip_samples,)
+
+    def fit(self, source: torch.Tensor, params: dict[str, np.ndarray] | None = None) -> torch.Tensor:
+        """The source fitted to the view shape without the random ops (evaluation views)."""
+        return self.fit_clip(source, params)
+
     def fit_clip(self, source: torch.Tensor, params: dict[str, np.ndarray] | None = None) -> torch.Tensor:
         """Crop (at the stored start, default 0) or zero-pad the source to the clip length."""
         start = _to_samples(params["crop.start_s"], self.sample_rate) if params and "crop.start_s" in params else 0
@@ -476,3 +491,48 @@ class Augmenter:
             prefix = op.name + "."
             wave = op.apply(wave, {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}, ctx)
         return wave.to(torch.float32).contiguous()
+
+
+# ---------------------------------------------------------------- modalities
+MODALITIES = ("audio", "image")
+
+
+def _image_module():
+    try:
+        from logitcache import augment_image
+    except ImportError:  # until the image ops land: the stand-in (delete with augment_image_min.py)
+        from logitcache import augment_image_min as augment_image
+    return augment_image
+
+
+def _augmenter_class(modality: str):
+    if modality == "image":
+        return _image_module().ImageAugmenter
+    raise LogitCacheError(f"augmentation spec modality {modality!r} is not supported (known: {', '.join(MODALITIES)})")
+
+
+def presets_for(modality: str) -> tuple[dict[str, list[dict]], str]:
+    """(preset name -> ops, the default preset) of a modality."""
+    if modality == "audio":
+        return PRESETS, DEFAULT_PRESET
+    module = _image_module()
+    return getattr(module, "PRESETS", {"none": []}), getattr(module, "DEFAULT_PRESET", "none")
+
+
+def make_spec(modality: str, ops: list[dict], settings: dict) -> dict:
+    """An augmentation spec of ``modality`` from its ops and settings (audio ``sample_rate`` and
+    ``clip_seconds``; image ``size`` [H, W]): what :meth:`Augmenter.from_spec` builds from."""
+    if modality == "audio":
+        return {"version": SPEC_VERSION, "sample_rate": settings["sample_rate"],
+                "clip_seconds": settings["clip_seconds"], "ops": ops}
+    if modality == "image":
+        return {"version": SPEC_VERSION, "modality": "image", "size": list(settings["size"]), "ops": ops}
+    _augmenter_class(modality)
+    raise AssertionError(modality)
+
+
+def view_rate(augmenter) -> int | None:
+    """The sample rate views are drawn at (None for images): what teachers declaring their own
+    rate are resampled from, and what audio students are built for."""
+    rate = augmenter.spec.get("sample_rate")
+    return None if rate is None else int(rate)

@@ -1,8 +1,7 @@
-"""Dataset folders: ``labels.csv`` (+ optional ``classes.txt`` and ``dataset.json``) and audio files.
+"""Reading data files: text, ``dataset.json``, audio decoding and its checks, the id fingerprint.
 
-The sample id is the ``filename`` string of labels.csv. Audio of any format soundfile reads,
-any sample rate (resampled with torchaudio) and any length (cropped/padded by the augmenter).
-The folder format is documented in data/README.md.
+The sources (:mod:`logitcache.sources`) build on these; ``AudioFolder`` lives in
+:mod:`logitcache.sources.audio_folder` and is still importable from here.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import math
 import os
 import stat
 import zlib
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 import torchaudio.functional as AF
 
 from logitcache.errors import LogitCacheError, quote, shorten
-from logitcache.labels import LabelTable
+
 
 DEFAULT_SAMPLE_RATE = 16000
 DEFAULT_CLIP_SECONDS = 10.0
@@ -39,75 +38,13 @@ def fingerprint(items: list[str]) -> str:
     return h.hexdigest()
 
 
-class AudioFolder:
-    """A labelled audio dataset folder; rows are addressed by sample id or dataset index."""
+def __getattr__(name: str):
+    # The audio folder is a source now (logitcache.sources.audio_folder); its old home still names it.
+    if name == "AudioFolder":
+        from logitcache.sources.audio_folder import AudioFolder
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise LogitCacheError(f"{self.root}: data folder not found")
-        labels_csv = self.root / "labels.csv"
-        if not labels_csv.is_file():
-            raise LogitCacheError(f"{labels_csv}: missing (a data folder needs labels.csv with filename,labels)")
-        classes_txt = self.root / "classes.txt"
-        self.table = LabelTable.from_csv(labels_csv, classes_txt if classes_txt.is_file() else None)
-        self.ids: list[str] = self.table.ids
-        self.classes: list[str] = self.table.classes
-        self.info = _read_info(self.root / "dataset.json")
-
-    def label_rows(self, index) -> np.ndarray:
-        """Dense float32 ``[len(index), C]`` 0/1 label rows of the dataset indices ``index``. The
-        folder keeps its labels sparse (``self.table``); ask for the rows a batch needs."""
-        return self.table.rows(index)
-
-    @property
-    def index(self) -> dict[str, int]:
-        """Sample id -> dataset index (made on first use)."""
-        return self.table.index
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.ids)
-
-    @property
-    def default_sample_rate(self) -> int:
-        return int(self.info.get("sample_rate", DEFAULT_SAMPLE_RATE))
-
-    @property
-    def default_clip_seconds(self) -> float:
-        return float(self.info.get("clip_seconds", DEFAULT_CLIP_SECONDS))
-
-    @property
-    def multi_label_rows(self) -> np.ndarray:
-        """Dataset indices of the rows that carry two or more labels."""
-        return self.table.multi_label_rows()
-
-    def load(self, index: int, sample_rate: int) -> torch.Tensor:
-        """Decoded mono float32 audio at ``sample_rate`` (full length; the augmenter fits it to the clip)."""
-        return self.load_with_crc(index, sample_rate)[0]
-
-    def load_with_crc(self, index: int, sample_rate: int) -> tuple[torch.Tensor, int]:
-        """``load`` and the zlib crc32 of the file's bytes, from the same single read of the file."""
-        return _load_audio(str(self.root / self.ids[index]), int(sample_rate))
-
-    def audio_bytes(self) -> int:
-        return sum((self.root / i).stat().st_size for i in self.ids if (self.root / i).is_file())
-
-    def source_sample_rates(self, threads: int = 8) -> dict[int, int]:
-        """Sample rate -> number of files, from the headers only. Raises the error of the first bad
-        file in labels.csv order (missing, not a regular file, resolving outside the folder,
-        undecodable, zero-length), so a dump fails before any teacher time is spent rather than
-        hours in."""
-        from collections import Counter
-        from concurrent.futures import ThreadPoolExecutor
-
-        _real_dir.cache_clear()  # links may have changed since an earlier scan in this process
-        scan = partial(_header_rate, self.root, os.path.realpath(self.root))
-        with ThreadPoolExecutor(threads) as pool:  # libsndfile releases the GIL: headers on slow disks overlap
-            return dict(sorted(Counter(pool.map(scan, self.ids)).items()))
+        return AudioFolder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _read_text(path: Path) -> str:
@@ -160,9 +97,9 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def _audio_error(path: str, e: Exception) -> LogitCacheError:
+def _audio_error(path: str, e: Exception, listed_in: str = "labels.csv") -> LogitCacheError:
     if isinstance(e, FileNotFoundError) or not os.path.exists(path):
-        return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: audio file not found (listed in labels.csv)")
+        return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: audio file not found (listed in {listed_in})")
     # an OSError's and libsndfile's texts repeat the path: keep the reason, short
     if isinstance(e, OSError) and e.strerror:
         reason = e.strerror
@@ -171,17 +108,19 @@ def _audio_error(path: str, e: Exception) -> LogitCacheError:
     return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: cannot decode audio ({reason})")
 
 
-def _stat_regular(path: str) -> os.stat_result:
-    """``os.stat`` of an audio file, refusing anything but a regular file: reading a FIFO or a
+def _stat_regular(path: str, listed_in: str = "labels.csv", what: str = "audio") -> os.stat_result:
+    """``os.stat`` of a data file, refusing anything but a regular file: reading a FIFO or a
     device blocks forever or never ends."""
     try:
         st = os.stat(path)
     except OSError as e:
-        raise _audio_error(path, e) from None
+        if what != "audio" and (isinstance(e, FileNotFoundError) or not os.path.exists(path)):
+            raise LogitCacheError(f"{shorten(path, PATH_LIMIT)}: {what} file not found (listed in {listed_in})") from None
+        raise _audio_error(path, e, listed_in) from None
     if not stat.S_ISREG(st.st_mode):
         kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
-        raise LogitCacheError(f"{shorten(path, PATH_LIMIT)}: {kind}, not an audio file "
-                              f"(listed in labels.csv)")
+        raise LogitCacheError(f"{shorten(path, PATH_LIMIT)}: {kind}, not an {what} file "
+                              f"(listed in {listed_in})")
     return st
 
 
@@ -216,11 +155,11 @@ def _header_rate(root: Path, real_root: str, sample_id: str) -> int:
     return int(info.samplerate)
 
 
-def _load_audio(path: str, sample_rate: int) -> tuple[torch.Tensor, int]:
+def _load_audio(path: str, sample_rate: int, listed_in: str = "labels.csv") -> tuple[torch.Tensor, int]:
     """(decoded audio, crc32 of the file's bytes). The decode cache is keyed by the file's
     identity and modification time too, so a file edited in place is read again, not served
     (with its old crc) from memory."""
-    st = _stat_regular(path)
+    st = _stat_regular(path, listed_in)
     return _decode(path, sample_rate, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -264,3 +203,48 @@ def _resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:
     except (ImportError, AttributeError, TypeError):  # another torchaudio: its public function
         return AF.resample(wave, orig, new)
     return _apply_sinc_resample_kernel(wave, int(orig), int(new), gcd, kernel, width)
+
+
+# ---------------------------------------------------------------- images
+def _image_error(path: str, e: Exception) -> LogitCacheError:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else \
+        shorten((str(e).splitlines() or [type(e).__name__])[0], PATH_LIMIT)
+    return LogitCacheError(f"{shorten(path, PATH_LIMIT)}: cannot decode image ({reason})")
+
+
+def _image_header(path: str, listed_in: str) -> tuple[int, int]:
+    """(H, W) from the image's header (Pillow reads no pixels until asked); the scan's check."""
+    from PIL import Image
+
+    _stat_regular(path, listed_in, "image")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise _image_error(path, e) from None
+    if not (h and w):
+        raise LogitCacheError(f"{shorten(path, PATH_LIMIT)}: empty image (0 pixels)")
+    return h, w
+
+
+def _load_image(path: str, listed_in: str) -> tuple[torch.Tensor, int]:
+    """(float32 ``[3, H0, W0]`` in [0, 1], crc32 of the file's bytes), cached like audio."""
+    st = _stat_regular(path, listed_in, "image")
+    return _decode_image(path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _decode_image(path: str, inode: int, size: int, mtime_ns: int) -> tuple[torch.Tensor, int]:
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()  # one read: the crc and the decode see the same bytes
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)  # greyscale, palette and RGBA alike
+    except (OSError, ValueError, SyntaxError) as e:
+        raise _image_error(path, e) from None
+    if rgb.size == 0:
+        raise LogitCacheError(f"{shorten(path, PATH_LIMIT)}: empty image (0 pixels)")
+    image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(torch.float32) / 255.0
+    return image, zlib.crc32(data)

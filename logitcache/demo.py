@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from logitcache import models
 from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
-from logitcache.data import AudioFolder
 from logitcache.dump import dump
 from logitcache.errors import LogitCacheError
+from logitcache.sources import Source, open_source
 from logitcache.synth import make_splits
 from logitcache.targets import aggregate, hard_label_loss
 from logitcache.train import average_precision, train
@@ -48,7 +48,7 @@ SIZES = {
 }
 
 
-def fit_on_labels(models_: list[torch.nn.Module], folder: AudioFolder, augmenter: Augmenter, epochs: int,
+def fit_on_labels(models_: list[torch.nn.Module], folder: Source, augmenter: Augmenter, epochs: int,
                   seed: int, batch_size: int = 32, lr: float = 2e-3, num_workers: int = 0,
                   progress: bool = True) -> list[torch.nn.Module]:
     """Plain supervised training on views freshly drawn by ``augmenter`` (how the demo's teachers are made).
@@ -78,16 +78,15 @@ def fit_on_labels(models_: list[torch.nn.Module], folder: AudioFolder, augmenter
 
 
 @torch.no_grad()
-def clip_logits(model: torch.nn.Module, folder: AudioFolder, augmenter: Augmenter, batch_size: int = 64) -> torch.Tensor:
-    outs = []
+def clip_logits(model: torch.nn.Module, folder: Source, augmenter: Augmenter, batch_size: int = 64) -> torch.Tensor:
+    outs, plain = [], ViewSource(folder, augmenter)
     for a in range(0, len(folder), batch_size):
-        x = torch.stack([augmenter.fit_clip(folder.load(i, augmenter.sample_rate))
-                         for i in range(a, min(a + batch_size, len(folder)))])
+        x = torch.stack([plain.plain(i) for i in range(a, min(a + batch_size, len(folder)))])
         outs.append(model(x).float())
     return torch.cat(outs)
 
 
-def mean_ap(logits: torch.Tensor, folder: AudioFolder) -> float:
+def mean_ap(logits: torch.Tensor, folder: Source) -> float:
     return float(np.nanmean(average_precision(logits.numpy(), folder.table)))
 
 
@@ -163,7 +162,7 @@ def _run(out: Path, s: dict, seed: int, topk: int, progress: bool, pair: _Cores,
     torch.manual_seed(seed)
     data = out / "data"
     teacher_files, rows = _data_and_teachers(out, s, seed, progress, say, pair)
-    train_set = AudioFolder(data / "train")
+    train_set = open_source(data / "train")
     C, E = len(train_set.classes), s["dump_epochs"]
     say(f"[3/5] dumping {E} epochs x {len(train_set)} views, top-{topk} of {C} classes")
     cache_path = out / "cache.zarr"
@@ -217,8 +216,8 @@ def _teacher_job(names: tuple[str, ...], data: Path, s: dict, seed: int, threads
                  progress: bool, out: Path) -> list[dict]:
     """Train and export some of the teachers; returns their state dicts (as numpy arrays)."""
     torch.set_num_threads(threads)
-    train_set = AudioFolder(data / "train")
-    sr, C = train_set.default_sample_rate, len(train_set.classes)
+    train_set = open_source(data / "train")
+    sr, C = train_set.defaults()["sample_rate"], len(train_set.classes)
     teachers = [models.create_model(n, num_classes=C, sample_rate=sr, seed=10 * seed + TEACHERS.index(n))
                 for n in names]
     # plain clips: in a dozen short epochs, masked views whose labels still name the masked event
@@ -246,8 +245,8 @@ def _data_and_teachers(out: Path, s: dict, seed: int, progress: bool, say, pair:
         say(f"[1/5] synthesising {s['n_train']}+{s['n_eval']} clips of {s['clip_seconds']:g} s -> {data}")
         make_splits(data, n_train=s["n_train"], n_eval=s["n_eval"], clip_seconds=s["clip_seconds"], seed=seed,
                     overwrite=True)
-    eval_set = AudioFolder(data / "eval")
-    augmenter = Augmenter(load_ops_spec("ced"), eval_set.default_sample_rate, s["clip_seconds"])
+    eval_set = open_source(data / "eval")
+    augmenter = Augmenter(load_ops_spec("ced"), eval_set.defaults()["sample_rate"], s["clip_seconds"])
     files = [out / "teachers" / f"{name}.pt2" for name in TEACHERS]
     if reuse and all(p.is_file() for p in files):
         teachers = [torch.export.load(str(p)).module() for p in files]

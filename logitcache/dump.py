@@ -19,17 +19,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from logitcache import checks
-from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, view_seeds
+from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, make_spec, presets_for, view_rate, view_seeds
 from logitcache.cache import (CacheWriter, choose_chunk_rows, existing_cache_message, existing_manifest,
                               stored_content)
 from logitcache.codecs import get_codec, target_set_seeds
 from logitcache.codecs.topk import VALUE_DTYPES
-from logitcache.data import AudioFolder
 from logitcache.device import autocast, resolve_device
 from logitcache.distributed import deal_chunks
 from logitcache.distributed import setup as dist_setup
 from logitcache.errors import LogitCacheError, one_line_worker_errors, quote
 from logitcache.layout import MEMBER_STATS, Layout, codec_entries, new_manifest, target_sets
+from logitcache.sources import Source, check_kind, open_source, settings_for
+from logitcache.sources import image_size as check_image_size
 from logitcache.storage import backend_for_new, cache_location, is_url
 from logitcache.hetero import absent_classes, check_specialists, configure_teachers, coverage, ensemble_logits
 from logitcache.targets import AGGREGATIONS, KINDS, index_dtype
@@ -102,7 +103,7 @@ def dump(
     *,
     epochs: int = 1,
     topk: int = 20,
-    augment: str = "ced",
+    augment: str | None = None,
     seed: int = 0,
     batch_size: int = 32,
     device: str = "auto",
@@ -116,6 +117,8 @@ def dump(
     backend: str | None = None,
     sample_rate: int | None = None,
     clip_seconds: float | None = None,
+    image_size: int | list[int] | None = None,
+    source: str | None = None,
     precision: str = "fp32",
     compile: bool = False,
     channels_last: bool = False,
@@ -135,7 +138,13 @@ def dump(
     class_maps: list[str | None] | None = None,
     unmapped: str = "error",
 ) -> Path:
-    """Dump a cache of ``epochs`` augmented views per sample of the data folder ``data``.
+    """Dump a cache of ``epochs`` augmented views per sample of the data ``data``.
+
+    ``data`` is a data folder or manifest file (its source kind detected, or named by ``source``;
+    see :func:`logitcache.sources.open_source`) or an open :class:`~logitcache.sources.Source`.
+    ``augment`` defaults to the modality's preset (audio ``ced``); ``sample_rate`` and
+    ``clip_seconds`` (audio) and ``image_size`` (images: an int or ``[H, W]``) override the
+    data's defaults.
 
     With ``resume``, an unfinished cache at ``out`` is continued (chunks not marked done are
     written, nothing else), a complete one is extended to ``epochs`` if that is more, and a
@@ -194,18 +203,24 @@ def dump(
     if stored is not None and chunk_rows is None:
         chunk_rows = stored.get("chunk_rows")  # a layout choice, not content: keep the cache's
 
-    folder = AudioFolder(data)
+    folder = open_source(data, source)
+    if stored is not None:
+        check_kind(stored, folder, out)
     if output_kind == "multiclass" and ctx.rank == 0:
         _warn_multi_label(folder)
-    sr = sample_rate if sample_rate is not None else folder.default_sample_rate
-    source_rates = folder.source_sample_rates()  # also fails fast on missing, undecodable or empty audio
-    clip = clip_seconds if clip_seconds is not None else folder.default_clip_seconds
-    augmenter = Augmenter(load_ops_spec(augment), sr, clip)
+    size = None if image_size is None else check_image_size(image_size, "--image-size")
+    settings = settings_for(folder, {"--sample-rate": ("sample_rate", sample_rate),
+                                     "--clip-seconds": ("clip_seconds", clip_seconds), "--image-size": ("size", size)})
+    folder.scan()  # fails fast on missing, undecodable or empty files, before any teacher time is spent
+    presets, default_preset = presets_for(folder.modality)
+    augmenter = Augmenter.from_spec(make_spec(folder.modality, load_ops_spec(augment or default_preset, presets),
+                                              settings))
+    folder.configure(augmenter.spec)
     dev = resolve_device(device)
     loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
-    configure_teachers(loaded, augmenter.sample_rate, folder.classes, sample_rates=teacher_sample_rates,
+    configure_teachers(loaded, view_rate(augmenter), folder.classes, sample_rates=teacher_sample_rates,
                        clip_seconds=teacher_clip_seconds, class_maps=class_maps, unmapped=unmapped)
-    num_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev, output_kind)
+    num_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, output_kind)
     optimise_teachers(loaded, dev, compile=compile, channels_last=channels_last)
     num_workers = default_workers(dev) if num_workers is None else num_workers
     if num_classes != len(folder.classes):
@@ -220,14 +235,10 @@ def dump(
     entries = codec_entries(codec, value_dtype, index_dtype(num_classes), value_bits, **sampling)
     encoder = codec_cls(topk, num_classes, output_kind, frames, entries["codec_options"])
     encoder.fields()  # bad options fail here, before anything is written
-    dataset = {"fingerprint": folder.fingerprint, "num_samples": N, "audio_bytes": folder.audio_bytes(),
-               "path": str(folder.root.resolve()),
-               # JSON keys are strings: stored as such so a resume compares equal values
-               "source_sample_rates": {str(r): n for r, n in source_rates.items()},
-               "resampled_files": sum(n for r, n in source_rates.items() if r != sr)}
+    dataset = {"fingerprint": folder.fingerprint, "num_samples": N, **folder.dataset_entry()}
     R = chunk_rows if chunk_rows is not None else choose_chunk_rows(encoder.chunk_sizing_bytes(), N)
     manifest = new_manifest(
-        dataset=dataset, classes=folder.classes, augmenter=augmenter, teachers=[t.describe() for t in loaded],
+        dataset=dataset, source=folder.describe(), classes=folder.classes, augmenter=augmenter, teachers=[t.describe() for t in loaded],
         members=member_names, output_kind=output_kind, aggregation=aggregation, weights=ensemble_weights,
         topk=topk, frames=frames, value_dtype=value_dtype, epochs=epochs, seed=seed, chunk_rows=R, codec=entries,
         run={"precision": precision, "compile": bool(compile), "channels_last": bool(channels_last),
@@ -301,11 +312,11 @@ def dump(
     return cache_location(out)
 
 
-def _warn_multi_label(folder: AudioFolder) -> None:
+def _warn_multi_label(folder: Source) -> None:
     multi = folder.multi_label_rows
     if len(multi):
         print(f"warning: --output-kind multiclass, but {len(multi)} of {len(folder)} rows of "
-              f"{folder.root / 'labels.csv'} carry two or more labels "
+              f"{folder.labels_file} carry two or more labels "
               f"(first: {quote(folder.ids[multi[0]])}); "
               f"use --output-kind multilabel if a clip can hold several classes", file=sys.stderr)
 

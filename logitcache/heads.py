@@ -95,7 +95,7 @@ def _widen(model: nn.Module, layer: str, heads: int) -> None:
 
 
 def with_heads(model: nn.Module, spec: str, members: list[str], num_classes: int, kind: str,
-               clip_samples: int, aggregation: str = "mean_prob",
+               view_shape: tuple[int, ...] | int, aggregation: str = "mean_prob",
                weights: list[float] | None = None) -> HeadsStudent:
     """``model`` with its classifier split into one head per member. Refuses (one line) a student
     whose layers after the classifier mix classes: with every head a copy of the classifier, each
@@ -105,7 +105,8 @@ def with_heads(model: nn.Module, spec: str, members: list[str], num_classes: int
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         g = torch.Generator().manual_seed(0)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        probe = (0.1 * torch.randn(2, clip_samples, generator=g)).to(device)
+        shape = (view_shape,) if isinstance(view_shape, int) else tuple(view_shape)
+        probe = (0.1 * torch.randn(2, *shape, generator=g)).to(device)
         layer = classifier_layer(model, spec, num_classes, probe)
         plain = model(probe).float()
         _widen(model, layer, len(members))

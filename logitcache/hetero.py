@@ -239,7 +239,7 @@ def _one_place(key: str, option: str, given, declared: dict, source: str):
     return given if given is not None else declared.get(key)
 
 
-def configure_teachers(teachers: list, view_rate: int, classes: list[str], *, sample_rates=None,
+def configure_teachers(teachers: list, view_rate: int | None, classes: list[str], *, sample_rates=None,
                        clip_seconds=None, class_maps=None, unmapped: str = "error") -> None:
     """Bind each loaded teacher's input rate, clip length and class map (given per teacher in
     ``--teacher`` order, or declared by its .json spec); one-line errors for bad ones."""
@@ -254,7 +254,10 @@ def configure_teachers(teachers: list, view_rate: int, classes: list[str], *, sa
         rate = _one_place("sample_rate", "--teacher-sample-rate", rate, declared, t.source)
         clip = _one_place("clip_seconds", "--teacher-clip-seconds", clip, declared, t.source)
         cmap = _one_place("class_map", "--class-map", cmap, declared, t.source)
-        t.view_rate = int(view_rate)
+        if view_rate is None and (rate, clip) != (None, None):  # image views have no rate or length
+            option = "--teacher-sample-rate" if rate is not None else "--teacher-clip-seconds"
+            raise LogitCacheError(f"{option}: applies to audio data, and the views are images (teacher {t.name})")
+        t.view_rate = None if view_rate is None else int(view_rate)
         try:
             t.sample_rate = checks.optional_whole("--teacher-sample-rate", rate, 1, MAX_RATE)
             t.clip_seconds = checks.optional_real("--teacher-clip-seconds", clip, 0, above=True)
@@ -269,7 +272,8 @@ def configure_teachers(teachers: list, view_rate: int, classes: list[str], *, sa
 def apply_recorded(teachers: list, manifest: dict) -> None:
     """Give re-run teachers (fidelity, compare) the inputs and class maps the manifest records for
     the teacher at the same position, as the dump ran them."""
-    view_rate = int(manifest["augment"]["sample_rate"])
+    rate = manifest["augment"].get("sample_rate")  # None: image views
+    view_rate = None if rate is None else int(rate)
     for t, rec in zip(teachers, manifest.get("teachers") or []):
         t.view_rate, t.sample_rate, t.clip_seconds = view_rate, rec.get("sample_rate"), rec.get("clip_seconds")
         cmap, where = rec.get("class_map"), f"teacher {t.name}"

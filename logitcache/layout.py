@@ -43,7 +43,7 @@ MOMENTS = ("sum", "sum_sq", "row_sum_sq_over_c")
 
 _DIGEST_KEYS = ("dataset", "classes", "augment", "teachers", "output_kind", "aggregation", "weights",
                 "topk", "frames", "value_dtype", "seed", "chunk_rows")
-_DIGEST_KEYS_IF_PRESENT = ("derived_arrays", "param_storage")
+_DIGEST_KEYS_IF_PRESENT = ("derived_arrays", "param_storage", "source")
 # Arrays a format-2 cache may derive instead of storing: both are pure functions of (seed, epoch,
 # sample id) (augment.epoch_order, augment.view_seeds), pinned by tests/test_golden.py.
 DERIVABLE = ("order", "seeds")
@@ -128,12 +128,14 @@ def _param_storage(m: dict) -> dict:
 _INT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64")
 
 
-def new_manifest(*, dataset: dict, classes: list[str], augmenter, teachers: list[dict], members: list[str],
+def new_manifest(*, dataset: dict, source: dict | None = None, classes: list[str], augmenter, teachers: list[dict], members: list[str],
                  output_kind: str, aggregation: str, weights: list[float] | None, topk: int, frames: int | None,
                  value_dtype: str, epochs: int, seed: int, chunk_rows: int, codec: dict, run: dict) -> dict:
     """The manifest of a new cache (format 2): the one place one is built (dump, plan).
 
-    ``teachers``: each teacher's description (name, source, fingerprint); ``codec``: the entries
+    ``source``: the data source's entry (``{"kind": ...}``, :meth:`logitcache.sources.Source.describe`;
+    readers take a manifest without one as an ``audio_folder``); ``teachers``: each teacher's
+    description (name, source, fingerprint); ``codec``: the entries
     of :func:`codec_entries`; ``run``: how the dump ran (precision, device, ...; not content).
     Order and seeds are derived, not stored; params drawn on an integer grid are stored as their
     integers (:meth:`Augmenter.param_grid`); ``content`` holds crc32s of the source files."""
@@ -148,6 +150,8 @@ def new_manifest(*, dataset: dict, classes: list[str], augmenter, teachers: list
          "chunk_rows": int(chunk_rows), **run, "content": "crc32", "format_version": FORMAT_VERSION, **codec,
          "derived_arrays": list(DERIVABLE), "param_storage": augmenter.param_grid(),
          **({"member_stats": MEMBER_STATS} if members else {})}  # per-teacher logit statistics
+    if source is not None:
+        m["source"] = dict(source)
     m["target_sets"] = _provenance(m, codec["codec"])
     return m
 

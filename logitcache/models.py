@@ -73,10 +73,16 @@ def create_model(
     The returned model carries ``model.config``, enough to rebuild it: ``create_model(**config)``.
     Inputs need at least ~0.1 s of audio (the encoders downsample time by up to 8x).
     """
+    if name in _IMAGE_REGISTRY:
+        return _create_image_model(name, num_classes, frames, seed, **kwargs)
     if name not in _REGISTRY:
-        raise LogitCacheError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+        raise LogitCacheError(f"unknown model {name!r}; choose one of: "
+                              f"{', '.join(list_models() + list_image_models())}")
     if not _is_int(num_classes) or num_classes < 1:
         raise LogitCacheError(f"num_classes must be a positive int, got {num_classes!r}")
+    if sample_rate is None:  # what students are offered for image views
+        raise LogitCacheError(f"model {name!r} takes audio, and the views are images; choose one of: "
+                              f"{', '.join(list_image_models())}")
     if not _is_int(sample_rate) or sample_rate < 1000:
         raise LogitCacheError(f"sample_rate must be an int >= 1000 Hz, got {sample_rate!r}")
     if frames is not None and (not _is_int(frames) or frames < 1):
@@ -100,6 +106,51 @@ def create_model(
     model.config = {"name": name, "num_classes": num_classes, "sample_rate": sample_rate,
                     "frames": frames, **front_kw, **kwargs}
     return model
+
+
+# -----------------------------------------------------------------------------
+# image models: float32 images [B, 3, H, W] in [0, 1] -> clip logits [B, num_classes]
+
+_IMAGE_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_image_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register an image classifier builder ``fn(num_classes, **kwargs)`` under its function name."""
+    if fn.__name__ in _REGISTRY or fn.__name__ in _IMAGE_REGISTRY:
+        raise LogitCacheError(f"model {fn.__name__!r} is already registered")
+    _IMAGE_REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_image_models() -> list[str]:
+    """Image model names accepted by :func:`create_model`, sorted."""
+    return sorted(_IMAGE_REGISTRY)
+
+
+def _create_image_model(name: str, num_classes, frames, seed, **kwargs) -> nn.Module:
+    if not _is_int(num_classes) or num_classes < 1:
+        raise LogitCacheError(f"num_classes must be a positive int, got {num_classes!r}")
+    if frames is not None:
+        raise LogitCacheError(f"model {name!r} gives clip-level logits only (frames={frames!r})")
+    kwargs.pop("sample_rate", None)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            model = _IMAGE_REGISTRY[name](int(num_classes), **kwargs)
+        except TypeError as e:
+            raise LogitCacheError(f"bad options for model {name!r}: {e}") from None
+    model.config = {"name": name, "num_classes": int(num_classes), "frames": None, **kwargs}
+    return model
+
+
+@register_image_model
+def image_cnn_tiny(num_classes: int, width: int = 16) -> nn.Module:
+    """Two strided 3x3 convolutions, global average pooling, a linear classifier."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
 
 
 def _is_int(x) -> bool:

@@ -14,10 +14,12 @@ from logitcache.heads import from_config
 from logitcache.teachers import first_line, load_state_dict
 
 
-def build_student(spec: str, num_classes: int, sample_rate: int, frames: int | None, seed: int = 0) -> torch.nn.Module:
+def build_student(spec: str, num_classes: int, sample_rate: int | None, frames: int | None,
+                  seed: int = 0) -> torch.nn.Module:
     """A zoo name (see ``logitcache.models.list_models``) or ``package.module:callable``.
 
-    Factories receive whichever of ``num_classes``, ``sample_rate``, ``frames`` they accept.
+    Factories receive whichever of ``num_classes``, ``sample_rate``, ``frames`` they accept
+    (``sample_rate`` is None for image views).
     """
     from logitcache import models
 
@@ -47,15 +49,20 @@ def _shape_words(shape: tuple[int, ...]) -> str:
     return f"{list(shape)} (neither [B, C] nor [B, T, C])"
 
 
-def check_student_output(model: torch.nn.Module, spec: str, cache: Cache, clip_samples: int,
+def check_student_output(model: torch.nn.Module, spec: str, cache: Cache, view_shape: tuple[int, ...] | int,
                          device: torch.device) -> None:
     """Refuse a student whose output does not have the shape of the cache's targets: a clip-level
     student on frame-level targets (or the reverse), or another class count. The student runs
-    once on one clip of silence, before any training step."""
+    once on one all-zero view (``view_shape``, the augmenter's), before any training step."""
     was_training = model.training
     model.eval()
+    view_shape = (view_shape,) if isinstance(view_shape, int) else tuple(view_shape)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        shape = tuple(model(torch.zeros(1, clip_samples, device=device)).shape)
+        try:
+            shape = tuple(model(torch.zeros(1, *view_shape, device=device)).shape)
+        except Exception as e:  # an audio student given images, say
+            raise LogitCacheError(f"student {spec} cannot take the cache's views [B, "
+                                  f"{', '.join(map(str, view_shape))}] ({first_line(e)})") from None
     model.train(was_training)
     C, T = len(cache.classes), cache.frames
     want = (1, C) if T is None else (1, T, C)

@@ -232,16 +232,18 @@ def unique_names(teachers: list[Teacher]) -> None:
 
 
 # ---------------------------------------------------------------- the contract
-def probe_teachers(teachers: list[Teacher], clip_samples: int, device: torch.device,
+def probe_teachers(teachers: list[Teacher], view_shape: tuple[int, ...] | int, device: torch.device,
                    kind: str | None = None) -> tuple[int, int | None]:
     """(num_classes, frames or None) that every teacher agrees on; sets each ``out_shape``.
 
-    Each teacher runs on a seeded noise clip alone, then in two batches of 3 with different other
+    ``view_shape`` is the augmenter's (audio ``(samples,)``, image ``(3, H, W)``; an int means
+    ``(int,)``). Each teacher runs on a seeded noise clip alone, then in two batches of 3 with different other
     clips: its row must not change (BatchNorm in train mode, say, makes it depend on the others).
     The two batches have the same size because accelerators pick other kernels (TF32 convolutions
     round differently) for other batch sizes; with the size fixed, only the companions differ.
     With ``kind``, a warning when the rows look like probabilities instead of logits."""
-    clips = 0.1 * torch.randn(5, clip_samples, generator=torch.Generator().manual_seed(0))
+    shape = (view_shape,) if isinstance(view_shape, int) else tuple(view_shape)
+    clips = 0.1 * torch.randn(5, *shape, generator=torch.Generator().manual_seed(0))
     clips = clips.to(device)
     with torch.inference_mode():
         for t in teachers:

@@ -20,9 +20,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from logitcache import checks
-from logitcache.augment import Augmenter
+from logitcache.augment import Augmenter, view_rate
 from logitcache.cache import Cache, open_cache
-from logitcache.data import AudioFolder
 from logitcache.device import autocast, resolve_device
 from logitcache.distributed import setup as dist_setup
 from logitcache.distributed import shard_bounds
@@ -31,10 +30,11 @@ from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.heads import check_heads, heads_aggregation, heads_kd_loss, with_heads
 from logitcache.metrics import average_precision, top1_accuracy
 from logitcache.recompose import requested as requested_composition
+from logitcache.sources import Source, open_source
 from logitcache.storage import is_url
 from logitcache.students import build_student, check_student_output, load_student  # noqa: F401  (re-exported)
 from logitcache.targets import hard_label_loss, kd_loss
-from logitcache.views import CacheStream, check_compatible
+from logitcache.views import CacheStream, ViewSource, check_compatible
 
 
 def _stored_path(path: str | Path) -> str:
@@ -43,14 +43,14 @@ def _stored_path(path: str | Path) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, folder: AudioFolder, augmenter: Augmenter, kind: str,
+def evaluate(model: torch.nn.Module, folder: Source, augmenter: Augmenter, kind: str,
              device: torch.device, batch_size: int = 64) -> dict:
-    """mAP (multilabel) or top-1 accuracy (multiclass) of clip-level predictions on un-augmented clips."""
+    """mAP (multilabel) or top-1 accuracy (multiclass) of clip-level predictions on un-augmented views."""
     model.eval()
     scores = []
+    plain = ViewSource(folder, augmenter)
     for a in range(0, len(folder), batch_size):
-        x = torch.stack([augmenter.fit_clip(folder.load(i, augmenter.sample_rate))
-                         for i in range(a, min(a + batch_size, len(folder)))])
+        x = torch.stack([plain.plain(i) for i in range(a, min(a + batch_size, len(folder)))])
         z = model(x.to(device)).float()
         if z.dim() == 3:
             z = z.max(dim=1).values  # frame-level: a clip holds a class if any frame does
@@ -148,6 +148,7 @@ def train(
     ensemble_weights: list[float] | None = None,
     aggregation: str | None = None,
     member_weighting: str | None = None,
+    source: str | None = None,
 ) -> dict:
     """Train ``student`` on the cache's targets; writes checkpoint.pt and metrics.jsonl to ``out``.
 
@@ -169,6 +170,9 @@ def train(
     :class:`LogitCacheError` naming the epoch and batch; the last checkpoint written stays.
     ``threads``: torch's intra-op threads during the run (see :func:`logitcache.dump.cpu_threads`),
     restored on return.
+
+    ``data`` (and ``eval_data``) as for :func:`logitcache.dump.dump`: a path whose source kind is
+    detected or named by ``source``, or an open source; it must be of the kind the cache records.
 
     ``heads="members"`` (CERBERUS) gives the student one output head per stored member on a shared
     body (see :mod:`logitcache.heads`): each head is distilled from its own member's targets, the
@@ -202,7 +206,7 @@ def train(
                               f"distilled from its own member; a recomposed target has no member of its own)")
     _check_run_folder(Path(out), resume)
     c = open_cache(cache)
-    folder = AudioFolder(data)
+    folder = open_source(data, source)
     check_compatible(c, folder)
     stored = usable_epochs(c, allow_partial)
     if not c.complete:
@@ -222,7 +226,9 @@ def train(
         augmenter = Augmenter.from_spec(c.manifest["augment"])
     except LogitCacheError as e:  # name the cache: the spec came from it, not from the user
         raise LogitCacheError(f"{cache}: {e}") from None
-    eval_folder = AudioFolder(eval_data) if eval_data else None
+    eval_folder = open_source(eval_data, source) if eval_data else None
+    if eval_folder is not None and eval_folder.modality != folder.modality:
+        raise LogitCacheError(f"{eval_data}: {eval_folder.modality} data, but the cache's views are {folder.modality}")
     if eval_folder is not None and eval_folder.classes != c.classes:
         raise LogitCacheError(f"{eval_data}: class list differs from the cache's")
     kind = c.output_kind
@@ -244,10 +250,10 @@ def train(
     if steps_per_epoch == 0:
         raise LogitCacheError(f"{cache}: {-(-c.num_samples // c.chunk_rows)} chunk(s) per epoch cannot be shared by "
                               f"{ctx.world} ranks; use fewer ranks (or dump with a smaller --chunk-rows)")
-    model = build_student(student, len(c.classes), augmenter.sample_rate, c.frames, seed).to(dev)
-    check_student_output(model, student, c, augmenter.clip_samples, dev)
+    model = build_student(student, len(c.classes), view_rate(augmenter), c.frames, seed).to(dev)
+    check_student_output(model, student, c, augmenter.view_shape, dev)
     if heads == "members":
-        model = with_heads(model, student, c.members, len(c.classes), c.output_kind, augmenter.clip_samples,
+        model = with_heads(model, student, c.members, len(c.classes), c.output_kind, augmenter.view_shape,
                            *heads_aggregation(c.manifest))
     net = model
     if ctx.active:
@@ -262,7 +268,7 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     config = {"cache": _stored_path(cache), "data": _stored_path(data), "student": student, "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "temperature": temperature, "alpha": alpha, "member": member, "seed": seed,
-              "cache_config_digest": c.manifest.get("config_digest"), "stored_epochs": stored}
+              "cache_config_digest": c.manifest.get("config_digest"), "stored_epochs": stored, "source": folder.kind}
     if comp is not None:
         config.update(comp.describe())
     if ctx.active:

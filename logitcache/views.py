@@ -1,7 +1,8 @@
 """Augmented views: drawn (dump) or replayed from stored parameters (training, fidelity).
 
 Each view is computed per sample, from the decoded source and its parameters only, so the
-same (epoch, sample) gives the same float32 waveform alone, in any batch, in any worker.
+same (epoch, sample) gives the same float32 view (waveform or image) alone, in any batch, in any
+worker. Data comes from a :class:`~logitcache.sources.Source` of any kind.
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from logitcache.augment import Augmenter
 from logitcache.cache import Cache, open_cache
-from logitcache.data import PATH_LIMIT, AudioFolder
+from logitcache.data import PATH_LIMIT
 from logitcache.errors import LogitCacheError, shorten
 from logitcache.recompose import Composition, requested
 from logitcache.recompose import read_block as read_recomposed
+from logitcache.sources import Source, check_kind, open_source
 
 
 MEMBER_PREFIX = "members/"  # batch keys of the members' targets for per-teacher heads, [B, M, ...]
 
 
-def check_compatible(cache: Cache, folder: AudioFolder) -> None:
-    """Refuse a data folder other than the one the cache was dumped from."""
+def check_compatible(cache: Cache, folder: Source) -> None:
+    """Refuse data other than the one the cache was dumped from (another source kind, other ids
+    or classes)."""
     m = cache.manifest
+    check_kind(m, folder, cache.path)
     if folder.fingerprint != m["dataset"]["fingerprint"]:
         raise LogitCacheError(
             f"{folder.root}: dataset does not match cache {cache.path} (its ids differ: "
@@ -53,13 +57,13 @@ class SourceContent:
         stored = cache.content()
         return None if stored is None else cls(*stored)
 
-    def check(self, folder: AudioFolder, index: int, crc: int) -> None:
+    def check(self, folder: Source, index: int, crc: int) -> None:
         if self.known[index] and int(self.crc[index]) != crc:
-            path = shorten(folder.root / folder.ids[index], PATH_LIMIT)
+            path = shorten(folder.path_of(index), PATH_LIMIT)
             raise LogitCacheError(f"{path}: changed since the dump (content crc differs); the cache's "
                                   f"targets belong to the old file")
 
-    def record(self, folder: AudioFolder, index: np.ndarray, crc: np.ndarray) -> None:
+    def record(self, folder: Source, index: np.ndarray, crc: np.ndarray) -> None:
         """Take the crcs of files just decoded (``index`` may repeat); refuse any that differs from
         what an earlier view of the same file, or the cache, holds."""
         new = ~self.known[index]
@@ -82,11 +86,12 @@ class ViewSource:
     against the crc its targets were computed from. Methods taking ``seen`` append
     ``(dataset index, crc)`` of each file they decode to it, the view's own source first."""
 
-    def __init__(self, folder: AudioFolder, augmenter: Augmenter, content: SourceContent | None = None):
+    def __init__(self, folder: Source, augmenter: Augmenter, content: SourceContent | None = None):
         self.folder, self.augmenter, self.content = folder, augmenter, content
+        folder.configure(augmenter.spec)  # decode as the views need it (audio: at the spec's rate)
 
     def load(self, index: int, seen: list | None = None) -> torch.Tensor:
-        wave, crc = self.folder.load_with_crc(int(index), self.augmenter.sample_rate)
+        wave, crc = self.folder.load_with_crc(int(index))
         if self.content is not None:
             self.content.check(self.folder, int(index), crc)
         if seen is not None:
@@ -94,9 +99,16 @@ class ViewSource:
         return wave
 
     def context(self, index: int, source: torch.Tensor, seen: list | None = None):
-        aug = self.augmenter
-        return aug.context(num_samples=len(self.folder), sample_index=int(index), source_samples=source.shape[-1],
+        aug, n = self.augmenter, len(self.folder)
+        if self.folder.modality == "image":  # partners come as sources: mixup and cutmix fit them their own way
+            return aug.context(num_samples=n, sample_index=int(index), source_size=tuple(source.shape[-2:]),
+                               load_partner=lambda j: self.load(j, seen))
+        return aug.context(num_samples=n, sample_index=int(index), source_samples=source.shape[-1],
                            load_partner=lambda j: aug.fit_clip(self.load(j, seen)))
+
+    def plain(self, index: int) -> torch.Tensor:
+        """The un-augmented view of a sample (evaluation): its source fitted to the view shape."""
+        return self.augmenter.fit(self.load(index))
 
     def draw(self, index: int, seed: int,
              seen: list | None = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
@@ -157,7 +169,7 @@ def row_params(block: dict[str, np.ndarray], row: int) -> dict[str, np.ndarray]:
     return {k[len("params/"):]: v[row] for k, v in block.items() if k.startswith("params/")}
 
 
-def batch_labels(folder: AudioFolder, index: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+def batch_labels(folder: Source, index: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
     """``ViewSource.labels`` of many rows at once (``params``: name -> rows), the same float32 math."""
     y = folder.label_rows(np.asarray(index, dtype=np.int64))
     partner = params.get("mixup.partner")
@@ -262,13 +274,13 @@ class CacheStream(IterableDataset):
     recomposed values, indices and stat, of width min(M k, C).
     """
 
-    def __init__(self, cache_path: str | Path, data_dir: str | Path | AudioFolder, epoch: int, batch_size: int,
+    def __init__(self, cache_path: str | Path, data_dir: str | Path | Source, epoch: int, batch_size: int,
                  member: str | None = None, start: int = 0, stop: int | None = None, read_ahead: int = 1,
                  members: list[str] | None = None, ensemble=None, ensemble_weights=None,
-                 aggregation: str | None = None, member_weighting: str | None = None):
-        # The folder (ids, labels) is parsed once, here, and inherited by forked workers, not
+                 aggregation: str | None = None, member_weighting: str | None = None, source: str | None = None):
+        # The source (ids, labels) is parsed once, here, and inherited by forked workers, not
         # re-parsed by every worker every epoch (labels.csv of a 2M-clip dataset takes seconds).
-        self.folder = data_dir if isinstance(data_dir, AudioFolder) else AudioFolder(data_dir)
+        self.folder = open_source(data_dir, source)
         self.cache_path, self.data_dir = str(cache_path), str(self.folder.root)
         self.epoch, self.batch_size, self.member = int(epoch), int(batch_size), member
         self.read_ahead = int(read_ahead)
@@ -333,13 +345,17 @@ class CacheStream(IterableDataset):
         }
 
 
-def replay(cache: Cache | str | Path, data_dir: str | Path | AudioFolder, epoch: int, sample_id: str) -> torch.Tensor:
-    """The float32 waveform ``[samples]`` the teachers saw for ``sample_id`` in stored ``epoch``.
+def replay(cache: Cache | str | Path, data_dir: str | Path | Source, epoch: int, sample_id: str,
+           source: str | None = None) -> torch.Tensor:
+    """The float32 view the teachers saw for ``sample_id`` in stored ``epoch``: a waveform
+    ``[samples]`` (audio) or an image ``[3, H, W]``.
 
-    Pass an open ``Cache`` and an ``AudioFolder`` when replaying many views, to parse each once.
+    ``data_dir`` is the data (a path, detected or opened as the kind ``source`` names, or an open
+    :class:`~logitcache.sources.Source`). Pass an open ``Cache`` and source when replaying many
+    views, to parse each once.
     """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    folder = data_dir if isinstance(data_dir, AudioFolder) else AudioFolder(data_dir)
+    folder = open_source(data_dir, source)
     check_compatible(cache, folder)
     params = {k: v[0] for k, v in cache.params(epoch, [sample_id]).items()}
     source = ViewSource(folder, Augmenter.from_spec(cache.manifest["augment"]), SourceContent.of_cache(cache))

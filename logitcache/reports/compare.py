@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from logitcache import checks
-from logitcache.augment import Augmenter
+from logitcache.augment import Augmenter, view_rate
 from logitcache.cache import Targets, open_cache
-from logitcache.data import AudioFolder
+from logitcache.sources import open_source
 from logitcache.errors import LogitCacheError
 from logitcache.labels import LabelTable
 from logitcache.metrics import average_precision, top1_accuracy
@@ -117,7 +117,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
             eval_data: str | Path | None = None, teachers: list[str] | None = None,
             state_dicts: list[str | None] | None = None, teacher_args: dict | None = None,
             samples: int = 256, seed: int = 0, device: str = "auto", batch_size: int = 32,
-            progress: bool = False, student: str | None = None, trust_run: bool = False) -> dict:
+            progress: bool = False, student: str | None = None, trust_run: bool = False,
+            source: str | None = None) -> dict:
     """Does the student match the ensemble? A trained run (``logitcache train``) against its cache.
 
     ``views``: on a seeded sample of the cached training views the run trained on (replayed
@@ -179,7 +180,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
 
     with open_cache(cache) as c:
         m = c.manifest
-        folder = AudioFolder(data)
+        kind_given = source
+        folder = open_source(data, source or config.get("source"))  # the kind the run trained on
         check_compatible(c, folder)
         kind, C = c.output_kind, len(c.classes)
         # a run trained on a recomposition (train --ensemble) is compared with that recomposition
@@ -187,8 +189,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                                      config.get("aggregation"), config.get("member_weighting"))
         augmenter = Augmenter.from_spec(m["augment"])
         dev = resolve_device(device)
-        net = load_student(run, student, C, augmenter.sample_rate, c.frames, config, kind).to(dev)
-        check_student_output(net, student, c, augmenter.clip_samples, dev)
+        net = load_student(run, student, C, view_rate(augmenter), c.frames, config, kind).to(dev)
+        check_student_output(net, student, c, augmenter.view_shape, dev)
 
         # -- cached training views: a seeded sample of (epoch, position) from the epochs trained on
         stored = [int(e) for e in config.get("stored_epochs", range(c.epochs)) if 0 <= int(e) < c.epochs]
@@ -244,7 +246,7 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         # -- held-out clips, un-augmented; teachers re-run on them when given
         evaluation = None
         if eval_data is not None:
-            held = AudioFolder(eval_data)
+            held = open_source(eval_data, kind_given)
             if held.classes != c.classes:
                 raise LogitCacheError(f"{eval_data}: class list differs from the one cache {c.path} was "
                                       f"dumped with")
@@ -252,15 +254,16 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
             if teachers:
                 loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
                 apply_recorded(loaded, m)  # each teacher's own rate, clip length and class map, as dumped
-                n_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev, kind)
+                n_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, kind)
                 if n_classes != C or frames != c.frames:
                     raise LogitCacheError(f"teachers output C={n_classes} but cache {c.path} holds C={C}")
             s_list, e_list = [], []
             # per head against its own re-run teacher, paired by position (the dump's order)
             eval_pairs = [[] for _ in heads or []] if len(loaded) == len(heads or []) else []
+            plain = ViewSource(held, augmenter)
             for a in range(0, len(held), batch_size):
                 clips = range(a, min(a + batch_size, len(held)))
-                x = torch.stack([augmenter.fit_clip(held.load(i, augmenter.sample_rate)) for i in clips]).to(dev)
+                x = torch.stack([plain.plain(i) for i in clips]).to(dev)
                 with torch.inference_mode():
                     zh = net(x, all_heads=True).float().cpu() if heads else None
                     s_list.append(net(x).float().cpu() if zh is None else net.combine(zh))

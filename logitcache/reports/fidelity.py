@@ -15,7 +15,7 @@ from logitcache import checks
 from logitcache.augment import Augmenter
 from logitcache.cache import Cache, open_cache
 from logitcache.codecs.topk import VALUE_DTYPES
-from logitcache.data import AudioFolder
+from logitcache.sources import open_source
 from logitcache.errors import LogitCacheError
 from logitcache.storage import cache_location
 from logitcache.targets import index_dtype, kl_divergence, teacher_probs, topk_targets, truncate_targets  # noqa: F401
@@ -306,8 +306,10 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
              device: str = "auto", state_dicts: list[str | None] | None = None, teacher_args: dict | None = None,
              batch_size: int = 32, progress: bool = False, ensemble=None, ensemble_weights=None,
              aggregation: str | None = None, member_weighting: str | None = None,
-             compositions: list[dict] | None = None) -> dict:
+             compositions: list[dict] | None = None, source: str | None = None) -> dict:
     """Re-run the teachers on a seeded random sample of stored views and compare with the cache.
+
+    ``data_dir``: the cache's data (a path, its source kind detected or named by ``source``).
 
     Views are replayed from stored parameters, the teachers run at the dump's precision and are
     aggregated the way the manifest says, and the stored top-k is compared with the fresh
@@ -360,7 +362,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         raise LogitCacheError("at least one --teacher is needed")
     with open_cache(path) as cache:
         m = cache.manifest
-        folder = AudioFolder(data_dir)
+        folder = open_source(data_dir, source)
         check_compatible(cache, folder)
         kind, stored_aggregation, weights = m["output_kind"], m["aggregation"], m.get("weights")
         recomposed = Recompositions(cache, teachers, ensemble, ensemble_weights, aggregation, member_weighting,
@@ -372,7 +374,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
         apply_recorded(loaded, m)  # each teacher's own rate, clip length and class map, as dumped
         augmenter = Augmenter.from_spec(m["augment"])
-        num_classes, frames = probe_teachers(loaded, augmenter.clip_samples, dev, kind)
+        num_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, kind)
         if num_classes != len(m["classes"]) or frames != m.get("frames"):
             theirs = f"C={num_classes}" + (f", T={frames}" if frames else "")
             ours = f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else "")
