@@ -42,10 +42,10 @@ STUDENT = "image_cnn_tiny"
 # crops of at least 35 % of the digit (ImageNet's 8 % leaves a stroke) and flips, as FKD / MEAL V2 store them
 AUGMENT_OPS = [{"op": "random_resized_crop", "scale": [0.35, 1.0]}, {"op": "hflip", "p": 0.5}]
 SIZES = {
-    "full": dict(n_train=1297, n_eval=500, size=32, teacher_epochs=6, dump_epochs=4, student_epochs=12,
-                 batch_size=64, teacher_lr=4e-3, student_lr=5e-3),
+    "full": dict(n_train=1297, n_eval=500, size=32, teacher_epochs=10, dump_epochs=6, student_epochs=18,
+                 batch_size=32, teacher_lr=4e-3, student_lr=1e-2),
     "quick": dict(n_train=60, n_eval=30, size=16, teacher_epochs=2, dump_epochs=1, student_epochs=2,
-                  batch_size=16, teacher_lr=4e-3, student_lr=5e-3),
+                  batch_size=16, teacher_lr=4e-3, student_lr=1e-2),
 }
 REPLAY_CHECK = 8  # ids of epoch 0 replayed and re-run through the teachers
 
@@ -84,31 +84,29 @@ def make_teacher(name: str, num_classes: int, seed: int) -> nn.Module:
         return nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
                              nn.Conv2d(8, 16, 5, padding=2), nn.ReLU(), nn.AdaptiveMaxPool2d(4), nn.Flatten(),
                              nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, num_classes))
-    if name == "wide_cnn":  # wide 3x3 layers with batch norm, average pooled to 2x2
-        return nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
-                             nn.Conv2d(24, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, num_classes))
+    if name == "wide_cnn":  # wide strided 3x3 layers with batch norm, average pooled to 2x2
+        return nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                             nn.Conv2d(32, 48, 3, stride=2, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(192, num_classes))
     if name == "res_cnn":
         return _ResCNN(num_classes)
     raise LogitCacheError(f"unknown demo teacher {name!r}; known: {', '.join(TEACHERS)}")
 
 
 class _ResCNN(nn.Module):
-    """A stem, one residual block, a strided convolution, global max pooling."""
+    """A strided stem, one residual block with batch norm, a strided convolution, 2x2 average pooling."""
 
     def __init__(self, num_classes: int, width: int = 16):
         super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
-        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-                                   nn.Conv2d(width, width, 3, padding=1))
-        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.head = nn.Linear(2 * width, num_classes)
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                   nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.stem(x))
-        h = F.relu(h + self.block(h))
-        h = F.relu(self.down(h))
-        return self.head(h.amax(dim=(2, 3)))
+        h = self.stem(x)
+        return self.head(self.down(F.relu(h + self.block(h))))
 
 
 def export_image_model(model: nn.Module, path: Path, view_shape: tuple[int, ...]) -> Path:
