@@ -233,6 +233,8 @@ def _run(out: Path, s: dict, seed: int, topk: int, progress: bool, pair: _Cores,
 
     say(f"[5/5] student {STUDENT}, {s['student_epochs']} epochs: from the cache (KD) and, side by side, "
         f"from labels alone (same replayed views)")
+    for run_dir in ("student_kd", "student_labels"):  # this demo's own runs of an earlier call
+        shutil.rmtree(out / run_dir, ignore_errors=True)
     common = dict(cache=cache_path, data=train_dir, student=STUDENT, epochs=s["student_epochs"],
                   batch_size=s["batch_size"], lr=s["student_lr"], eval_data=eval_dir, seed=seed,
                   num_workers=pair.workers, threads=pair.threads)
