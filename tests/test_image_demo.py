@@ -22,7 +22,7 @@ from logitcache.views import replay
 pytest.importorskip("sklearn")
 
 # bigger than --quick, so that the numbers mean something (chance is 0.1), still seconds at 16x16
-SMALL = dict(n_train=300, n_eval=100, size=16, teacher_epochs=6, dump_epochs=2, student_epochs=6, batch_size=32)
+SMALL = dict(n_train=240, n_eval=100, size=16, teacher_epochs=5, dump_epochs=2, student_epochs=5, batch_size=32)
 
 
 @pytest.fixture(scope="module")
