@@ -131,10 +131,15 @@ def _side_by_side(fn: Callable, calls: list[dict], jobs: int) -> list:
 
 
 def _settings(quick: bool, overrides: dict) -> dict:
-    s = dict(SIZES["quick" if quick else "full"])
+    return _settings_of(SIZES, quick, overrides, "run_demo")
+
+
+def _settings_of(sizes: dict, quick: bool, overrides: dict, where: str) -> dict:
+    """``sizes["quick" or "full"]`` with single entries overridden (shared with the image demo)."""
+    s = dict(sizes["quick" if quick else "full"])
     unknown = set(overrides) - set(s)
     if unknown:
-        raise LogitCacheError(f"run_demo: unknown setting(s) {sorted(unknown)}; known: {sorted(s)}")
+        raise LogitCacheError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(s)}")
     return {**s, **{k: v for k, v in overrides.items() if v is not None}}
 
 
