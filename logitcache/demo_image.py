@@ -5,7 +5,7 @@ upscaled with Pillow's bilinear filter to ``size`` x ``size`` RGB PNGs in the to
 layout (``<digit>/<index>.png``, the index into ``load_digits``), split per class into train and a
 held-out eval set -> three small CNN teachers of different shapes, trained on freshly drawn crops and
 flips for about a minute, exported to ``.pt2`` -> a cache of their averaged softmax (MEAL V2:
-``aggregation="mean_prob"``, multiclass) over crops and flips -> the student ``image_cnn_tiny`` from
+``aggregation="mean_prob"``, multiclass) over crops and flips -> the student ``image_cnn_small`` from
 the cache, and the same student from labels alone on the same replayed views -> a table of eval
 top-1, plus a check that :func:`logitcache.replay` and the re-run teachers give the stored top-k.
 
@@ -38,7 +38,7 @@ from logitcache.targets import aggregate
 from logitcache.views import ViewSource, replay
 
 TEACHERS = ("lenet", "wide_cnn", "res_cnn")
-STUDENT = "image_cnn_tiny"
+STUDENT = "image_cnn_small"
 # crops of at least 35 % of the digit (ImageNet's 8 % leaves a stroke) and flips, as FKD / MEAL V2 store them
 AUGMENT_OPS = [{"op": "random_resized_crop", "scale": [0.35, 1.0]}, {"op": "hflip", "p": 0.5}]
 SIZES = {

@@ -161,6 +161,16 @@ def image_cnn_tiny(num_classes: int, width: int = 16) -> nn.Module:
 
 
 @register_image_model
+def image_cnn_small(num_classes: int, width: int = 16) -> nn.Module:
+    """``image_cnn_tiny`` that keeps a 4x4 layout before its classifier (digits need where the
+    strokes are, which global pooling throws away)."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * width * 16, num_classes))
+
+
+@register_image_model
 def image_dense_tiny(num_classes: int, width: int = 16, positions: list[int] | None = None) -> nn.Module:
     """A dense-map student: two strided 3x3 convolutions, average-pooled to ``positions`` (H', W')
     (default: the body's own 1/4-resolution map), a 1x1-convolution head; logits ``[B, H', W', C]``
