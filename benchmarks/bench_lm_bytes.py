@@ -22,8 +22,8 @@ this V does not fit the CPU budget.
             E over --draws fresh draws per row (bench_sampled.Errors takes the noise share out);
             "~0 (<b)" when within 2 standard errors of 0
 
-    python benchmarks/bench_lm_bytes.py            # ~4 min on 2 shared cores
-    python benchmarks/bench_lm_bytes.py --quick    # < 1 min
+    python benchmarks/bench_lm_bytes.py            # ~5 min on 2 shared cores (load 4)
+    python benchmarks/bench_lm_bytes.py --quick    # ~1 min
 """
 
 from __future__ import annotations
@@ -245,15 +245,15 @@ def ratios(stats: dict, rows: dict) -> None:
 
 def main() -> None:
     p = Cm.parser(__doc__)
-    p.add_argument("--rows", type=int, default=None, help="teacher rows (tokens) (default 512; --quick 64)")
-    p.add_argument("--sampled-rows", type=int, default=None, help="rows for the sampled gradient bias, <= 64 (default 32; --quick 8)")
-    p.add_argument("--draws", type=int, default=None, help="draws per row for sampled (default 48; --quick 8)")
+    p.add_argument("--rows", type=int, default=None, help="teacher rows (tokens) (default 192; --quick 32)")
+    p.add_argument("--sampled-rows", type=int, default=None, help="rows for the sampled gradient bias, <= 64 (default 16; --quick 4)")
+    p.add_argument("--draws", type=int, default=None, help="draws per row for sampled (default 16; --quick 6)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    rows = a.rows or (64 if a.quick else 512)
-    srows = a.sampled_rows or (8 if a.quick else 32)
-    draws = a.draws or (8 if a.quick else 48)
+    rows = a.rows or (32 if a.quick else 192)
+    srows = a.sampled_rows or (4 if a.quick else 16)
+    draws = a.draws or (6 if a.quick else 16)
     print(f"# {Cm.machine()}")
     print(f"# V = {V:,}, {rows} teacher rows, sampled: {srows} rows x {draws} draws")
     t0 = time.time()
