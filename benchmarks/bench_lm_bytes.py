@@ -246,7 +246,8 @@ def ratios(stats: dict, rows: dict) -> None:
 def main() -> None:
     p = Cm.parser(__doc__)
     p.add_argument("--rows", type=int, default=None, help="teacher rows (tokens) (default 192; --quick 32)")
-    p.add_argument("--sampled-rows", type=int, default=None, help="rows for the sampled gradient bias, <= 64 (default 16; --quick 4)")
+    p.add_argument("--sampled-rows", type=int, default=None,
+                   help="rows for the sampled gradient bias, <= 64 (default 16; --quick 4)")
     p.add_argument("--draws", type=int, default=None, help="draws per row for sampled (default 16; --quick 6)")
     a = p.parse_args()
     if a.threads:
