@@ -22,8 +22,8 @@ this V does not fit the CPU budget.
             E over --draws fresh draws per row (bench_sampled.Errors takes the noise share out);
             "~0 (<b)" when within 2 standard errors of 0
 
-    python benchmarks/bench_lm_bytes.py            # ~5 min on 2 shared cores (load 4)
-    python benchmarks/bench_lm_bytes.py --quick    # ~1 min
+    python benchmarks/bench_lm_bytes.py            # ~2.5 min on 2 shared cores (6 at load 5)
+    python benchmarks/bench_lm_bytes.py --quick    # ~25 s
 """
 
 from __future__ import annotations
