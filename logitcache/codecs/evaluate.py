@@ -101,3 +101,33 @@ def stored_kl(reference: tuple, other: tuple, num_classes: int, kind: str) -> np
 def tail_mass(values, stat) -> np.ndarray:
     """Softmax rows: the tail mass 1 - sum(exp(values - stat)) a row stores (float64, may be <= 0)."""
     return 1.0 - np.exp(np.asarray(values, np.float64) - np.asarray(stat, np.float64)[..., None]).sum(-1)
+
+
+def lm_teacher_rows(rows: int, num_classes: int, seed: int = 0, block: int = 64):
+    """Next-token teacher logits of a language model, ``float32 [<= block, V]`` blocks (a generator).
+
+    Heavy-tailed as an LM's are: a Zipf prior over the vocabulary (log p ~ -1.1 a log(1 + rank),
+    a varying per token) with N(0, sigma) context noise on every logit, plus a few peaked
+    continuations per token drawn from the same Zipf prior, the first 2 below to 9 above the
+    background's log-normaliser, so some tokens are near-deterministic and others spread out:
+    mean entropy ~2 nats, median ~1, a tenth above 5; ~9% of the mass beyond the top-128 on
+    average (benchmarks/bench_lm_bytes.py). Token ids follow frequency loosely, as a BPE
+    vocabulary's merge order does (at V = 151,936 the 14% of ids above 131,072 hold 7% of the mass).
+    Blocks keep [rows, V] float32 at block x V x 4 bytes (39 MB at V = 151,936)."""
+    rng = np.random.default_rng(seed)
+    key = np.log1p(np.arange(num_classes)) + rng.normal(0.0, 1.0, num_classes)
+    id_of_rank = np.argsort(key, kind="stable")
+    rank_of_id = np.empty(num_classes, np.int64)
+    rank_of_id[id_of_rank] = np.arange(num_classes)
+    zipf = (-1.1 * np.log1p(rank_of_id)).astype(np.float32)
+    for a in range(0, rows, block):
+        b = min(block, rows - a)
+        z = zipf[None] * rng.uniform(0.6, 1.2, (b, 1)).astype(np.float32)
+        z += rng.standard_normal((b, num_classes), dtype=np.float32) * rng.uniform(0.5, 1.2, (b, 1)).astype(np.float32)
+        lse = torch.logsumexp(torch.from_numpy(z), -1).numpy()
+        for r in range(b):
+            m = min(1 + int(rng.geometric(0.4)), 16)
+            ids = id_of_rank[np.minimum(rng.zipf(1.2, m) - 1, num_classes - 1)]
+            heights = lse[r] + rng.uniform(-2.0, 9.0) - np.cumsum(np.r_[0.0, rng.exponential(1.5, m - 1)])
+            z[r, ids] = np.maximum(z[r, ids], heights.astype(np.float32))
+        yield z

@@ -1,0 +1,78 @@
+"""The other tools' formats re-encoded by benchmarks/bench_lm_bytes.py: byte counts by hand, and
+what they store is a distribution (benchmarks/_lm_formats.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _lm_formats as LF  # noqa: E402
+
+V = 151_936
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, V, generator=g) * 2.0
+    z[:, 7] = 20.0  # one near-certain next token
+    return z
+
+
+def test_pack_bits_round_trip_and_width():
+    ids = np.array([[0, 131_071, 131_072, V - 1]], np.uint64)
+    packed = LF.pack_bits(ids, 18)
+    assert packed.shape == (1, 9)  # 4 x 18 = 72 bits
+    assert (LF.unpack_bits(packed, 4, 18) == ids).all()
+    with pytest.raises(ValueError):
+        LF.pack_bits(ids, 17)  # 151,935 needs 18 bits
+
+
+def test_megatron_bytes_and_distribution(teacher):
+    rows = LF.megatron(teacher, 128, 18)
+    assert rows.row_bytes == 128 * 2 + 128 * 18 // 8 == 544
+    assert LF.id_bits(V) == 18 and V > LF.MEGATRON_MAX_VOCAB
+    p = LF.dense(rows, V)
+    assert torch.allclose(p.sum(-1), torch.ones(4, dtype=torch.float64))
+    assert ((p > 0).sum(-1) == 128).all() and (p.argmax(-1) == 7).all()
+
+
+@pytest.mark.parametrize("cfg, expected", [(LF.DISTILLKIT[0], 344), (LF.DISTILLKIT[1], 127), (LF.DISTILLKIT[2], 428)])
+def test_distillkit_bytes_by_hand(teacher, cfg, expected):
+    # recommended: 16 bf16 + 6 float32 terms = 56 B, 128 x 18 bits = 288 B: README's ~300 B, 344 at V = 151,936
+    # budget: 1 bf16 + 3 terms = 14 B, 50 x 18 bits = 113 B (README: ~114 B at a smaller V)
+    # quickstart: 32 float32 + 3 terms = 140 B, + 288 B
+    assert LF.distillkit_row_bytes(cfg, V) == expected
+    rows = LF.distillkit(teacher, cfg)
+    assert rows.row_bytes == expected
+
+
+@pytest.mark.parametrize("missing", ["zero", "symmetric_uniform"])
+def test_distillkit_reconstruction_is_a_distribution(teacher, missing):
+    rows = LF.distillkit(teacher, LF.DISTILLKIT[0], missing)
+    p = LF.dense(rows, V)
+    assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(4, dtype=torch.float64))
+    # the exact head is the teacher's, to bfloat16
+    lp = torch.log_softmax(teacher.double(), -1).gather(-1, rows.ids[:, :16])
+    assert torch.allclose(rows.logp[:, :16].double(), lp, rtol=2**-8, atol=0)
+    loss = rows.loss(torch.zeros(4, V, requires_grad=True))
+    assert torch.isfinite(loss)
+
+
+def test_rskd37_bytes_wrap_and_distribution():
+    ids = torch.tensor([[5, 131_072 + 5, 140_000] + [V] * 9])
+    counts = torch.tensor([[6, 4, 2] + [0] * 9])
+    rows = LF.rskd37(ids, counts, 12)
+    assert rows.row_bytes == 37  # 12 x (17 + 7) bits = 36 B, + 1 B slot count
+    assert rows.ids[0, :3].tolist() == [5, 5, 140_000 - 131_072]  # wrapped, no check
+    slots = LF.unpack_bits(rows.packed[:, :36], 12, 24)
+    assert (slots[0, :3] & 127).tolist() == [64, 42, 21]  # round(count / 12 x 127)
+    assert rows.packed[0, 36] == 3
+    p = LF.dense(rows, V)
+    assert torch.allclose(p.sum(-1), torch.ones(1, dtype=torch.float64))
+    assert p[0, 5] == pytest.approx((64 + 42) / 127)  # token 131,077's mass landed on token 5
