@@ -32,9 +32,10 @@ from logitcache.teachers import run_teachers
 BLOCK_VALUES = 1 << 24  # positions x vocabulary values per block (64 MB of float32)
 
 
-def position_blocks(batch: int, length: int, vocab: int, block_values: int = BLOCK_VALUES):
-    """``(a, b)`` slices of the L axis holding at most ``block_values`` logits each (at least one position)."""
-    step = max(1, block_values // max(1, batch * vocab))
+def position_blocks(batch: int, length: int, vocab: int, block_values: int | None = None):
+    """``(a, b)`` slices of the L axis holding at most ``block_values`` (default ``BLOCK_VALUES``)
+    logits each (at least one position)."""
+    step = max(1, (block_values or BLOCK_VALUES) // max(1, batch * vocab))
     return [(a, min(a + step, length)) for a in range(0, length, step)]
 
 
@@ -70,6 +71,7 @@ def row_seeds(view_seeds, groups: int, batch: int, length: int, device) -> torch
                         for g in range(groups)])
 
 
+@torch.inference_mode()
 def stream_encode(teachers, x: torch.Tensor, sample_ids, dev, precision: str, codec, aggregation: str,
                   weights, members: bool, view_seeds=None, moments: bool = False):
     """(bad [M, B] non-finite teacher rows, encoded {field: [G, B, L, ...]} with G = ensemble then

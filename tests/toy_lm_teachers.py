@@ -30,3 +30,8 @@ class Synthetic(torch.nn.Module):
 
 def synthetic(vocab_size: int, context: int) -> torch.nn.Module:
     return Synthetic(vocab_size, context).eval()
+
+
+def gpt_v60(context: int) -> torch.nn.Module:
+    """A teacher of another vocabulary (60 ids)."""
+    return gpt_tiny(60, context, dim=8, depth=1, heads=1, seed=3)
