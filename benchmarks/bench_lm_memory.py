@@ -96,9 +96,11 @@ def main() -> None:
     print(f"naive / stream peak: {n['peak_mb'] / s['peak_mb']:.2f}x")
     same = np.array_equal(np.array(n["rows"]["indices"])[1:], np.array(s["rows"]["indices"])[1:])
     stat = np.abs(np.array(n["rows"]["stat"]) - np.array(s["rows"]["stat"]))
-    print(f"member rows identical: {same}; ensemble top-k ids identical: "
-          f"{np.array_equal(np.array(n['rows']['indices'])[0], np.array(s['rows']['indices'])[0])}; "
-          f"max |stat difference|: {stat.max():.2e}")
+    ids_n, ids_s = np.sort(np.array(n["rows"]["indices"])[0], -1), np.sort(np.array(s["rows"]["indices"])[0], -1)
+    differ = int((ids_n != ids_s).any(-1).sum())
+    print(f"member rows identical: {same}; ensemble top-k id sets differ at {differ} of {ids_n.shape[-2]} positions "
+          f"(near-ties of a random teacher: float32 rounding of the running log-sum-exp); "
+          f"max |ensemble stat difference|: {stat.max():.2e}")
 
 
 if __name__ == "__main__":

@@ -89,15 +89,17 @@ def stream_encode(teachers, x: torch.Tensor, sample_ids, dev, precision: str, co
         if acc is None:
             blocks = position_blocks(B, L, z.shape[-1])
             acc = torch.empty(z.shape, dtype=torch.float32, device=z.device)
-        bad.append(~torch.isfinite(z).reshape(B, -1).all(1))
         if moments:
             stats.append(block_moments(z, blocks))
+        finite = torch.ones(B, dtype=torch.bool, device=z.device)
         for a, b in blocks:
             zb = z[:, a:b]
+            finite &= torch.isfinite(zb).reshape(B, -1).all(1)
             if members:
                 parts[1 + m].append(codec.encode(zb, None if seeds is None else seeds[1 + m, :, a:b]))
             _fold(acc[:, a:b], zb, w[m], m == 0, aggregation)
-        del z
+        bad.append(~finite)
+        del z, zb  # zb is a view: it would keep this teacher's whole output alive during the next one
     for a, b in blocks:
         parts[0].append(codec.encode(acc[:, a:b], None if seeds is None else seeds[0, :, a:b]))
     del acc

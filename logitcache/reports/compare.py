@@ -254,7 +254,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
             if teachers:
                 loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
                 apply_recorded(loaded, m)  # each teacher's own rate, clip length and class map, as dumped
-                n_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, kind)
+                n_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, kind,
+                                                    inputs=getattr(augmenter, "probe_views", None))
                 if n_classes != C or frames != c.frames:
                     raise LogitCacheError(f"teachers output C={n_classes} but cache {c.path} holds C={C}")
             s_list, e_list = [], []
