@@ -271,4 +271,28 @@ def test_streamed_blocks_do_not_change_rows(corpus, monkeypatch):
                                          "mean_prob", None, True, seeds)[1])
         for f in runs[0]:
             assert torch.equal(runs[0][f], runs[1][f]), f
-    assert lm.position_blocks(2, 1024, 151_936) == [(a, min(a + 55, 1024)) for a in range(0, 1024, 55)]
+    assert lm.position_blocks(2, 1024, 151_936) == [(a, min(a + 13, 1024)) for a in range(0, 1024, 13)]
+
+
+def test_token_cache_inspects_verifies_and_reports_fidelity(lm_cache, corpus):
+    from logitcache.report import fidelity, inspect_cache, verify_cache
+
+    info = inspect_cache(lm_cache)
+    assert info["classes"] == V and info["frames"] == L
+    assert verify_cache(lm_cache)["ok"]
+    f = fidelity(lm_cache, corpus, TEACHERS, samples=6, teacher_args=ARGS)
+    assert f["teachers_match"] and f["samples_checked"] == 6 and f["rows_checked"] == 6 * L
+    assert f["topk_index_agreement"] == 1.0 and f["max_abs_logit_error"] < 0.01  # float16 values
+
+
+def test_exported_pt2_lm_teacher(corpus, tmp_path):
+    """A torch.export program of an LM (int64 ids in) is a teacher like any other."""
+    model = toy_lm_teachers.gpt_a(V, L)
+    ids = torch.zeros(2, L, dtype=torch.int64)
+    program = torch.export.export(model, (ids,), dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
+    torch.export.save(program, tmp_path / "gpt_a.pt2")
+    out = dump(corpus, [str(tmp_path / "gpt_a.pt2")], tmp_path / "pt2.zarr", topk=K, num_workers=0, progress=False)
+    c = open_cache(out)
+    with torch.no_grad():
+        z = model(replay(c, corpus, 0, "w3")[None])[0]
+    np.testing.assert_array_equal(c.targets(0, ["w3"]).indices[0], topk_targets(z, K, "multiclass")[1].numpy())
