@@ -271,6 +271,7 @@ def test_streamed_blocks_do_not_change_rows(corpus, monkeypatch):
                                          "mean_prob", None, True, seeds)[1])
         for f in runs[0]:
             assert torch.equal(runs[0][f], runs[1][f]), f
+    monkeypatch.undo()
     assert lm.position_blocks(2, 1024, 151_936) == [(a, min(a + 13, 1024)) for a in range(0, 1024, 13)]
 
 
@@ -296,3 +297,17 @@ def test_exported_pt2_lm_teacher(corpus, tmp_path):
     with torch.no_grad():
         z = model(replay(c, corpus, 0, "w3")[None])[0]
     np.testing.assert_array_equal(c.targets(0, ["w3"]).indices[0], topk_targets(z, K, "multiclass")[1].numpy())
+
+
+def test_audio_option_refused_for_tokens(corpus, tmp_path):
+    with pytest.raises(LogitCacheError) as e:
+        dump(corpus, TEACHERS, tmp_path / "x.zarr", sample_rate=16000, teacher_args=ARGS, progress=False)
+    assert_one_line_error(e, "--sample-rate", "is tokens")
+
+
+def test_member_heads_refused_for_tokens(lm_cache, corpus, tmp_path):
+    from logitcache.train import train
+
+    with pytest.raises(LogitCacheError) as e:
+        train(lm_cache, corpus, "gpt_tiny", tmp_path / "run", heads="members", progress=False)
+    assert_one_line_error(e, "--heads members", "token caches")

@@ -264,5 +264,5 @@ def image_size(value, where) -> list[int]:
 
 
 def _other(modality: str) -> str:
-    return "image" if modality == "audio" else "audio"
+    return {"audio": "image", "image": "audio"}.get(modality, "audio or image")
 
