@@ -112,7 +112,7 @@ def _fold(acc: torch.Tensor, z: torch.Tensor, weight: float, first: bool, aggreg
     if aggregation == "mean_logit":
         term = z.float() * weight
     elif aggregation == "mean_prob":
-        term = F.log_softmax(z.float(), dim=-1) + math.log(weight)
+        term = F.log_softmax(z.float(), dim=-1).add_(math.log(weight))  # one temporary, not two
     else:
         raise ValueError(f"unknown aggregation {aggregation!r}")
     if first:
