@@ -311,3 +311,61 @@ def test_member_heads_refused_for_tokens(lm_cache, corpus, tmp_path):
     with pytest.raises(LogitCacheError) as e:
         train(lm_cache, corpus, "gpt_tiny", tmp_path / "run", heads="members", progress=False)
     assert_one_line_error(e, "--heads members", "token caches")
+
+
+BAD_CORPORA = {
+    "dtype": ({"dtype": "int8"}, "dtype 'int8' must be one of uint16, uint32"),
+    "vocab": ({"vocab_size": "50"}, "vocab_size must be a positive whole number"),
+    "uint16_too_small": ({"vocab_size": 70_000}, "vocab_size 70000 does not fit dtype uint16"),
+    "bin_missing": ({"bin": "nope.bin"}, "nope.bin: token file not found"),
+    "documents": ({"documents": [0, 50, 40]}, "documents must be increasing token offsets"),
+    "block_size": ({"block_size": 0}, "block_size must be a positive whole number"),
+    "tokenizer_missing": ({"jsonl": "c.jsonl", "tokenizer": "none.json"}, "tokenizer file not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CORPORA))
+def test_bad_token_corpus(tmp_path, case):
+    write_corpus(tmp_path)
+    change, needle = BAD_CORPORA[case]
+    meta = json.loads((tmp_path / "corpus.json").read_text())
+    (tmp_path / "corpus.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(LogitCacheError) as e:
+        open_source(tmp_path / "corpus.json")
+    assert_one_line_error(e, "corpus.json" if case != "bin_missing" else "named by", needle)
+
+
+def test_bad_token_files(tmp_path):
+    write_corpus(tmp_path)
+    with open(tmp_path / "corpus.bin", "ab") as f:
+        f.write(b"\x00")  # an odd byte count: not whole uint16 tokens
+    with pytest.raises(LogitCacheError) as e:
+        open_source(tmp_path / "corpus.bin")
+    assert_one_line_error(e, "corpus.bin", "is not a whole number of uint16 tokens")
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\nnot json\n')
+    (tmp_path / "tok.json").write_text("{}")
+    (tmp_path / "j.json").write_text(json.dumps({"jsonl": "c.jsonl", "tokenizer": "tok.json"}))
+    with pytest.raises(LogitCacheError) as e:
+        open_source(tmp_path / "j.json")
+    assert_one_line_error(e, "tok.json", "not a tokenizers file")
+
+
+def test_jsonl_line_not_json(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(tmp_path / "tok.json"))
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\nnot json\n')
+    (tmp_path / "j.json").write_text(json.dumps({"jsonl": "c.jsonl", "tokenizer": "tok.json"}))
+    with pytest.raises(LogitCacheError) as e:
+        open_source(tmp_path / "j.json")
+    assert_one_line_error(e, "c.jsonl:2", "not JSON")
+    (tmp_path / "c.jsonl").write_text('{"body": "a"}\n')
+    with pytest.raises(LogitCacheError) as e:
+        open_source(tmp_path / "j.json")
+    assert_one_line_error(e, "c.jsonl:1", "no text field 'text'")
+
+
+def test_class_map_refused_for_tokens(corpus, tmp_path):
+    with pytest.raises(LogitCacheError) as e:
+        dump(corpus, TEACHERS, tmp_path / "x.zarr", class_maps=["m.json", None], teacher_args=ARGS, progress=False)
+    assert_one_line_error(e, "--class-map", "LM teachers")
