@@ -350,7 +350,8 @@ class CacheStream(IterableDataset):
         if source.folder.modality == "tokens":  # labels: the next tokens, [B, L] (never [B, V] rows)
             ids, nxt, mask = (torch.stack(x) for x in zip(*(source.replay_tokens(i, p)
                                                             for i, p in zip(order.tolist(), each))))
-            return {**batch, "wave": ids, "ids": ids, "labels": nxt, "mask": mask}
+            # "tokens", not "ids": the sampled codec's targets have an "ids" array
+            return {**batch, "wave": ids, "tokens": ids, "labels": nxt, "mask": mask}
         waves = [source.replay(index, p) for index, p in zip(order.tolist(), each)]
         return {**batch, "wave": torch.stack(waves),
                 "labels": torch.from_numpy(batch_labels(source.folder, order, params, source.augmenter.mixers))}

@@ -124,7 +124,7 @@ def test_stream_batch_gives_ids_mask_and_next_tokens(lm_cache, corpus):
     toks = tokens_of(corpus)
     c = open_cache(lm_cache)
     batch = next(iter(CacheStream(lm_cache, corpus, 0, batch_size=19)))
-    assert batch["ids"].dtype == torch.int64 and batch["ids"].shape == (19, L)
+    assert batch["tokens"].dtype == torch.int64 and batch["tokens"].shape == (19, L)
     starts = np.array([int(sid[1:]) * L for sid in c.ids])[batch["order"].numpy()]
     starts = starts + c.params(0, [c.ids[i] for i in batch["order"].tolist()])["window.offset"].astype(np.int64)
     for r, a in enumerate(starts):
@@ -369,3 +369,14 @@ def test_class_map_refused_for_tokens(corpus, tmp_path):
     with pytest.raises(LogitCacheError) as e:
         dump(corpus, TEACHERS, tmp_path / "x.zarr", class_maps=["m.json", None], teacher_args=ARGS, progress=False)
     assert_one_line_error(e, "--class-map", "LM teachers")
+
+
+def test_train_a_sampled_token_cache(corpus, tmp_path):
+    from logitcache.train import train
+
+    out = dump(corpus, TEACHERS, tmp_path / "s.zarr", codec="sampled", sample_n=12, teacher_args=ARGS,
+               num_workers=0, progress=False)
+    batch = next(iter(CacheStream(out, corpus, 0, batch_size=19)))
+    assert batch["tokens"].shape == (19, L) and batch["ids"].shape == (19, L, 12) and not batch["mask"].all()
+    m = train(out, corpus, "gpt_tiny", tmp_path / "run", batch_size=8, max_steps=2, progress=False)
+    assert np.isfinite(m["train_loss"])
