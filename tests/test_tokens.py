@@ -380,3 +380,14 @@ def test_train_a_sampled_token_cache(corpus, tmp_path):
     assert batch["tokens"].shape == (19, L) and batch["ids"].shape == (19, L, 12) and not batch["mask"].all()
     m = train(out, corpus, "gpt_tiny", tmp_path / "run", batch_size=8, max_steps=2, progress=False)
     assert np.isfinite(m["train_loss"])
+
+
+def test_add_teacher_to_token_cache_matches_dump(lm_cache, corpus, tmp_path):
+    from logitcache import add_teachers
+
+    out = dump(corpus, TEACHERS[:1], tmp_path / "one.zarr", topk=K, teacher_args=ARGS, batch_size=4,
+               num_workers=0, progress=False)
+    add_teachers(out, corpus, TEACHERS[1:], teacher_args=ARGS, batch_size=4, num_workers=0, progress=False)
+    added, dumped = open_cache(out).targets(0, member="gpt_b"), open_cache(lm_cache).targets(0, member="gpt_b")
+    np.testing.assert_array_equal(added.indices, dumped.indices)
+    np.testing.assert_array_equal(added.values, dumped.values)
