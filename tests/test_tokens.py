@@ -391,3 +391,13 @@ def test_add_teacher_to_token_cache_matches_dump(lm_cache, corpus, tmp_path):
     added, dumped = open_cache(out).targets(0, member="gpt_b"), open_cache(lm_cache).targets(0, member="gpt_b")
     np.testing.assert_array_equal(added.indices, dumped.indices)
     np.testing.assert_array_equal(added.values, dumped.values)
+
+
+def test_compare_refuses_token_runs(lm_cache, corpus, tmp_path):
+    from logitcache.report import compare
+    from logitcache.train import train
+
+    train(lm_cache, corpus, "gpt_tiny", tmp_path / "run", batch_size=8, max_steps=1, progress=False)
+    with pytest.raises(LogitCacheError) as e:
+        compare(tmp_path / "run")
+    assert_one_line_error(e, "compare does not take token caches yet", "--eval-data")
