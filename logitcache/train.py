@@ -282,7 +282,7 @@ def train(
     progress = progress and lead
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-    config = {"cache": _stored_path(cache), "data": _stored_path(data), "student": student, "epochs": epochs, "batch_size": batch_size,
+    config = {"cache": _stored_path(cache), "data": _stored_path(folder.root if isinstance(data, Source) else data), "student": student, "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "temperature": temperature, "alpha": alpha, "member": member, "seed": seed,
               "cache_config_digest": c.manifest.get("config_digest"), "stored_epochs": stored, "source": folder.kind}
     if comp is not None:

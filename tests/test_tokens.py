@@ -183,6 +183,10 @@ def test_jsonl_with_tokenizer(tmp_path):
                num_workers=0, progress=False, augment="none")
     window = replay(out, src, 0, "w1")
     np.testing.assert_array_equal(window.numpy(), src.tokens[4:8])
+    from logitcache.train import train
+
+    m = train(out, same, "gpt_tiny", tmp_path / "run", batch_size=2, progress=False)  # an open source is data
+    assert m["samples"] == 4 and json.loads((tmp_path / "run" / "config.json").read_text())["source"] == "tokens"
 
 
 @pytest.mark.parametrize("vocab,codec", [(151_936, "topk"), (151_936, "compact"), (262_144, "topk"),
