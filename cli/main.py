@@ -444,7 +444,8 @@ def _rows_what(info: dict) -> str:
 @click.option("--data", required=True, metavar="PATH", help="The data the cache was dumped from.")
 @_source_option
 @click.option("--student", required=True, metavar="NAME|module:callable",
-              help="A model zoo name (cnn_tiny, cnn_small, crnn_small, transformer_tiny) or a factory.")
+              help="A model zoo name (cnn_tiny, cnn_small, crnn_small, transformer_tiny; image_cnn_tiny; "
+                   "gpt_tiny for token caches) or a factory.")
 @click.option("--out", required=True, metavar="RUN", help="Run folder (checkpoint.pt, metrics.jsonl).")
 @click.option("--epochs", type=int, default=None, help="Default: one per stored epoch.")
 @click.option("--batch-size", default=32, show_default=True)

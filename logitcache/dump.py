@@ -144,7 +144,9 @@ def dump(
 
     ``data`` is a data folder or manifest file (its source kind detected, or named by ``source``;
     see :func:`logitcache.sources.open_source`) or an open :class:`~logitcache.sources.Source`.
-    ``augment`` defaults to the modality's preset (audio ``ced``); ``sample_rate`` and
+    ``output_kind`` defaults to ``multilabel``, and to ``multiclass`` for token data (LM teachers:
+    a softmax over the vocabulary, the only kind they take; see :mod:`logitcache.lm`).
+    ``augment`` defaults to the modality's preset (audio ``ced``, tokens ``offset``); ``sample_rate`` and
     ``clip_seconds`` (audio) and ``image_size`` (images: an int or ``[H, W]``) override the
     data's defaults.
 
