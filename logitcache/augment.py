@@ -401,6 +401,19 @@ def load_ops_spec(name_or_file: str, presets: dict[str, list[dict]] | None = Non
     return ops
 
 
+def param_specs_of(ops: list) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``"op.param"`` -> (dtype, trailing shape) of every op's stored parameters (any modality)."""
+    return {f"{op.name}.{k}": v for op in ops for k, v in op.params.items()}
+
+
+def param_grid_of(ops: list, *grid_args) -> dict[str, dict]:
+    """``"op.param"`` -> {"dtype", "num", "den"} of the params each op draws on an integer grid,
+    ``op.grid(*grid_args)`` (what the modality's ops need to size it: audio rate and clip samples,
+    image size, token window length)."""
+    return {f"{op.name}.{k}": {"dtype": _int_dtype(lo, hi), "num": int(num), "den": int(den)}
+            for op in ops for k, (num, den, lo, hi) in op.grid(*grid_args).items()}
+
+
 def draw_ops(ops: list, seed: int, ctx) -> dict[str, np.ndarray]:
     """Every op's parameters for one view, ``"op.param"`` -> array: op i reads the fixed slots
     ``64 i ...`` of ``seed``'s stream, so no op's draw depends on another's (any modality)."""
@@ -462,16 +475,12 @@ class Augmenter:
     @property
     def param_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Stored parameter arrays: ``"op.param"`` -> (dtype, trailing shape)."""
-        return {f"{op.name}.{k}": v for op in self.ops for k, v in op.params.items()}
+        return param_specs_of(self.ops)
 
     def param_grid(self) -> dict[str, dict]:
         """``"op.param"`` -> {"dtype", "num", "den"} for params drawn on an integer grid (see
         :meth:`Op.grid`): what a format-2 manifest stores as ``param_storage``."""
-        out = {}
-        for op in self.ops:
-            for k, (num, den, lo, hi) in op.grid(self.sample_rate, self.clip_samples).items():
-                out[f"{op.name}.{k}"] = {"dtype": _int_dtype(lo, hi), "num": int(num), "den": int(den)}
-        return out
+        return param_grid_of(self.ops, self.sample_rate, self.clip_samples)
 
     def context(self, **kw) -> Context:
         return Context(self.sample_rate, self.clip_samples, **kw)

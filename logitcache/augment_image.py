@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from logitcache.augment import _SLOTS_PER_OP, SPEC_VERSION, Op, _int_dtype, draw_ops, load_ops_spec
+from logitcache.augment import (_SLOTS_PER_OP, SPEC_VERSION, Op, _int_dtype, draw_ops, load_ops_spec, param_grid_of,
+                                param_specs_of)
 from logitcache.errors import LogitCacheError
 
 MODALITY = "image"
@@ -556,12 +557,11 @@ class ImageAugmenter:
     @property
     def param_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Stored parameter arrays: ``"op.param"`` -> (dtype, trailing shape)."""
-        return {f"{op.name}.{k}": v for op in self.ops for k, v in op.params.items()}
+        return param_specs_of(self.ops)
 
     def param_grid(self) -> dict[str, dict]:
         """As :meth:`logitcache.augment.Augmenter.param_grid`."""
-        return {f"{op.name}.{k}": {"dtype": _int_dtype(lo, hi), "num": int(num), "den": int(den)}
-                for op in self.ops for k, (num, den, lo, hi) in op.grid(self.size).items()}
+        return param_grid_of(self.ops, self.size)
 
     @property
     def mixers(self) -> list[str]:

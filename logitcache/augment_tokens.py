@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from logitcache.augment import _SLOTS_PER_OP, SPEC_VERSION, Op, _int_dtype, load_ops_spec, uniforms
+from logitcache.augment import SPEC_VERSION, Op, draw_ops, load_ops_spec, param_grid_of, param_specs_of
 from logitcache.errors import LogitCacheError
 
 MODALITY = "tokens"
@@ -109,24 +109,17 @@ class TokenAugmenter:
 
     @property
     def param_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return {f"{op.name}.{k}": v for op in self.ops for k, v in op.params.items()}
+        return param_specs_of(self.ops)
 
     def param_grid(self) -> dict[str, dict]:
-        return {f"{op.name}.{k}": {"dtype": _int_dtype(lo, hi), "num": int(num), "den": int(den)}
-                for op in self.ops for k, (num, den, lo, hi) in op.grid(self.length).items()}
+        return param_grid_of(self.ops, self.length)
 
     def context(self, **kw) -> TokenContext:
         """The draw context; the audio/image keywords (partners, source size) do not apply."""
         return TokenContext(self.length, **{k: v for k, v in kw.items() if k in ("num_samples", "sample_index")})
 
     def draw(self, seed: int, ctx: TokenContext) -> dict[str, np.ndarray]:
-        out = {}
-        for i, op in enumerate(self.ops):
-            u = uniforms(int(seed), i * _SLOTS_PER_OP, _SLOTS_PER_OP)
-            for k, v in op.draw(u, ctx).items():
-                dtype, shape = op.params[k]
-                out[f"{op.name}.{k}"] = np.asarray(v, dtype=dtype).reshape(shape)
-        return out
+        return draw_ops(self.ops, seed, ctx)
 
     def offset(self, params: dict[str, np.ndarray] | None) -> int:
         if not params or "window.offset" not in params:
