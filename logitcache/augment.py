@@ -401,6 +401,21 @@ def load_ops_spec(name_or_file: str, presets: dict[str, list[dict]] | None = Non
     return ops
 
 
+def build_ops(specs: list[dict], registry: dict, what: str = "", twice: str = "") -> list:
+    """The ops of a pipeline from their specs (``{"op": name, **settings}``), from ``registry``
+    (name -> op class); each op once. ``what`` names the modality in the unknown-op error."""
+    out = []
+    for o in specs:
+        o = dict(o)
+        name = o.pop("op", None)
+        if name not in registry:
+            raise LogitCacheError(f"unknown {what}augmentation op {name!r}; known: {', '.join(registry)}")
+        if any(op.name == name for op in out):
+            raise LogitCacheError(f"augmentation op {name!r} is listed twice{twice}")
+        out.append(registry[name](**o))
+    return out
+
+
 def param_specs_of(ops: list) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``"op.param"`` -> (dtype, trailing shape) of every op's stored parameters (any modality)."""
     return {f"{op.name}.{k}": v for op in ops for k, v in op.params.items()}
@@ -433,15 +448,7 @@ class Augmenter:
         self.sample_rate = int(sample_rate)
         self.clip_seconds = float(clip_seconds)
         self.clip_samples = int(round(self.clip_seconds * self.sample_rate))
-        self.ops: list[Op] = []
-        for o in ops:
-            o = dict(o)
-            name = o.pop("op")
-            if name not in OPS:
-                raise LogitCacheError(f"unknown augmentation op {name!r}; known: {', '.join(OPS)}")
-            if any(op.name == name for op in self.ops):
-                raise LogitCacheError(f"augmentation op {name!r} is listed twice; use its 'count' setting")
-            self.ops.append(OPS[name](**o))
+        self.ops: list[Op] = build_ops(ops, OPS, twice="; use its 'count' setting")
         if any(op.name == "crop" for op in self.ops[1:]):
             raise LogitCacheError("augmentation op 'crop' must come first")
 

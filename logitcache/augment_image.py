@@ -27,8 +27,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from logitcache.augment import (_SLOTS_PER_OP, SPEC_VERSION, Op, _int_dtype, draw_ops, load_ops_spec, param_grid_of,
-                                param_specs_of)
+from logitcache.augment import (_SLOTS_PER_OP, SPEC_VERSION, Op, _int_dtype, build_ops, draw_ops, load_ops_spec,
+                                param_grid_of, param_specs_of)
 from logitcache.errors import LogitCacheError
 
 MODALITY = "image"
@@ -518,19 +518,11 @@ class ImageAugmenter:
 
     def __init__(self, ops: list[dict], size):
         self.size = _checked_size(size)
-        self.ops: list[ImageOp] = []
-        for o in ops:
-            o = dict(o)
-            name = o.pop("op", None)
-            if name not in IMAGE_OPS:
-                raise LogitCacheError(f"unknown image augmentation op {name!r}; known: {', '.join(IMAGE_OPS)}")
-            if any(op.name == name for op in self.ops):
-                raise LogitCacheError(f"augmentation op {name!r} is listed twice")
-            op = IMAGE_OPS[name](**o)
-            if op.fits and self.ops:
-                raise LogitCacheError(f"augmentation op {name!r} must come first (it makes the view from the source)")
+        self.ops: list[ImageOp] = build_ops(ops, IMAGE_OPS, "image ")
+        for i, op in enumerate(self.ops):
+            if op.fits and i:
+                raise LogitCacheError(f"augmentation op {op.name!r} must come first (it makes the view from the source)")
             op.size = self.size
-            self.ops.append(op)
         self._fit = self.ops[0] if self.ops and self.ops[0].fits else Resize()
         self._fit.size = self.size
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from logitcache.augment import SPEC_VERSION, Op, draw_ops, load_ops_spec, param_grid_of, param_specs_of
+from logitcache.augment import SPEC_VERSION, Op, build_ops, draw_ops, load_ops_spec, param_grid_of, param_specs_of
 from logitcache.errors import LogitCacheError
 
 MODALITY = "tokens"
@@ -79,15 +79,7 @@ class TokenAugmenter:
 
     def __init__(self, ops: list[dict], context: int, vocab_size: int):  # context: L, stored as ``length``
         self.length, self.vocab_size = _whole(context, "context"), _whole(vocab_size, "vocab_size")
-        self.ops: list[Op] = []
-        for o in ops:
-            o = dict(o)
-            name = o.pop("op", None)
-            if name not in TOKEN_OPS:
-                raise LogitCacheError(f"unknown token augmentation op {name!r}; known: {', '.join(TOKEN_OPS)}")
-            if any(op.name == name for op in self.ops):
-                raise LogitCacheError(f"augmentation op {name!r} is listed twice")
-            self.ops.append(TOKEN_OPS[name](**o))
+        self.ops: list[Op] = build_ops(ops, TOKEN_OPS, "token ")
 
     @classmethod
     def from_spec(cls, spec: dict) -> "TokenAugmenter":
