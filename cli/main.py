@@ -285,8 +285,9 @@ def _source_option(f):
 @click.option("--seed", default=0, show_default=True, help="Base seed of orders and augmentations.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--output-kind", type=click.Choice(KINDS), default="multilabel", show_default=True,
-              help="Sigmoid (multilabel) or softmax (multiclass) teachers.")
+@click.option("--output-kind", type=click.Choice(KINDS), default=None,
+              help="Sigmoid (multilabel) or softmax (multiclass) teachers.  [default: multilabel; multiclass for "
+                   "token data]")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="mean_prob", show_default=True,
               help="How member logits become the ensemble's.")
 @click.option("--ensemble-weight", "--teacher-weight", "ensemble_weights", cls=_Aliased, multiple=True, type=float,
@@ -443,7 +444,8 @@ def _rows_what(info: dict) -> str:
 @click.option("--data", required=True, metavar="PATH", help="The data the cache was dumped from.")
 @_source_option
 @click.option("--student", required=True, metavar="NAME|module:callable",
-              help="A model zoo name (cnn_tiny, cnn_small, crnn_small, transformer_tiny) or a factory.")
+              help="A model zoo name (cnn_tiny, cnn_small, crnn_small, transformer_tiny; image_cnn_tiny; "
+                   "gpt_tiny for token caches) or a factory.")
 @click.option("--out", required=True, metavar="RUN", help="Run folder (checkpoint.pt, metrics.jsonl).")
 @click.option("--epochs", type=int, default=None, help="Default: one per stored epoch.")
 @click.option("--batch-size", default=32, show_default=True)

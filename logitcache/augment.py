@@ -506,7 +506,7 @@ class Augmenter:
 
 
 # ---------------------------------------------------------------- modalities
-MODALITIES = ("audio", "image")
+MODALITIES = ("audio", "image", "tokens")
 
 
 def _image_module():
@@ -515,9 +515,17 @@ def _image_module():
     return augment_image
 
 
+def _tokens_module():
+    from logitcache import augment_tokens
+
+    return augment_tokens
+
+
 def _augmenter_class(modality: str):
     if modality == "image":
         return _image_module().ImageAugmenter
+    if modality == "tokens":
+        return _tokens_module().TokenAugmenter
     raise LogitCacheError(f"augmentation spec modality {modality!r} is not supported (known: {', '.join(MODALITIES)})")
 
 
@@ -525,6 +533,8 @@ def presets_for(modality: str) -> tuple[dict[str, list[dict]], str]:
     """(preset name -> ops, the default preset) of a modality."""
     if modality == "audio":
         return PRESETS, DEFAULT_PRESET
+    if modality == "tokens":
+        return _tokens_module().TOKEN_PRESETS, _tokens_module().DEFAULT_PRESET
     module = _image_module()
     return module.IMAGE_PRESETS, module.DEFAULT_PRESET
 
@@ -537,6 +547,9 @@ def make_spec(modality: str, ops: list[dict], settings: dict) -> dict:
                 "clip_seconds": settings["clip_seconds"], "ops": ops}
     if modality == "image":
         return {"version": SPEC_VERSION, "modality": "image", "size": list(settings["size"]), "ops": ops}
+    if modality == "tokens":
+        return {"version": SPEC_VERSION, "modality": "tokens", "context": settings["context"],
+                "vocab_size": settings["vocab_size"], "ops": ops}
     _augmenter_class(modality)
     raise AssertionError(modality)
 

@@ -29,6 +29,7 @@ from logitcache.device import autocast, resolve_device
 from logitcache.distributed import deal_chunks
 from logitcache.distributed import setup as dist_setup
 from logitcache.errors import LogitCacheError, one_line_worker_errors, quote
+from logitcache.lm import check_lm_dump, stream_encode
 from logitcache.layout import MEMBER_STATS, Layout, codec_entries, new_manifest, target_sets
 from logitcache.sources import Source, check_kind, open_source, settings_for
 from logitcache.sources import image_size as check_image_size
@@ -108,7 +109,7 @@ def dump(
     seed: int = 0,
     batch_size: int = 32,
     device: str = "auto",
-    output_kind: str = "multilabel",
+    output_kind: str | None = None,
     aggregation: str = "mean_prob",
     ensemble_weights: list[float] | None = None,
     state_dicts: list[str | None] | None = None,
@@ -143,7 +144,9 @@ def dump(
 
     ``data`` is a data folder or manifest file (its source kind detected, or named by ``source``;
     see :func:`logitcache.sources.open_source`) or an open :class:`~logitcache.sources.Source`.
-    ``augment`` defaults to the modality's preset (audio ``ced``); ``sample_rate`` and
+    ``output_kind`` defaults to ``multilabel``, and to ``multiclass`` for token data (LM teachers:
+    a softmax over the vocabulary, the only kind they take; see :mod:`logitcache.lm`).
+    ``augment`` defaults to the modality's preset (audio ``ced``, tokens ``offset``); ``sample_rate`` and
     ``clip_seconds`` (audio) and ``image_size`` (images: an int or ``[H, W]``) override the
     data's defaults.
 
@@ -179,7 +182,7 @@ def dump(
     codec_cls = get_codec(codec)
     sampling = {"sample_n": sample_n, "sample_head": sample_head, "sample_temperature": sample_temperature}
     codec_entries(codec, value_dtype, None, value_bits, **sampling)  # a bad option fails before any work
-    if output_kind not in KINDS:
+    if output_kind is not None and output_kind not in KINDS:
         raise LogitCacheError(f"--output-kind {output_kind!r}: choose one of {', '.join(KINDS)}")
     if aggregation not in AGGREGATIONS:
         raise LogitCacheError(f"--aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
@@ -207,6 +210,9 @@ def dump(
     folder = open_source(data, source)
     if stored is not None:
         check_kind(stored, folder, out)
+    output_kind = output_kind or ("multiclass" if folder.modality == "tokens" else "multilabel")
+    if folder.modality == "tokens":
+        check_lm_dump(output_kind, class_maps, teacher_sample_rates, teacher_clip_seconds)
     if output_kind == "multiclass" and ctx.rank == 0:
         _warn_multi_label(folder)
     size = None if image_size is None else check_image_size(image_size, "--image-size")
@@ -221,9 +227,12 @@ def dump(
     loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
     configure_teachers(loaded, view_rate(augmenter), folder.classes, sample_rates=teacher_sample_rates,
                        clip_seconds=teacher_clip_seconds, class_maps=class_maps, unmapped=unmapped)
-    num_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, output_kind)
+    num_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, output_kind,
+                                         inputs=getattr(augmenter, "probe_views", None))
     optimise_teachers(loaded, dev, compile=compile, channels_last=channels_last)
     num_workers = default_workers(dev) if num_workers is None else num_workers
+    if folder.modality == "tokens" and num_classes != len(folder.classes):
+        raise LogitCacheError(f"teachers output V={num_classes} but {folder.root} has vocab_size {len(folder.classes)}")
     if num_classes != len(folder.classes):
         raise LogitCacheError(f"teachers output C={num_classes} classes but {folder.root} defines "
                               f"{len(folder.classes)} (classes.txt / labels.csv)")
@@ -441,19 +450,25 @@ def _run_batch(teachers, wave, dev, precision, codec, kind, aggregation, weights
         return [folder.ids[i] for i in (index if rows is None else index[rows])]
 
     with torch.inference_mode():
-        with autocast(dev, precision):
-            logits = run_teachers(teachers, x, ids)
-        bad = torch.stack([~torch.isfinite(z).reshape(z.shape[0], -1).all(dim=1) for z in logits])
         prefixes = target_sets({"members": [t.name for t in teachers] if members else []})
-        # Ensemble and members stacked [G, B, (T,) C]: one encode pass for all (row-wise, so the
-        # same bits as one group at a time), a quarter of the kernel launches of a 3-teacher dump.
-        ensemble = ensemble_logits(logits, kind, aggregation, weights, coverage(teachers))
-        z = torch.stack([ensemble] + (logits if members else []))
-        G, B = z.shape[:2]
-        seeds = None if view_seeds is None else target_set_seeds(view_seeds, G)
-        encoded = codec.encode(z, seeds)
+        if folder.modality == "tokens":  # [B, L, V] per teacher: one teacher and one block of positions at a time
+            bad, encoded, stats = stream_encode(teachers, x, ids, dev, precision, codec, aggregation, weights,
+                                                members, view_seeds, moments and members)
+            extra = {"moments": stats} if stats is not None else {}
+            G, B = len(prefixes), x.shape[0]
+        else:
+            with autocast(dev, precision):
+                logits = run_teachers(teachers, x, ids)
+            bad = torch.stack([~torch.isfinite(z).reshape(z.shape[0], -1).all(dim=1) for z in logits])
+            # Ensemble and members stacked [G, B, (T,) C]: one encode pass for all (row-wise, so the
+            # same bits as one group at a time), a quarter of the kernel launches of a 3-teacher dump.
+            ensemble = ensemble_logits(logits, kind, aggregation, weights, coverage(teachers))
+            z = torch.stack([ensemble] + (logits if members else []))
+            G, B = z.shape[:2]
+            seeds = None if view_seeds is None else target_set_seeds(view_seeds, G)
+            encoded = codec.encode(z, seeds)
+            extra = {"moments": torch.stack([logit_moments(x) for x in logits])} if moments and members else {}
         bad_sets = ~codec.finite_rows(encoded).reshape(G, B, -1).all(-1)
-        extra = {"moments": torch.stack([logit_moments(x) for x in logits])} if moments and members else {}
         host = _to_host({"bad": bad, "bad_sets": bad_sets, **encoded, **extra}, dev)
     for t, row_bad in zip(teachers, host["bad"]):
         if row_bad.any():

@@ -186,7 +186,9 @@ def _plan(path, m, specs, ensemble_specs, weights, state_dicts, teacher_args, de
 
 def _check_outputs(path: Path, m: dict, loaded: list[Teacher], first_new: Teacher, dev) -> None:
     """The teachers must output what the cache holds: C classes, at its clip or frame level."""
-    classes, frames = probe_teachers(loaded, Augmenter.from_spec(m["augment"]).view_shape, dev, m["output_kind"])
+    aug = Augmenter.from_spec(m["augment"])
+    classes, frames = probe_teachers(loaded, aug.view_shape, dev, m["output_kind"],
+                                     inputs=getattr(aug, "probe_views", None))
     positions = position_shape(loaded)
     if classes != len(m["classes"]) or frames != m.get("frames") or positions != m.get("positions"):
         theirs = f"C={classes}" + (f", T={frames}" if frames else ", clip level") + _map_words(positions)

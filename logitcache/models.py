@@ -75,9 +75,11 @@ def create_model(
     """
     if name in _IMAGE_REGISTRY:
         return _create_image_model(name, num_classes, frames, seed, **kwargs)
+    if name in _TOKEN_REGISTRY:
+        return _create_token_model(name, num_classes, frames, seed, **kwargs)
     if name not in _REGISTRY:
         raise LogitCacheError(f"unknown model {name!r}; choose one of: "
-                              f"{', '.join(list_models() + list_image_models())}")
+                              f"{', '.join(list_models() + list_image_models() + sorted(_TOKEN_REGISTRY))}")
     if not _is_int(num_classes) or num_classes < 1:
         raise LogitCacheError(f"num_classes must be a positive int, got {num_classes!r}")
     if sample_rate is None:  # what students are offered for image views
@@ -359,26 +361,26 @@ def crnn_small(n_mels: int, width: int = 16, hidden: int = 64) -> nn.Module:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # [B, heads, T, D/heads]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, heads, T, D/heads]
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block (attention + MLP), no dropout so eval is deterministic."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, causal: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, heads)
+        self.attn = SelfAttention(dim, heads, causal)
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
@@ -467,3 +469,63 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     program = load_program(path, extra_files=extra)  # as data: nothing in the file runs
     meta = json.loads(extra[_META_FILE]) if extra[_META_FILE] else {}
     return program.module(), meta
+
+
+# -----------------------------------------------------------------------------
+# language models: int64 token ids [B, L] -> next-token logits [B, L, V]
+
+_TOKEN_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def list_token_models() -> list[str]:
+    """Language model names accepted by :func:`create_model` (``num_classes`` = V, ``frames`` = L)."""
+    return sorted(_TOKEN_REGISTRY)
+
+
+def _create_token_model(name: str, num_classes, frames, seed, **kwargs) -> nn.Module:
+    if not _is_int(num_classes) or num_classes < 1:
+        raise LogitCacheError(f"num_classes (the vocabulary size) must be a positive int, got {num_classes!r}")
+    if not _is_int(frames) or frames < 1:
+        raise LogitCacheError(f"model {name!r} needs frames = the context length L (a positive int), got {frames!r}")
+    kwargs.pop("sample_rate", None)
+    try:
+        model = _TOKEN_REGISTRY[name](int(num_classes), int(frames), seed=seed, **kwargs)
+    except TypeError as e:
+        raise LogitCacheError(f"bad options for model {name!r}: {e}") from None
+    model.config = {"name": name, "num_classes": int(num_classes), "frames": int(frames), **kwargs}
+    return model
+
+
+class TinyGPT(nn.Module):
+    """nanoGPT in miniature: token + position embeddings, pre-norm causal blocks, an LM head.
+    Positions past ``context`` are refused (no extrapolation)."""
+
+    def __init__(self, vocab_size: int, context: int, dim: int = 32, depth: int = 2, heads: int = 2):
+        super().__init__()
+        self.context = context
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Embedding(context, dim)
+        self.blocks = nn.Sequential(*[Block(dim, heads, 4, causal=True) for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dim() != 2 or ids.is_floating_point() or ids.shape[1] > self.context:
+            raise LogitCacheError(f"TinyGPT takes int64 token ids [B, L <= {self.context}], got "
+                                  f"{ids.dtype} {list(ids.shape)}")
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        return self.head(self.ln(self.blocks(x)))
+
+
+def gpt_tiny(vocab_size: int, context: int = 256, dim: int = 32, depth: int = 2, heads: int = 2,
+             seed: int | None = None) -> nn.Module:
+    """A tiny GPT (a few 10k parameters plus V x dim in the embeddings and head), in eval mode;
+    ``seed`` fixes its initial weights (teachers as ``logitcache.models:gpt_tiny`` with
+    ``--teacher-arg seed=...`` or a teacher spec file's kwargs)."""
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return TinyGPT(int(vocab_size), int(context), dim, depth, heads).eval()
+
+
+_TOKEN_REGISTRY["gpt_tiny"] = gpt_tiny

@@ -55,7 +55,7 @@ def _shape_words(shape: tuple[int, ...]) -> str:
 
 
 def check_student_output(model: torch.nn.Module, spec: str, cache: Cache, view_shape: tuple[int, ...] | int,
-                         device: torch.device) -> None:
+                         device: torch.device, view_dtype: torch.dtype = torch.float32) -> None:
     """Refuse a student whose output does not have the shape of the cache's targets: a clip-level
     student on frame-level targets (or the reverse), or another class count. The student runs
     once on one all-zero view (``view_shape``, the augmenter's), before any training step."""
@@ -64,7 +64,7 @@ def check_student_output(model: torch.nn.Module, spec: str, cache: Cache, view_s
     view_shape = (view_shape,) if isinstance(view_shape, int) else tuple(view_shape)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         try:
-            shape = tuple(model(torch.zeros(1, *view_shape, device=device)).shape)
+            shape = tuple(model(torch.zeros(1, *view_shape, dtype=view_dtype, device=device)).shape)
         except Exception as e:  # an audio student given images, say
             raise LogitCacheError(f"student {spec} cannot take the cache's views [B, "
                                   f"{', '.join(map(str, view_shape))}] ({first_line(e)})") from None

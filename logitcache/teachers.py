@@ -249,7 +249,7 @@ def unique_names(teachers: list[Teacher]) -> None:
 
 # ---------------------------------------------------------------- the contract
 def probe_teachers(teachers: list[Teacher], view_shape: tuple[int, ...] | int, device: torch.device,
-                   kind: str | None = None) -> tuple[int, int | None]:
+                   kind: str | None = None, inputs=None) -> tuple[int, int | None]:
     """(num_classes, frames or None) that every teacher agrees on; sets each ``out_shape``.
 
     ``view_shape`` is the augmenter's (audio ``(samples,)``, image ``(3, H, W)``; an int means
@@ -257,9 +257,12 @@ def probe_teachers(teachers: list[Teacher], view_shape: tuple[int, ...] | int, d
     clips: its row must not change (BatchNorm in train mode, say, makes it depend on the others).
     The two batches have the same size because accelerators pick other kernels (TF32 convolutions
     round differently) for other batch sizes; with the size fixed, only the companions differ.
-    With ``kind``, a warning when the rows look like probabilities instead of logits."""
+    With ``kind``, a warning when the rows look like probabilities instead of logits. ``inputs``
+    (``n -> n`` seeded views) makes the probe views of a modality whose views are not float
+    signals (token ids: the augmenter's ``probe_views``)."""
     shape = (view_shape,) if isinstance(view_shape, int) else tuple(view_shape)
-    clips = 0.1 * torch.randn(5, *shape, generator=torch.Generator().manual_seed(0))
+    clips = inputs(5) if inputs is not None else \
+        0.1 * torch.randn(5, *shape, generator=torch.Generator().manual_seed(0))
     clips = clips.to(device)
     with torch.inference_mode():
         for t in teachers:
@@ -275,6 +278,9 @@ def probe_teachers(teachers: list[Teacher], view_shape: tuple[int, ...] | int, d
             if kind:
                 _warn_if_probabilities(t, batch.float(), kind)
     shapes = {t.source: t.mapped_shape for t in teachers}
+    if not clips.is_floating_point() and len(set(s[-1] for s in shapes.values())) > 1:  # token ids
+        raise LogitCacheError("teachers disagree on the vocabulary size: " +
+                              ", ".join(f"{k} -> V={v[-1]}" for k, v in shapes.items()))
     if len(set(s[-1] for s in shapes.values())) > 1:
         raise LogitCacheError("teachers disagree on the number of classes: " +
                               ", ".join(f"{k} -> C={v[-1]}" for k, v in shapes.items()))

@@ -28,6 +28,7 @@ from logitcache.distributed import shard_bounds
 from logitcache.dump import cpu_threads, set_threads
 from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.heads import check_heads, heads_aggregation, heads_kd_loss, with_heads
+from logitcache.lm import evaluate_lm, masked_rows, next_token_loss
 from logitcache.metrics import average_precision, top1_accuracy
 from logitcache.recompose import requested as requested_composition
 from logitcache.sources import Source, open_source
@@ -45,7 +46,10 @@ def _stored_path(path: str | Path) -> str:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, folder: Source, augmenter: Augmenter, kind: str,
              device: torch.device, batch_size: int = 64) -> dict:
-    """mAP (multilabel) or top-1 accuracy (multiclass) of clip-level predictions on un-augmented views."""
+    """mAP (multilabel) or top-1 accuracy (multiclass) of clip-level predictions on un-augmented views;
+    next-token NLL and perplexity for token windows."""
+    if folder.modality == "tokens":
+        return evaluate_lm(model, folder, augmenter, device, batch_size)
     model.eval()
     scores = []
     plain = ViewSource(folder, augmenter)
@@ -87,18 +91,26 @@ def distill_step(model, optimizer, batch: dict, kind: str, device: torch.device,
             z = getattr(model, "module", model).combine(z_heads)
         else:
             z = flat_positions(model(x))  # a dense map [B, H', W', C] against its positions stored as frames
+    # Token windows: only the unmasked positions [P] reach the losses (padding, document starts).
+    mask = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None
+    z_kd = z if mask is None else z[mask]
     loss = torch.zeros((), device=device)
-    if alpha < 1.0:
+    if mask is not None and not bool(mask.any()):
+        loss = z.sum() * 0.0  # nothing to learn from this batch; still a step, so the schedule stays aligned
+    elif alpha < 1.0:
         if heads:
             kd = heads_kd_loss(z_heads, batch, codec, kind, temperature, device)
         elif codec is None:
             t = [batch[k].to(device, non_blocking=True) for k in ("values", "indices", "stat")]
-            kd = kd_loss(z, *t, kind=kind, temperature=temperature)
+            kd = kd_loss(z_kd, *(t if mask is None else masked_rows(t, mask)), kind=kind, temperature=temperature)
         else:
-            kd = codec.loss(z, codec.from_arrays(batch, device), kind, temperature)
+            decoded = codec.from_arrays(batch, device)
+            kd = codec.loss(z_kd, decoded if mask is None else masked_rows(decoded, mask), kind, temperature)
         loss = loss + (1.0 - alpha) * kd
-    if alpha > 0.0:
-        loss = loss + alpha * hard_label_loss(z, batch["labels"].to(device, non_blocking=True), kind)
+    if alpha > 0.0 and (mask is None or bool(mask.any())):
+        labels = batch["labels"].to(device, non_blocking=True)
+        loss = loss + alpha * (hard_label_loss(z, labels, kind) if mask is None else
+                               next_token_loss(z_kd, labels[mask]))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -208,6 +220,9 @@ def train(
     c = open_cache(cache)
     folder = open_source(data, source)
     check_compatible(c, folder)
+    if folder.modality == "tokens" and heads == "members":
+        raise LogitCacheError(f"--heads members: not for token caches yet (the per-head losses do not take the "
+                              f"window mask); distil the ensemble or one --member")
     stored = usable_epochs(c, allow_partial)
     if not c.complete:
         print(f"note: {cache}: the dump did not finish; training on its {len(stored)} complete epoch(s) only "
@@ -253,7 +268,8 @@ def train(
     _check_dense_labels(c, alpha, heads)
     model = build_student(student, len(c.classes), view_rate(augmenter), c.frames, seed, c.position_shape)
     model = model.to(dev)
-    check_student_output(model, student, c, augmenter.view_shape, dev)
+    check_student_output(model, student, c, augmenter.view_shape, dev,
+                         getattr(augmenter, "view_dtype", torch.float32))
     if heads == "members":
         model = with_heads(model, student, c.members, len(c.classes), c.output_kind, augmenter.view_shape,
                            *heads_aggregation(c.manifest))
@@ -268,7 +284,7 @@ def train(
     progress = progress and lead
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-    config = {"cache": _stored_path(cache), "data": _stored_path(data), "student": student, "epochs": epochs, "batch_size": batch_size,
+    config = {"cache": _stored_path(cache), "data": _stored_path(folder.root if isinstance(data, Source) else data), "student": student, "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "temperature": temperature, "alpha": alpha, "member": member, "seed": seed,
               "cache_config_digest": c.manifest.get("config_digest"), "stored_epochs": stored, "source": folder.kind}
     if comp is not None:

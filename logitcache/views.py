@@ -121,6 +121,12 @@ class ViewSource:
         source = self.load(index, seen)
         return self.augmenter.apply(source, params, self.context(index, source, seen))
 
+    def replay_tokens(self, index: int, params: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        """A token window (``tokens`` sources): (ids [L], next-token ids [L] with -1 where masked,
+        mask [L]), all from the source and the stored params (the rule: :mod:`logitcache.augment_tokens`)."""
+        source = self.load(index)
+        return (self.augmenter.apply(source, params), *self.augmenter.targets(source, params))
+
     def labels(self, index: int, params: dict[str, np.ndarray]) -> np.ndarray:
         """Hard labels of the view, mixed as the view was (mixup, cutmix: see :func:`batch_labels`)."""
         one = {k: np.asarray(v)[None] for k, v in params.items()}
@@ -332,25 +338,29 @@ class CacheStream(IterableDataset):
     def _batch(source: ViewSource, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         params = {k[len("params/"):]: v for k, v in rows.items() if k.startswith("params/")}
         order = rows["order"]
-        # Replay is per sample by design (bit-identical views in any batch); everything else is
-        # whole-batch array work.
-        waves = [source.replay(index, {k: v[r] for k, v in params.items()}) for r, index in enumerate(order.tolist())]
         # The rest are the codec's decoded targets (topk: values, indices, stat); integer ones as
         # int64, what torch gathers and indexes with.
         targets = {k: v.astype(np.int64) if v.dtype.kind in "iu" else np.ascontiguousarray(v)
                    for k, v in rows.items() if k not in ("order", "seeds") and not k.startswith("params/")}
-        return {
-            "wave": torch.stack(waves),
-            "labels": torch.from_numpy(batch_labels(source.folder, order, params, source.augmenter.mixers)),
-            **{k: torch.from_numpy(v) for k, v in targets.items()},
-            "order": torch.from_numpy(np.ascontiguousarray(order)),
-        }
+        batch = {**{k: torch.from_numpy(v) for k, v in targets.items()},
+                 "order": torch.from_numpy(np.ascontiguousarray(order))}
+        # Replay is per sample by design (bit-identical views in any batch); everything else is
+        # whole-batch array work.
+        each = [{k: v[r] for k, v in params.items()} for r in range(len(order))]
+        if source.folder.modality == "tokens":  # labels: the next tokens, [B, L] (never [B, V] rows)
+            ids, nxt, mask = (torch.stack(x) for x in zip(*(source.replay_tokens(i, p)
+                                                            for i, p in zip(order.tolist(), each))))
+            # "tokens", not "ids": the sampled codec's targets have an "ids" array
+            return {**batch, "wave": ids, "tokens": ids, "labels": nxt, "mask": mask}
+        waves = [source.replay(index, p) for index, p in zip(order.tolist(), each)]
+        return {**batch, "wave": torch.stack(waves),
+                "labels": torch.from_numpy(batch_labels(source.folder, order, params, source.augmenter.mixers))}
 
 
 def replay(cache: Cache | str | Path, data_dir: str | Path | Source, epoch: int, sample_id: str,
            source: str | None = None) -> torch.Tensor:
-    """The float32 view the teachers saw for ``sample_id`` in stored ``epoch``: a waveform
-    ``[samples]`` (audio) or an image ``[3, H, W]``.
+    """The view the teachers saw for ``sample_id`` in stored ``epoch``: a float32 waveform
+    ``[samples]`` (audio) or image ``[3, H, W]``, or the int64 token window ``[L]`` (tokens).
 
     ``data_dir`` is the data (a path, detected or opened as the kind ``source`` names, or an open
     :class:`~logitcache.sources.Source`). Pass an open ``Cache`` and source when replaying many

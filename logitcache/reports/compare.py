@@ -183,6 +183,9 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         kind_given = source
         folder = open_source(data, source or config.get("source"))  # the kind the run trained on
         check_compatible(c, folder)
+        if folder.modality == "tokens":  # its figures are clip-level: no window mask, no per-token labels
+            raise LogitCacheError(f"{run}: compare does not take token caches yet; 'logitcache train --eval-data' "
+                                  f"reports the student's next-token NLL and perplexity")
         kind, C = c.output_kind, len(c.classes)
         # a run trained on a recomposition (train --ensemble) is compared with that recomposition
         comp = requested_composition(c, config.get("ensemble"), config.get("ensemble_weights"),
@@ -255,7 +258,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
             if teachers:
                 loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
                 apply_recorded(loaded, m)  # each teacher's own rate, clip length and class map, as dumped
-                n_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, kind)
+                n_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, kind,
+                                                    inputs=getattr(augmenter, "probe_views", None))
                 if n_classes != C or frames != c.frames:
                     raise LogitCacheError(f"teachers output C={n_classes} but cache {c.path} holds C={C}")
             s_list, e_list = [], []

@@ -374,7 +374,8 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         loaded = load_teachers(teachers, state_dicts, teacher_args, dev)
         apply_recorded(loaded, m)  # each teacher's own rate, clip length and class map, as dumped
         augmenter = Augmenter.from_spec(m["augment"])
-        num_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, kind)
+        num_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, kind,
+                                             inputs=getattr(augmenter, "probe_views", None))
         positions = position_shape(loaded)
         if num_classes != len(m["classes"]) or frames != m.get("frames") or positions != m.get("positions"):
             theirs = (f"C={num_classes}" + (f", T={frames}" if frames else "")

@@ -33,7 +33,7 @@ class Source(ABC):
 
     * ``kind`` — the registered name (``audio_folder``, ``image_folder``, ``manifest``), recorded
       in a cache's manifest as ``source`` (:meth:`describe`) and checked on every later use.
-    * ``modality`` — ``"audio"`` or ``"image"``: which augmenter family its views need
+    * ``modality`` — ``"audio"``, ``"image"`` or ``"tokens"``: which augmenter family its views need
       (:func:`logitcache.augment.make_spec`). Fixed per instance; one source never mixes them.
     * ``ids`` — sample ids in dataset order (list[str]); seeds and the cache follow them.
       ``fingerprint`` is the sha256 of that list (a cache's ``dataset.fingerprint``).
@@ -124,7 +124,7 @@ class Source(ABC):
 
 # ------------------------------------------------------------------ registry
 _REGISTRY: dict[str, type[Source]] = {}
-_SHIPPED = ("audio_folder", "image_folder", "manifest")  # modules of this package, one per source
+_SHIPPED = ("audio_folder", "image_folder", "manifest", "tokens")  # modules of this package, one per source
 
 
 def register_source(cls: type[Source]) -> type[Source]:
@@ -173,8 +173,10 @@ def detect_kind(path: Path) -> str:
     if path.is_file():
         if path.suffix.lower() in (".csv", ".jsonl"):
             return "manifest"
-        raise LogitCacheError(f"{path}: --data is a file but not a .csv or .jsonl manifest "
-                              f"(or give a data folder)")
+        if path.suffix.lower() in (".bin", ".json"):
+            return "tokens"
+        raise LogitCacheError(f"{path}: --data is a file but not a .csv or .jsonl manifest nor a token "
+                              f".bin/.json (or give a data folder)")
     if path.is_dir() and not (path / "labels.csv").is_file() and _has_subfolders(path):
         return "image_folder"
     if path.is_dir() and (path / "labels.csv").is_file():
@@ -262,5 +264,5 @@ def image_size(value, where) -> list[int]:
 
 
 def _other(modality: str) -> str:
-    return "image" if modality == "audio" else "audio"
+    return {"audio": "image", "image": "audio"}.get(modality, "audio or image")
 

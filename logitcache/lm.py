@@ -1,0 +1,160 @@
+"""Language-model teachers in a dump, in bounded memory.
+
+An LM teacher maps int64 ids ``[B, L]`` to logits ``[B, L, V]``; at V = 151,936 and L = 1,024 one
+teacher's output for one window is 0.6 GB, so the audio path (every member's logits stacked with
+the ensemble, ``[G, B, L, V]``, then encoded) would hold several GB per window. Here the teachers
+run one at a time: each member's output is encoded (its own target set) and folded into a running
+ensemble block of positions by block of positions, then dropped; the ensemble is encoded last,
+block by block. Peak memory is about two ``[B, L, V]`` float32 tensors (the running ensemble and
+one teacher's output) plus one block of temporaries, whatever the number of teachers
+(``benchmarks/bench_lm_memory.py``: 1.2 GB at V = 151,936, L = 1,024, 3 teachers, against 8.3 GB
+when every member is held and stacked).
+
+Rows are encoded block by block along L, and every codec works row by row (sampled: each row
+with its own seed, derived from the view's seed and the row's position), so the stored rows do
+not depend on the block size. The running ensemble adds members one at a time
+(``logaddexp`` for ``mean_prob``), so it may differ from :func:`logitcache.targets.aggregate` of
+the same members in the last float32 bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from logitcache import checks
+from logitcache.codecs import target_set_seeds
+from logitcache.device import autocast
+from logitcache.errors import LogitCacheError
+from logitcache.teachers import run_teachers
+
+BLOCK_VALUES = 1 << 22  # positions x vocabulary per block: each block temporary is 16 MB of float32
+
+
+def position_blocks(batch: int, length: int, vocab: int, block_values: int | None = None):
+    """``(a, b)`` slices of the L axis holding at most ``block_values`` (default ``BLOCK_VALUES``)
+    logits each (at least one position)."""
+    step = max(1, (block_values or BLOCK_VALUES) // max(1, batch * vocab))
+    return [(a, min(a + step, length)) for a in range(0, length, step)]
+
+
+def check_lm_dump(kind: str, class_maps, sample_rates, clip_seconds) -> None:
+    """Refuse dump options that token data has no use for, one line each."""
+    if kind != "multiclass":
+        raise LogitCacheError(f"--output-kind {kind}: token targets are a softmax over the vocabulary; "
+                              f"use --output-kind multiclass")
+    for option, given in (("--class-map", class_maps), ("--teacher-sample-rate", sample_rates),
+                          ("--teacher-clip-seconds", clip_seconds)):
+        if given and any(g is not None for g in given):
+            raise LogitCacheError(f"{option}: applies to audio or image teachers; LM teachers share the "
+                                  f"corpus's vocabulary and take its windows")
+
+
+def block_moments(z: torch.Tensor, blocks) -> torch.Tensor:
+    """:func:`logitcache.dump.logit_moments` of ``z [B, L, V]`` summed block by block (float64)."""
+    from logitcache.dump import logit_moments
+
+    return sum(logit_moments(z[:, a:b]) for a, b in blocks)
+
+
+def row_seeds(view_seeds, groups: int, batch: int, length: int, device) -> torch.Tensor | None:
+    """int64 ``[G, B, L]``: each target set's per-position seeds, as the sampled codec derives them
+    from ``[G, B]`` view seeds over the frame axis, so a block of positions draws what the whole
+    window would."""
+    if view_seeds is None:
+        return None
+    from logitcache.codecs.sampled import _row_seeds
+
+    per_set = target_set_seeds(view_seeds, groups)
+    return torch.stack([_row_seeds(per_set[g], (batch, length), device).reshape(batch, length)
+                        for g in range(groups)])
+
+
+@torch.inference_mode()
+def stream_encode(teachers, x: torch.Tensor, sample_ids, dev, precision: str, codec, aggregation: str,
+                  weights, members: bool, view_seeds=None, moments: bool = False):
+    """(bad [M, B] non-finite teacher rows, encoded {field: [G, B, L, ...]} with G = ensemble then
+    members, per-member moments [M, B, 3] or None) of one batch of windows (see the module doc)."""
+    w = checks.ensemble_weights(weights, len(teachers), option="ensemble weights")
+    w = [x_ / sum(w) for x_ in w] if w else [1.0 / len(teachers)] * len(teachers)
+    G = 1 + (len(teachers) if members else 0)
+    B, L = x.shape[:2]
+    seeds = row_seeds(view_seeds, G, B, L, dev)
+    parts: list[list[dict]] = [[] for _ in range(G)]
+    acc, bad, stats, blocks = None, [], [], None
+    for m, t in enumerate(teachers):
+        with autocast(dev, precision):
+            z = run_teachers([t], x, sample_ids)[0]
+        if acc is None:
+            blocks = position_blocks(B, L, z.shape[-1])
+            acc = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+        if moments:
+            stats.append(block_moments(z, blocks))
+        finite = torch.ones(B, dtype=torch.bool, device=z.device)
+        for a, b in blocks:
+            zb = z[:, a:b]
+            finite &= torch.isfinite(zb).reshape(B, -1).all(1)
+            if members:
+                parts[1 + m].append(codec.encode(zb, None if seeds is None else seeds[1 + m, :, a:b]))
+            _fold(acc[:, a:b], zb, w[m], m == 0, aggregation)
+        bad.append(~finite)
+        del z, zb  # zb is a view: it would keep this teacher's whole output alive during the next one
+    for a, b in blocks:
+        parts[0].append(codec.encode(acc[:, a:b], None if seeds is None else seeds[0, :, a:b]))
+    del acc
+    encoded = {f: torch.stack([torch.cat([p[f] for p in parts[g]], dim=1) for g in range(G)]) for f in parts[0][0]}
+    return torch.stack(bad), encoded, (torch.stack(stats) if moments else None)
+
+
+def _fold(acc: torch.Tensor, z: torch.Tensor, weight: float, first: bool, aggregation: str) -> None:
+    """Add one member's block to the running ensemble block, in place."""
+    if aggregation == "mean_logit":
+        term = z.float() * weight
+    elif aggregation == "mean_prob":
+        term = F.log_softmax(z.float(), dim=-1).add_(math.log(weight))  # one temporary, not two
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}")
+    if first:
+        acc.copy_(term)
+    elif aggregation == "mean_logit":
+        acc.add_(term)
+    else:
+        torch.logaddexp(acc, term, out=acc)
+
+
+# ---------------------------------------------------------------- training
+def masked_rows(decoded, mask: torch.Tensor):
+    """The decoded targets (a top-k triple, or a codec's dict of arrays) of the unmasked positions
+    only, ``[P, ...]``: masked positions never reach a loss."""
+    if isinstance(decoded, dict):
+        return {k: v[mask] for k, v in decoded.items()}
+    return tuple(t[mask] for t in decoded)
+
+
+def next_token_loss(student_logits: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits ``[P, V]`` against the next tokens ``[P]`` (unmasked positions)."""
+    return F.cross_entropy(student_logits.float(), next_ids.long())
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, folder, augmenter, device, batch_size: int = 32) -> dict:
+    """Next-token NLL (nats per token) and perplexity of ``model`` on every slot's window at offset
+    0 (the corpus in order), unmasked positions only."""
+    from logitcache.views import ViewSource
+
+    was = model.training
+    model.eval()
+    plain = ViewSource(folder, augmenter)
+    total, count = 0.0, 0
+    for a in range(0, len(folder), batch_size):
+        ids, nxt, mask = (torch.stack(x) for x in zip(*(plain.replay_tokens(i, {})
+                                                       for i in range(a, min(a + batch_size, len(folder))))))
+        z = model(ids.to(device)).float()
+        m = mask.to(device)
+        total += float(F.cross_entropy(z[m], nxt.to(device)[m], reduction="sum"))
+        count += int(m.sum())
+    model.train(was)
+    nll = total / max(count, 1)
+    return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "tokens": count}
