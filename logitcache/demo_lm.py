@@ -18,10 +18,10 @@ teachers saw and the re-run teachers give the stored top-k.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
+import sysconfig
 import time
 import zlib
 from pathlib import Path
@@ -44,18 +44,16 @@ from logitcache.targets import aggregate, topk_targets
 from logitcache.views import replay
 
 # Pure-Python standard-library modules, in this order; the last HELD_OUT are validation.
-MODULES = ("argparse", "collections", "dataclasses", "difflib", "enum", "functools", "heapq", "pprint",
-           "random", "shlex", "statistics", "string", "textwrap", "fractions", "calendar", "csv",
-           "json.decoder", "json.encoder", "configparser", "contextlib", "copy", "glob", "gzip", "locale",
-           "numbers", "operator", "queue", "sched", "selectors", "tempfile", "threading", "weakref",
-           "bisect", "abc", "fnmatch", "getopt", "base64", "ast", "tokenize", "zipfile")
+MODULES = ("argparse", "collections", "dataclasses", "functools", "heapq", "pprint", "random", "shlex", "string",
+           "textwrap", "fractions", "calendar", "csv", "json.decoder", "json.encoder", "contextlib", "copy", "glob",
+           "fnmatch", "getopt", "queue", "base64")
 HELD_OUT = 4
 QUICK_MODULES = ("textwrap", "shlex", "string", "fnmatch", "getopt", "bisect")  # the last 2 held out
 STUDENT = "gpt_tiny"  # the zoo's defaults: dim 32, 2 layers, 2 heads
 TEACHERS = {"gpt_2x48": dict(dim=48, depth=2, heads=2), "gpt_4x64": dict(dim=64, depth=4, heads=4)}
 SIZES = {
-    "full": dict(vocab=512, context=64, teacher_steps=700, teacher_batch=32, teacher_lr=3e-3, dump_epochs=2,
-                 topk=16, student_epochs=2, batch_size=32, student_lr=3e-3),
+    "full": dict(vocab=512, context=64, teacher_steps=700, teacher_batch=32, teacher_lr=3e-3, dump_epochs=3,
+                 topk=16, student_epochs=6, batch_size=32, student_lr=3e-3),
     "quick": dict(vocab=300, context=32, teacher_steps=25, teacher_batch=16, teacher_lr=3e-3, dump_epochs=1,
                   topk=8, student_epochs=1, batch_size=16, student_lr=3e-3),
 }
@@ -63,13 +61,15 @@ REPLAY_CHECK = 4  # windows of epoch 0 replayed and re-run through the teachers
 
 
 def stdlib_texts(names: tuple[str, ...]) -> list[str]:
-    """The source text of each module (``__init__.py`` for a package), as this Python ships it."""
-    texts = []
+    """The source text of each module (``__init__.py`` for a package) in this Python's ``Lib/``
+    (read from the files: some modules, e.g. ``abc``, are frozen into the interpreter)."""
+    lib, texts = Path(sysconfig.get_paths()["stdlib"]), []
     for name in names:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not str(spec.origin or "").endswith(".py"):
-            raise LogitCacheError(f"demo corpus: module {name!r} has no Python source in this install")
-        texts.append(Path(spec.origin).read_text(encoding="utf-8"))
+        base = lib.joinpath(*name.split("."))
+        path = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+        if not path.is_file():
+            raise LogitCacheError(f"demo corpus: {path}: no source of module {name!r} in this Python install")
+        texts.append(path.read_text(encoding="utf-8"))
     return texts
 
 
@@ -260,7 +260,7 @@ def _run(out: Path, s: dict, seed: int, progress: bool, pair: _Cores, quick: boo
              (f"student {STUDENT} from next-token labels", labels["eval_ppl"])]
     return {"ppl": dict(rows), "seed": seed, "settings": s, "corpus": corpus, "topk": s["topk"],
             "epochs_stored": E, "windows_per_epoch": len(cache.ids), "replay_check": check,
-            "student_steps": kd.get("steps"), "cache_bytes": _bytes(cache_path),
+            "student_steps": s["student_epochs"] * -(-len(cache.ids) // s["batch_size"]), "cache_bytes": _bytes(cache_path),
             "teacher_train_s": round(teacher_s, 1), "dump_s": round(dump_s, 1),
             "dump_tokens_per_s": round(E * len(cache.ids) * L / dump_s, 1),
             "train_tokens_per_s": round(kd["samples_per_s"] * L, 1)}
