@@ -99,3 +99,10 @@ def test_lm_demo_unknown_setting_is_one_line(tmp_path):
     with pytest.raises(LogitCacheError) as e:
         run_lm_demo(tmp_path, quick=True, progress=False, layers=3)
     assert_one_line_error(e, "run_lm_demo", "layers")
+
+
+def test_lm_demo_negative_seed_is_one_line(tmp_path):
+    with pytest.raises(LogitCacheError) as e:
+        run_lm_demo(tmp_path / "d", quick=True, progress=False, seed=-1)
+    assert_one_line_error(e, "--seed -1", "0 or more")
+    assert not (tmp_path / "d").exists()
