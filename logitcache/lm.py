@@ -80,32 +80,60 @@ def stream_encode(teachers, x: torch.Tensor, sample_ids, dev, precision: str, co
     w = checks.ensemble_weights(weights, len(teachers), option="ensemble weights")
     w = [x_ / sum(w) for x_ in w] if w else [1.0 / len(teachers)] * len(teachers)
     G = 1 + (len(teachers) if members else 0)
+    seeds = row_seeds(view_seeds, G, x.shape[0], x.shape[1], dev)
+    acc: list[torch.Tensor] = []  # the running ensemble, made at the first teacher's output shape
+
+    def fold(m: int, a: int, b: int, zb: torch.Tensor) -> None:
+        if not acc:
+            acc.append(torch.empty((*x.shape[:2], zb.shape[-1]), dtype=torch.float32, device=zb.device))
+        _fold(acc[0][:, a:b], zb, w[m], m == 0, aggregation)
+
+    bad, parts, stats = _members(teachers, x, sample_ids, dev, precision, codec,
+                                 None if seeds is None else seeds[1:], members, moments, fold)
+    ensemble = [codec.encode(acc[0][:, a:b], None if seeds is None else seeds[0, :, a:b])
+                for a, b in position_blocks(*acc[0].shape)]
+    acc.clear()
+    encoded = _joined([ensemble] + parts)
+    return bad, encoded, stats
+
+
+@torch.inference_mode()
+def encode_members(teachers, x: torch.Tensor, sample_ids, dev, precision: str, codec, seeds=None,
+                   moments: bool = False):
+    """Each teacher's own target set (no ensemble), one teacher and one block of positions at a time:
+    (bad [M, B], encoded {field: [M, B, L, ...]}, moments [M, B, 3] or None). ``seeds``: int64
+    ``[M, B, L]`` per-position seeds (:func:`row_seeds` of each set's seed group) or None."""
+    bad, parts, stats = _members(teachers, x, sample_ids, dev, precision, codec, seeds, True, moments, None)
+    return bad, _joined(parts), stats
+
+
+def _members(teachers, x, sample_ids, dev, precision, codec, seeds, encode: bool, moments: bool, fold):
+    """Run each teacher alone; encode its blocks (``encode``) and hand them to ``fold(m, a, b, zb)``."""
     B, L = x.shape[:2]
-    seeds = row_seeds(view_seeds, G, B, L, dev)
-    parts: list[list[dict]] = [[] for _ in range(G)]
-    acc, bad, stats, blocks = None, [], [], None
+    bad, parts, stats = [], [], []
     for m, t in enumerate(teachers):
         with autocast(dev, precision):
             z = run_teachers([t], x, sample_ids)[0]
-        if acc is None:
-            blocks = position_blocks(B, L, z.shape[-1])
-            acc = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+        blocks = position_blocks(B, L, z.shape[-1])
         if moments:
             stats.append(block_moments(z, blocks))
-        finite = torch.ones(B, dtype=torch.bool, device=z.device)
+        finite, mine = torch.ones(B, dtype=torch.bool, device=z.device), []
         for a, b in blocks:
             zb = z[:, a:b]
             finite &= torch.isfinite(zb).reshape(B, -1).all(1)
-            if members:
-                parts[1 + m].append(codec.encode(zb, None if seeds is None else seeds[1 + m, :, a:b]))
-            _fold(acc[:, a:b], zb, w[m], m == 0, aggregation)
+            if encode:
+                mine.append(codec.encode(zb, None if seeds is None else seeds[m, :, a:b]))
+            if fold is not None:
+                fold(m, a, b, zb)
         bad.append(~finite)
+        parts += [mine] if encode else []
         del z, zb  # zb is a view: it would keep this teacher's whole output alive during the next one
-    for a, b in blocks:
-        parts[0].append(codec.encode(acc[:, a:b], None if seeds is None else seeds[0, :, a:b]))
-    del acc
-    encoded = {f: torch.stack([torch.cat([p[f] for p in parts[g]], dim=1) for g in range(G)]) for f in parts[0][0]}
-    return torch.stack(bad), encoded, (torch.stack(stats) if moments else None)
+    return torch.stack(bad), parts, (torch.stack(stats) if moments else None)
+
+
+def _joined(parts: list[list[dict]]) -> dict[str, torch.Tensor]:
+    """Per target set, its blocks' encoded fields joined along L, then the sets stacked: [G, B, L, ...]."""
+    return {f: torch.stack([torch.cat([p[f] for p in blocks], dim=1) for blocks in parts]) for f in parts[0][0]}
 
 
 def _fold(acc: torch.Tensor, z: torch.Tensor, weight: float, first: bool, aggregation: str) -> None:

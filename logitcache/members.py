@@ -423,17 +423,18 @@ class _Encoder:
             return [self.folder.ids[i] for i in (index if rows is None else index[rows])]
 
         x = wave.to(self.dev, non_blocking=True)
+        streamed = self.folder.modality == "tokens" and Layout.staged(ENSEMBLE) not in self.sets
         with torch.inference_mode():
-            with autocast(self.dev, self.precision):
-                logits = dict(zip([t.name for t in self.plan.run], run_teachers(self.plan.run, x, ids)))
-            for name, z in logits.items():
-                bad = ~torch.isfinite(z).reshape(z.shape[0], -1).all(dim=1)
-                if bad.any():
-                    raise LogitCacheError(f"teacher {name} produced NaN/Inf logits for sample(s) "
-                                          f"{', '.join(ids(bad.cpu().numpy())[:5])}")
-            z = torch.stack([self._logits(ts, logits) for ts in self.sets])
-            seeds = target_set_seeds(view_seeds, int(self.groups.max()) + 1)[self.groups]
-            encoded = self.codec.encode(z, seeds)
+            if streamed:  # LM members: one teacher, one block of positions at a time (logitcache.lm)
+                encoded, moments = self._streamed(x, ids, view_seeds)
+            else:
+                with autocast(self.dev, self.precision):
+                    logits = dict(zip([t.name for t in self.plan.run], run_teachers(self.plan.run, x, ids)))
+                for name, z in logits.items():
+                    _refuse_bad(name, ~torch.isfinite(z).reshape(z.shape[0], -1).all(dim=1), ids)
+                z = torch.stack([self._logits(ts, logits) for ts in self.sets])
+                seeds = target_set_seeds(view_seeds, int(self.groups.max()) + 1)[self.groups]
+                encoded = self.codec.encode(z, seeds)
             bad_sets = ~self.codec.finite_rows(encoded).reshape(len(self.sets), len(index), -1).all(-1)
             host = _to_host({"bad_sets": bad_sets, **encoded}, self.dev)
         for ts, row_bad in zip(self.sets, host["bad_sets"]):
@@ -442,8 +443,21 @@ class _Encoder:
         stored = self.codec.pack({f: host[f] for f in encoded})
         out = {Layout.target_path(ts, f): a[g] for g, ts in enumerate(self.sets) for f, a in stored.items()}
         for ts, path in self.stats.items():  # the dump's per-view logit sums of this member
-            out[path] = logit_moments(self._logits(ts, logits)).cpu().numpy()
+            out[path] = (moments[ts] if streamed else logit_moments(self._logits(ts, logits))).cpu().numpy()
         return out
+
+    def _streamed(self, x: torch.Tensor, ids, view_seeds) -> tuple[dict, dict]:
+        """(encoded [S, B, L, ...], per-view moments by target set) of member sets only, in bounded memory."""
+        from logitcache.lm import encode_members, row_seeds
+
+        by_name = {t.name: t for t in self.plan.run}
+        teachers = [by_name[self.plan.sets[ts]["teachers"][0]["name"]] for ts in self.sets]
+        seeds = row_seeds(view_seeds, int(self.groups.max()) + 1, x.shape[0], x.shape[1], self.dev)
+        bad, encoded, stats = encode_members(teachers, x, ids, self.dev, self.precision, self.codec,
+                                             seeds[torch.from_numpy(self.groups)], bool(self.stats))
+        for t, rows in zip(teachers, bad):
+            _refuse_bad(t.name, rows, ids)
+        return encoded, {ts: stats[i] for i, ts in enumerate(self.sets)} if stats is not None else {}
 
     def _logits(self, ts: str, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         if ts == Layout.staged(ENSEMBLE):
@@ -451,6 +465,12 @@ class _Encoder:
             return ensemble_logits([logits[n] for n in self.plan.ensemble], self.kind, self.aggregation,
                                    self.plan.weights, coverage([by_name[n] for n in self.plan.ensemble]))
         return logits[self.plan.sets[ts]["teachers"][0]["name"]]
+
+
+def _refuse_bad(name: str, bad: torch.Tensor, ids) -> None:
+    if bad.any():
+        raise LogitCacheError(f"teacher {name} produced NaN/Inf logits for sample(s) "
+                              f"{', '.join(ids(bad.cpu().numpy())[:5])}")
 
 
 # ---------------------------------------------------------------- commit
