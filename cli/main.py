@@ -992,7 +992,8 @@ def copy(src, dst, no_verify, as_json):
 # ---------------------------------------------------------------- demo
 @main.command()
 @click.option("--out", default=None, metavar="DIR",
-              help="Working folder of the demo. [default: demo_out, or demo_image_out with --image]")
+              help="Working folder of the demo. [default: demo_out, demo_image_out with --image, "
+                   "demo_lm_out with --lm]")
 @click.option("--quick", is_flag=True,
               help="The same steps on a few short clips, one epoch each (seconds; the numbers mean nothing).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -1000,27 +1001,39 @@ def copy(src, dst, no_verify, as_json):
 @click.option("--image", is_flag=True,
               help="The image demo: scikit-learn's handwritten digits, three CNN teachers, a cache of crops and "
                    "flips, eval top-1 (a few minutes).")
+@click.option("--lm", is_flag=True,
+              help="The language-model demo: Python standard-library source, a byte-level BPE, two tiny GPT "
+                   "teachers, a token cache, validation perplexity of a student from the cache and one from "
+                   "next-token labels (a few minutes).")
 @_json_option
-def demo(out, quick, seed, image, as_json):
+def demo(out, quick, seed, image, lm, as_json):
     """End-to-end demo on synthetic audio (about two minutes on a 2-core CPU), or with --image on
-    real images: scikit-learn's 1,797 handwritten digits (a few minutes).
+    real images: scikit-learn's 1,797 handwritten digits, or with --lm on text: Python's own
+    standard-library source (a few minutes each).
 
     Makes the data, trains three small teachers, dumps their ensemble, trains a student
     from the cache and one from labels alone, and prints the table (audio: mAP, cache size, and
-    DIR/report.html; images: eval top-1 and a replay check of the stored top-k).
+    DIR/report.html; images: eval top-1; text: validation perplexity; both with a replay check of
+    the stored top-k).
 
     \b
     Example:
       logitcache demo --out demo_out
       logitcache demo --image --out demo_image_out
+      logitcache demo --lm --out demo_lm_out
     """
-    if image:
+    if image and lm:
+        raise LogitCacheError("--lm: cannot be combined with --image; choose one demo")
+    if lm:
+        from logitcache.demo_lm import run_lm_demo as run
+    elif image:
         from logitcache.demo_image import run_image_demo as run
     else:
         from logitcache.demo import run_demo as run
 
     with _quiet_stdout(as_json):
-        summary = run(out or ("demo_image_out" if image else "demo_out"), quick=quick, seed=seed, progress=True)
+        default = "demo_lm_out" if lm else "demo_image_out" if image else "demo_out"
+        summary = run(out or default, quick=quick, seed=seed, progress=True)
     if as_json:
         _print_json(summary)
 
