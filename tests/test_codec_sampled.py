@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from logitcache.augment import splitmix64 as np_splitmix64
 from logitcache.augment import uniforms
+from logitcache.codecs import get_codec
 from logitcache.codecs import sampled as sc
 from logitcache.errors import LogitCacheError
 from logitcache.targets import kd_loss, topk_targets
@@ -241,3 +242,35 @@ def test_check_accepts_encoded_rows_and_names_corruption():
             spoil(b)
             with pytest.raises(LogitCacheError, match=f"{name} of row .*{msg}"):
                 sc.check(b, C, kind)
+
+
+def test_elias_fano_draws_round_trip_ids_and_counts_exactly():
+    """The stored form of new sampled caches: the n draws as an Elias-Fano coded sorted multiset;
+    ids, counts (and rows that drew nothing) come back exactly, in fewer bytes."""
+    C, n = 151_936, 12
+    ids = np.full((3, n), C, np.int64)
+    counts = np.zeros((3, n), np.int64)
+    ids[0, :3], counts[0, :3] = [5, 70_000, C - 1], [10, 1, 1]  # repeats, the last class
+    ids[1, :n], counts[1, :n] = np.arange(n) * 1000, 1  # all distinct
+    # row 2 drew nothing (no tail mass): all sentinel, all 0
+    draws = sc.draws_from_ids(ids, counts, C)
+    np.testing.assert_array_equal(draws[0], [5] * 10 + [70_000, C - 1])
+    assert (draws[2] == C).all()
+    back_ids, back_counts = sc.ids_from_draws(draws, C)
+    np.testing.assert_array_equal(back_ids, ids)
+    np.testing.assert_array_equal(back_counts, counts)
+    codec = get_codec("sampled")(1, C, "multiclass", None, sc.codec_options(n))
+    assert codec.options["draws"] == "elias_fano" and set(codec.fields()) == {"draws", "entropy"}
+    assert codec.row_bytes() == 24 + 4 < 37  # uint32 ids + uint8 counts: 5 n + 4 = 64 B
+    host = {"ids": ids.astype(np.uint32), "counts": counts.astype(np.uint8), "entropy": np.ones(3, np.float32)}
+    stored = codec.pack(host)
+    got = codec.decode(stored)
+    np.testing.assert_array_equal(got["ids"], ids)
+    np.testing.assert_array_equal(got["counts"], counts)
+    bad = dict(stored, draws=np.full_like(stored["draws"], 0xFF))
+    assert [f for f, _ in codec.check(bad)] == ["draws"]
+
+
+def test_sampled_caches_from_before_the_draws_option_keep_their_arrays():
+    codec = get_codec("sampled")(1, 527, "multiclass", None, {"n": 12, "head": 0, "temperature": 1.0})
+    assert set(codec.fields()) == {"ids", "counts", "entropy"} and codec.row_bytes() == 3 * 12 + 4

@@ -48,6 +48,16 @@ def _stored(path) -> dict[str, np.ndarray]:
         return {n: cache.store.read(n) for n in names}
 
 
+def _stored_rows(path) -> dict[str, np.ndarray]:
+    """The stored arrays with each target set's Elias-Fano draws as the ids and counts they hold."""
+    with logitcache.open_cache(path) as cache:
+        stored, out = _stored(path), {}
+        for ts in cache.layout.target_sets():
+            own = {n.split("/")[-1]: a for n, a in stored.items() if n.rsplit("/", 1)[0] == ts}
+            out.update({f"{ts}/{f}": a for f, a in cache.codec._ids_counts(own).items()})
+        return out
+
+
 def _reference(path, data, teachers, kind, members=True, epoch=0) -> dict[str, dict[str, torch.Tensor]]:
     """Target set -> the arrays ``sampled.encode`` gives for the re-run teachers on replayed views,
     rows in stored order, seeds derived from the stored view seeds."""
@@ -67,28 +77,31 @@ def _reference(path, data, teachers, kind, members=True, epoch=0) -> dict[str, d
 def test_sampled_cache_verifies_and_inspects(cache8):
     assert verify_cache(cache8)["ok"], verify_cache(cache8)["problems"]
     info = inspect_cache(cache8)
-    assert (info["codec"], info["codec_options"]) == ("sampled", {"n": 6, "head": 2, "temperature": 1.0})
-    # ids 6 x uint8 + counts 6 x uint8 + entropy 4 + mass 4 + head ids 2 x uint8 + head values 2 x 2 B
-    assert info["target_row_bytes"] == sc.row_bytes(6, C, 2) == 26
+    assert (info["codec"], info["codec_options"]) == \
+        ("sampled", {"draws": "elias_fano", "n": 6, "head": 2, "temperature": 1.0})
+    # the 6 draws of 0..10 as an Elias-Fano multiset (3 B) + entropy 4 + mass 4 + head ids 2 x uint8
+    # + head values 2 x 2 B; as ids + counts (caches from before) 6 + 6 instead of the 3
+    assert info["target_row_bytes"] == 3 + 4 + 4 + 2 + 4 == sc.row_bytes(6, C, 2) - 9
     names = {a["name"] for a in info["arrays"]}
-    assert {"ensemble/ids", "ensemble/counts", "ensemble/entropy", "ensemble/mass", "ensemble/head_ids",
-            "ensemble/head_values", "members/toy_a/counts"} <= names and "ensemble/values" not in names
+    assert {"ensemble/draws", "ensemble/entropy", "ensemble/mass", "ensemble/head_ids",
+            "ensemble/head_values", "members/toy_a/draws"} <= names and "ensemble/ids" not in names
 
 
 def test_arrays_do_not_depend_on_the_batch_size(cache8, cache5):
     a, b = _stored(cache8), _stored(cache5)
-    assert sorted(a) == sorted(b) and len(a) == 18
+    assert sorted(a) == sorted(b) and len(a) == 15  # 3 target sets x draws, entropy, mass, head ids, values
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
 
 
 def test_stored_rows_are_the_encode_of_the_rerun_teachers(cache8, dataset):
     ref = _reference(cache8, dataset, TEACHERS, "multiclass")
-    stored = _stored(cache8)
+    stored = _stored_rows(cache8)
     for ts, arrays in ref.items():
         for field, want in arrays.items():
             got = stored[f"{ts}/{field}"][0]
-            assert got.dtype == want.numpy().dtype and np.array_equal(got, want.numpy()), (ts, field)
+            assert np.array_equal(got, want.numpy()), (ts, field)
+            assert field in ("ids", "counts") or got.dtype == want.numpy().dtype, (ts, field)
     # target sets draw independently: the same position's ids differ somewhere between sets
     assert not np.array_equal(stored["members/toy_a/ids"], stored["members/toy_b/ids"])
     with logitcache.open_cache(cache8) as cache:
@@ -136,16 +149,15 @@ def test_training_at_another_temperature_warns(cache8, dataset, tmp_path, capsys
     assert "--sample-temperature 1, trained at --temperature 2" in err
 
 
-def test_verify_names_a_corrupt_counts_row(cache8, tmp_path):
+def test_verify_names_a_corrupt_draws_row(cache8, tmp_path):
     bad = tmp_path / "bad.zarr"
     shutil.copytree(cache8, bad)
-    counts = zarr.open_array(str(bad / "members" / "toy_a" / "counts"), mode="r+")
-    row = np.asarray(counts[0, 9]).copy()
-    row[0] += 1  # written through zarr: the chunk checksum is valid, the content is not
-    counts[0, 9] = row
+    draws = zarr.open_array(str(bad / "members" / "toy_a" / "draws"), mode="r+")
+    draws[0, 9] = np.full(draws.shape[-1], 0xFF, np.uint8)  # through zarr: a valid checksum, not a valid set
     r = verify_cache(bad)
-    assert r["problems"] == ["members/toy_a/counts: epoch 0 chunk 1 (rows 8..15): counts of row 1 do not "
-                             "sum to n = 6 (corrupt data)"]
+    assert len(r["problems"]) == 1
+    assert r["problems"][0].startswith("members/toy_a/draws: epoch 0 chunk 1 (rows 8..15): ")
+    assert "corrupt" in r["problems"][0]
 
 
 def test_multilabel_frames_through_the_cli(dataset, tmp_path):
@@ -160,7 +172,7 @@ def test_multilabel_frames_through_the_cli(dataset, tmp_path):
     assert "5 draws of 10 (sampled)" in r.output
     assert verify_cache(out)["ok"]
     ref = _reference(out, dataset, ["toy_teachers:toy_frames"], "multilabel", members=False)["ensemble"]
-    stored = _stored(out)
+    stored = _stored_rows(out)
     assert ref["ids"].shape == (24, 6, 5)  # [N, frames, n]
     for field, want in ref.items():
         assert np.array_equal(stored[f"ensemble/{field}"][0], want.numpy()), field
@@ -197,10 +209,14 @@ def test_plan_sizes_the_sampled_codec():
 
     r = plan_cache(2000, 1, 20, 527, members=0, backends=("zarr",), augment="none", codec="sampled", sample_n=25,
                    output_kind="multiclass")
+    from logitcache.codecs.compact import id_layout
+
+    row = id_layout(25, 527 + 25).nbytes + 4  # the draws' Elias-Fano multiset + entropy (ids + counts: 3 n + 4)
     assert (r["codec"], r["codec_options"], r["target_row_bytes"]) == \
-        ("sampled", {"n": 25, "head": 0, "temperature": 1.0}, 3 * 25 + 4)
+        ("sampled", {"draws": "elias_fano", "n": 25, "head": 0, "temperature": 1.0}, row)
+    assert row < 3 * 25 + 4
     raw = next(b for b in r["backends"] if b["backend"] == "raw")
-    assert raw["groups"]["ensemble"] == 79 * 2000
+    assert raw["groups"]["ensemble"] == row * 2000
 
 
 def test_failed_dump_resumes_to_the_same_arrays(cache8, dumper, dataset, tmp_path, monkeypatch):
