@@ -130,6 +130,20 @@ def _side_by_side(fn: Callable, calls: list[dict], jobs: int) -> list:
         return [f.result() for f in [pool.submit(fn, **kw) for kw in calls]]
 
 
+def timed_run(out_dir, run: Callable, table: Callable) -> dict:
+    """A demo's frame (the image and LM demos): ``run(out)`` in ``out_dir`` with one intra-op thread,
+    its wall time added, the summary written to ``out_dir/summary.json`` and its table printed."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with _threads(1):
+        summary = run(out)
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(table(summary))
+    return summary
+
+
 def _settings(quick: bool, overrides: dict) -> dict:
     return _settings_of(SIZES, quick, overrides, "run_demo")
 

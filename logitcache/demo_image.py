@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from logitcache import models
 from logitcache.augment import Augmenter, id_hashes, make_spec, view_seeds
 from logitcache.cache import open_cache
-from logitcache.demo import _Cores, _settings_of, _side_by_side, _student_job, _threads
+from logitcache.demo import _Cores, _settings_of, _side_by_side, _student_job, _threads, timed_run
 from logitcache.dump import dump
 from logitcache.errors import LogitCacheError
 from logitcache.metrics import top1_accuracy
@@ -184,16 +184,9 @@ def run_image_demo(out_dir: str | Path = "demo_image_out", *, quick: bool = Fals
     s = _settings_of(SIZES, quick, sizes, "run_image_demo")
     if seed < 0:
         raise LogitCacheError(f"--seed {seed}: must be 0 or more")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
-    started = time.perf_counter()
-    with _threads(1):
-        summary = _run(out, s, seed, topk, progress, _Cores.split(cores, 2, quick), cores)
-    summary["wall_s"] = round(time.perf_counter() - started, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(_table(summary))
-    return summary
+    return timed_run(out_dir, lambda out: _run(out, s, seed, topk, progress, _Cores.split(cores, 2, quick), cores),
+                     _table)
 
 
 def _run(out: Path, s: dict, seed: int, topk: int, progress: bool, pair: _Cores, cores: int) -> dict:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from logitcache import models
 from logitcache.augment import Augmenter, make_spec
 from logitcache.cache import open_cache
-from logitcache.demo import _Cores, _settings_of, _side_by_side, _student_job, _threads
+from logitcache.demo import _Cores, _settings_of, _side_by_side, _student_job, timed_run
 from logitcache.dump import dump
 from logitcache.errors import LogitCacheError
 from logitcache.lm import evaluate_lm
@@ -188,16 +188,8 @@ def run_lm_demo(out_dir: str | Path = "demo_lm_out", *, quick: bool = False, see
     s = _settings_of(SIZES, quick, sizes, "run_lm_demo")
     if seed < 0:
         raise LogitCacheError(f"--seed {seed}: must be 0 or more")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
-    started = time.perf_counter()
-    with _threads(1):
-        summary = _run(out, s, seed, progress, _Cores.split(cores, 2, True), quick)
-    summary["wall_s"] = round(time.perf_counter() - started, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(_table(summary))
-    return summary
+    return timed_run(out_dir, lambda out: _run(out, s, seed, progress, _Cores.split(cores, 2, True), quick), _table)
 
 
 def _corpus(out: Path, s: dict, quick: bool, say) -> tuple[Path, Path, dict]:
