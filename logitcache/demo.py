@@ -130,6 +130,14 @@ def _side_by_side(fn: Callable, calls: list[dict], jobs: int) -> list:
         return [f.result() for f in [pool.submit(fn, **kw) for kw in calls]]
 
 
+def kd_and_label_students(common: dict, out: Path, pair, progress: bool) -> list[dict]:
+    """The same student from the cache (KD, alpha 0) and from labels alone (alpha 1) on the same
+    replayed views, side by side in ``pair``'s processes: [kd metrics, labels metrics]."""
+    return _side_by_side(_student_job, [
+        dict(common, out=out / "student_kd", alpha=0.0, progress=progress),
+        dict(common, out=out / "student_labels", alpha=1.0, progress=progress and pair.jobs < 2)], pair.jobs)
+
+
 def timed_run(out_dir, run: Callable, table: Callable) -> dict:
     """A demo's frame (the image and LM demos): ``run(out)`` in ``out_dir`` with one intra-op thread,
     its wall time added, the summary written to ``out_dir/summary.json`` and its table printed."""
@@ -199,9 +207,7 @@ def _run(out: Path, s: dict, seed: int, topk: int, progress: bool, pair: _Cores,
     common = dict(cache=cache_path, data=data / "train", student=STUDENT, epochs=s["student_epochs"],
                   batch_size=s["batch_size"], lr=s["student_lr"], eval_data=data / "eval", seed=seed,
                   num_workers=pair.workers, threads=pair.threads)
-    kd, labels = _side_by_side(_student_job, [
-        dict(common, out=out / "student_kd", alpha=0.0, progress=progress),
-        dict(common, out=out / "student_labels", alpha=1.0, progress=progress and pair.jobs < 2)], pair.jobs)
+    kd, labels = kd_and_label_students(common, out, pair, progress)
     rows += [(f"student {STUDENT} from cache (KD)", kd["eval_mAP"]),
              (f"student {STUDENT} from labels", labels["eval_mAP"])]
     summary = {

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from logitcache import models
 from logitcache.augment import Augmenter, id_hashes, make_spec, view_seeds
 from logitcache.cache import open_cache
-from logitcache.demo import _Cores, _settings_of, _side_by_side, _student_job, _threads, timed_run
+from logitcache.demo import _Cores, _settings_of, _threads, kd_and_label_students, timed_run
 from logitcache.dump import dump
 from logitcache.errors import LogitCacheError
 from logitcache.metrics import top1_accuracy
@@ -231,9 +231,7 @@ def _run(out: Path, s: dict, seed: int, topk: int, progress: bool, pair: _Cores,
     common = dict(cache=cache_path, data=train_dir, student=STUDENT, epochs=s["student_epochs"],
                   batch_size=s["batch_size"], lr=s["student_lr"], eval_data=eval_dir, seed=seed,
                   num_workers=pair.workers, threads=pair.threads)
-    kd, labels = _side_by_side(_student_job, [
-        dict(common, out=out / "student_kd", alpha=0.0, progress=progress),
-        dict(common, out=out / "student_labels", alpha=1.0, progress=progress and pair.jobs < 2)], pair.jobs)
+    kd, labels = kd_and_label_students(common, out, pair, progress)
     rows += [(f"student {STUDENT} from cache (KD)", kd["eval_top1"]),
              (f"student {STUDENT} from labels", labels["eval_top1"])]
     info = open_cache(cache_path).manifest

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from logitcache import models
 from logitcache.augment import Augmenter, make_spec
 from logitcache.cache import open_cache
-from logitcache.demo import _Cores, _settings_of, _side_by_side, _student_job, timed_run
+from logitcache.demo import _Cores, _settings_of, _side_by_side, kd_and_label_students, timed_run
 from logitcache.dump import dump
 from logitcache.errors import LogitCacheError
 from logitcache.lm import evaluate_lm
@@ -255,9 +255,7 @@ def _run(out: Path, s: dict, seed: int, progress: bool, pair: _Cores, quick: boo
     common = dict(cache=cache_path, data=train_bin, student=STUDENT, epochs=s["student_epochs"],
                   batch_size=s["batch_size"], lr=s["student_lr"], eval_data=val_bin, seed=seed, num_workers=0,
                   threads=pair.threads)
-    kd, labels = _side_by_side(_student_job, [
-        dict(common, out=out / "student_kd", alpha=0.0, progress=progress),
-        dict(common, out=out / "student_labels", alpha=1.0, progress=progress and pair.jobs < 2)], pair.jobs)
+    kd, labels = kd_and_label_students(common, out, pair, progress)
     student = models.create_model(STUDENT, num_classes=V, frames=L)
     rows += [(f"student {STUDENT} ({_params(student)} params) from cache (KD)", kd["eval_ppl"]),
              (f"student {STUDENT} from next-token labels", labels["eval_ppl"])]
