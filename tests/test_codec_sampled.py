@@ -274,3 +274,10 @@ def test_elias_fano_draws_round_trip_ids_and_counts_exactly():
 def test_sampled_caches_from_before_the_draws_option_keep_their_arrays():
     codec = get_codec("sampled")(1, 527, "multiclass", None, {"n": 12, "head": 0, "temperature": 1.0})
     assert set(codec.fields()) == {"ids", "counts", "entropy"} and codec.row_bytes() == 3 * 12 + 4
+
+
+def test_an_unknown_draws_storage_is_one_error():
+    with pytest.raises(LogitCacheError) as e:
+        get_codec("sampled")(1, 527, "multiclass", None, {"n": 12, "draws": "zip"})
+    assert str(e.value) == ("codec option 'draws' is 'zip', not 'elias_fano' or 'ids_counts' (edited or damaged "
+                            "manifest)")

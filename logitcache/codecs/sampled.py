@@ -389,6 +389,7 @@ from logitcache.codecs import TargetCodec, compact, register_codec  # noqa: E402
 # coded like compact's id sets (m_i + i is a strictly increasing set of [0, C + n)), counts
 # implied by repeats: 24 B instead of 5 n = 60 B at n = 12 of 151,936 ids.
 DRAWS_ELIAS_FANO = "elias_fano"
+DRAWS_IDS_COUNTS = "ids_counts"  # what a cache without the option stores
 
 
 def draws_from_ids(ids: np.ndarray, counts: np.ndarray, num_classes: int) -> np.ndarray:
@@ -444,6 +445,9 @@ class SampledCodec(TargetCodec):
         o = self.options
         self.n, self.head, self.temperature = int(o["n"]), int(o.get("head", 0)), float(o.get("temperature", 1.0))
         checks.whole("--sample-head", self.head, 0, self.num_classes - 1)
+        if o.get("draws", DRAWS_IDS_COUNTS) not in (DRAWS_IDS_COUNTS, DRAWS_ELIAS_FANO):
+            raise LogitCacheError(f"codec option 'draws' is {o.get('draws')!r}, not {DRAWS_ELIAS_FANO!r} or "
+                                  f"{DRAWS_IDS_COUNTS!r} (edited or damaged manifest)")
 
     @property
     def elias_fano(self) -> bool:
