@@ -938,10 +938,10 @@ def compare(run, cache, data, source, eval_data, teachers, state_dicts, teacher_
         click.echo()
         click.echo(_heads_table(v["heads"], (e or {}).get("heads")))
     if r["epochs"]:
-        key = "eval_mAP" if metric == "mAP" else "eval_top1"
+        key = "eval_ppl" if r.get("modality") == "tokens" else "eval_mAP" if metric == "mAP" else "eval_top1"
         click.echo()
         click.echo(format_table([[_human_epoch(x), x.get("train_loss"), x.get(key)] for x in r["epochs"]],
-                                ["epoch", "train loss", f"held-out {metric}"]))
+                                ["epoch", "train loss", f"held-out {key[len('eval_'):]}"]))
 
 
 def _heads_table(views: list[dict], held: list[dict] | None) -> str:

@@ -96,17 +96,19 @@ def _widen(model: nn.Module, layer: str, heads: int) -> None:
 
 def with_heads(model: nn.Module, spec: str, members: list[str], num_classes: int, kind: str,
                view_shape: tuple[int, ...] | int, aggregation: str = "mean_prob",
-               weights: list[float] | None = None) -> HeadsStudent:
+               weights: list[float] | None = None, view_dtype: torch.dtype = torch.float32) -> HeadsStudent:
     """``model`` with its classifier split into one head per member. Refuses (one line) a student
     whose layers after the classifier mix classes: with every head a copy of the classifier, each
-    head must give the plain student's output on a probe clip."""
+    head must give the plain student's output on a probe clip. ``view_dtype`` int64: the views
+    are token ids, probed with random ids below ``num_classes`` (the vocabulary)."""
     was_training = model.training
     model.eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         g = torch.Generator().manual_seed(0)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         shape = (view_shape,) if isinstance(view_shape, int) else tuple(view_shape)
-        probe = (0.1 * torch.randn(2, *shape, generator=g)).to(device)
+        probe = (torch.randint(0, num_classes, (2, *shape), generator=g) if not view_dtype.is_floating_point
+                 else 0.1 * torch.randn(2, *shape, generator=g)).to(device)
         layer = classifier_layer(model, spec, num_classes, probe)
         plain = model(probe).float()
         _widen(model, layer, len(members))
@@ -145,17 +147,22 @@ def from_config(model: nn.Module, config: dict, num_classes: int, kind: str,
 
 
 def heads_kd_loss(z_heads: torch.Tensor, batch: dict, codec, kind: str, temperature: float = 1.0,
-                  device: torch.device | None = None) -> torch.Tensor:
+                  device: torch.device | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over heads of each head's KD loss against its own member's targets: head h of
     ``z_heads`` ``[M, B, (T), C]`` against ``batch["members/<array>"][:, h]`` (a
     :class:`~logitcache.views.CacheStream` batch with ``members``), through the codec's loss
-    (``codec`` None: a top-k triple, :func:`~logitcache.targets.kd_loss`)."""
+    (``codec`` None: a top-k triple, :func:`~logitcache.targets.kd_loss`). ``mask`` ``[B, L]``
+    (token windows): only the unmasked positions of every head reach its loss."""
+    from logitcache.lm import masked_rows
+
     losses = []
     for h in range(z_heads.shape[0]):
         own = {k[len(MEMBER_PREFIX):]: v[:, h] for k, v in batch.items() if k.startswith(MEMBER_PREFIX)}
+        z = z_heads[h] if mask is None else z_heads[h][mask]
         if codec is None:
-            values, indices, stat = (own[k].to(device, non_blocking=True) for k in ("values", "indices", "stat"))
-            losses.append(kd_loss(z_heads[h], values, indices, stat, kind, temperature))
+            t = tuple(own[k].to(device, non_blocking=True) for k in ("values", "indices", "stat"))
+            losses.append(kd_loss(z, *(t if mask is None else masked_rows(t, mask)), kind, temperature))
         else:
-            losses.append(codec.loss(z_heads[h], codec.from_arrays(own, device), kind, temperature))
+            decoded = codec.from_arrays(own, device)
+            losses.append(codec.loss(z, decoded if mask is None else masked_rows(decoded, mask), kind, temperature))
     return torch.stack(losses).mean()

@@ -99,7 +99,7 @@ def distill_step(model, optimizer, batch: dict, kind: str, device: torch.device,
         loss = z.sum() * 0.0  # nothing to learn from this batch; still a step, so the schedule stays aligned
     elif alpha < 1.0:
         if heads:
-            kd = heads_kd_loss(z_heads, batch, codec, kind, temperature, device)
+            kd = heads_kd_loss(z_heads, batch, codec, kind, temperature, device, mask)
         elif codec is None:
             t = [batch[k].to(device, non_blocking=True) for k in ("values", "indices", "stat")]
             kd = kd_loss(z_kd, *(t if mask is None else masked_rows(t, mask)), kind=kind, temperature=temperature)
@@ -220,9 +220,6 @@ def train(
     c = open_cache(cache)
     folder = open_source(data, source)
     check_compatible(c, folder)
-    if folder.modality == "tokens" and heads == "members":
-        raise LogitCacheError("--heads members: not for token caches yet (the per-head losses do not take the "
-                              "window mask); distil the ensemble or one --member")
     stored = usable_epochs(c, allow_partial)
     if not c.complete:
         print(f"note: {cache}: the dump did not finish; training on its {len(stored)} complete epoch(s) only "
@@ -272,7 +269,7 @@ def train(
                          getattr(augmenter, "view_dtype", torch.float32))
     if heads == "members":
         model = with_heads(model, student, c.members, len(c.classes), c.output_kind, augmenter.view_shape,
-                           *heads_aggregation(c.manifest))
+                           *heads_aggregation(c.manifest), view_dtype=getattr(augmenter, "view_dtype", torch.float32))
     net = model
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel

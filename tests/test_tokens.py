@@ -309,14 +309,6 @@ def test_audio_option_refused_for_tokens(corpus, tmp_path):
     assert_one_line_error(e, "--sample-rate", "is tokens")
 
 
-def test_member_heads_refused_for_tokens(lm_cache, corpus, tmp_path):
-    from logitcache.train import train
-
-    with pytest.raises(LogitCacheError) as e:
-        train(lm_cache, corpus, "gpt_tiny", tmp_path / "run", heads="members", progress=False)
-    assert_one_line_error(e, "--heads members", "token caches")
-
-
 BAD_CORPORA = {
     "dtype": ({"dtype": "int8"}, "dtype 'int8' must be one of uint16, uint32"),
     "vocab": ({"vocab_size": "50"}, "vocab_size must be a positive whole number"),
@@ -402,13 +394,3 @@ def test_add_teacher_to_token_cache_matches_dump(corpus, tmp_path, codec):
     assert set(added) == set(dumped) and len(added) >= 4
     for k in dumped:
         np.testing.assert_array_equal(added[k], dumped[k], err_msg=k)
-
-
-def test_compare_refuses_token_runs(lm_cache, corpus, tmp_path):
-    from logitcache.report import compare
-    from logitcache.train import train
-
-    train(lm_cache, corpus, "gpt_tiny", tmp_path / "run", batch_size=8, max_steps=1, progress=False)
-    with pytest.raises(LogitCacheError) as e:
-        compare(tmp_path / "run")
-    assert_one_line_error(e, "compare does not take token caches yet", "--eval-data")

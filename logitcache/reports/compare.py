@@ -81,6 +81,26 @@ def _probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
     return F.softmax(logits.float(), -1) if kind == "multiclass" else torch.sigmoid(logits.float())
 
 
+def _token_views(c, net, source, stored, flat, batch_size, dev, kind, comp, member, heads, progress) -> dict:
+    """compare's ``views`` for a token cache (:mod:`logitcache.reports.compare_tokens`), on the
+    same seeded (epoch, position) picks ``flat`` as for clips."""
+    from logitcache.reports.compare_tokens import cached_views
+
+    N = c.num_samples
+    picks = [(stored[int(s)], flat[flat // N == s] % N) for s in np.unique(flat // N)]
+
+    def targets_of(epoch, ids):
+        if comp is not None:
+            return Targets(*recomposed_targets(c, epoch, ids, comp))
+        return c.targets(epoch, ids, member=member)
+
+    bar = tqdm(total=len(flat), unit="window", desc="compare", disable=not progress, dynamic_ncols=True)
+    try:
+        return cached_views(c, net, source, picks, batch_size, dev, kind, targets_of, heads, bar)
+    finally:
+        bar.close()
+
+
 def _run_student(run: Path, config: dict, student: str | None, trust_run: bool) -> str:
     """The student to rebuild. A run folder is data: a ``module:callable`` it names is imported
     only when the user names the same factory (``student``) or trusts the run (``trust_run``)."""
@@ -183,9 +203,6 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         kind_given = source
         folder = open_source(data, source or config.get("source"))  # the kind the run trained on
         check_compatible(c, folder)
-        if folder.modality == "tokens":  # its figures are clip-level: no window mask, no per-token labels
-            raise LogitCacheError(f"{run}: compare does not take token caches yet; 'logitcache train --eval-data' "
-                                  f"reports the student's next-token NLL and perplexity")
         kind, C = c.output_kind, len(c.classes)
         # a run trained on a recomposition (train --ensemble) is compared with that recomposition
         comp = requested_composition(c, config.get("ensemble"), config.get("ensemble_weights"),
@@ -194,7 +211,8 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         dev = resolve_device(device)
         net = load_student(run, student, C, view_rate(augmenter), c.frames, config, kind, c.position_shape)
         net = net.to(dev)
-        check_student_output(net, student, c, augmenter.view_shape, dev)
+        check_student_output(net, student, c, augmenter.view_shape, dev,
+                             getattr(augmenter, "view_dtype", torch.float32))
 
         # -- cached training views: a seeded sample of (epoch, position) from the epochs trained on
         stored = [int(e) for e in config.get("stored_epochs", range(c.epochs)) if 0 <= int(e) < c.epochs]
@@ -205,47 +223,50 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
         rng = np.random.default_rng(seed)
         flat = np.sort(rng.choice(len(stored) * N, size=min(samples, len(stored) * N), replace=False))
         source = ViewSource(folder, augmenter, SourceContent.of_cache(c))
-        top1, kl, s_clip, p_clip, y_clip = [], [], [], [], []
-        head_pairs = [[] for _ in heads or []]  # per head: (top-1, KL) rows against its own member
-        bar = tqdm(total=len(flat), unit="view", desc="compare", disable=not progress, dynamic_ncols=True)
-        try:
-            for slot in np.unique(flat // N):
-                epoch = stored[int(slot)]
-                pos = flat[flat // N == slot] % N
-                for a in range(0, len(pos), batch_size):
-                    index = c.order(epoch)[pos[a:a + batch_size]]
-                    ids = [c.ids[i] for i in index]
-                    params = c.params(epoch, ids)
-                    rows = [{n: v[r] for n, v in params.items()} for r in range(len(ids))]
-                    wave = torch.stack([source.replay(i, p) for i, p in zip(index, rows)]).to(dev)
-                    with torch.inference_mode(), autocast(dev, "fp32"):
-                        zh = net(wave, all_heads=True).float().cpu() if heads else None
-                        zs = flat_positions(net(wave).float().cpu()) if zh is None else net.combine(zh)
-                    for h, name in enumerate(heads or []):
-                        qh = _dense_targets(c, c.targets(epoch, ids, member=name), C, kind)
-                        head_pairs[h].append(_student_figures(zh[h].reshape(-1, C), qh.reshape(-1, C), kind))
-                    if comp is not None:
-                        t = Targets(*recomposed_targets(c, epoch, ids, comp))
-                    else:
-                        t = c.targets(epoch, ids, member=member)
-                    q = _dense_targets(c, t, C, kind)
-                    a1, k1 = _student_figures(zs.reshape(-1, C), q.reshape(-1, C), kind)
-                    top1.append(a1)
-                    kl.append(k1)
-                    s_clip.append(_clip_level(zs.numpy()))
-                    p_clip.append(_clip_level(q.numpy()))
-                    y_clip.append(np.stack([source.labels(i, p) for i, p in zip(index, rows)]))
-                    bar.update(len(ids))
-        finally:
-            bar.close()
-        s_all, p_all, y_all = np.concatenate(s_clip), np.concatenate(p_clip), np.concatenate(y_clip)
-        views = {"views": int(len(flat)), "epochs": sorted({stored[int(x)] for x in np.unique(flat // N)}),
-                 "top1_agreement": float(torch.cat(top1).mean()), "kl_mean": float(torch.cat(kl).mean()),
-                 "map_vs_ensemble": _map_vs(s_all, p_all, kind),
-                 "student_vs_labels": _label_score(s_all, y_all, kind),
-                 "ensemble_vs_labels": _label_score(p_all, y_all, kind)}
-        if heads:
-            views["heads"] = _head_rows(heads, head_pairs, "member")
+        if folder.modality == "tokens":  # per-token figures over unmasked positions
+            views = _token_views(c, net, source, stored, flat, batch_size, dev, kind, comp, member, heads, progress)
+        else:
+            top1, kl, s_clip, p_clip, y_clip = [], [], [], [], []
+            head_pairs = [[] for _ in heads or []]  # per head: (top-1, KL) rows against its own member
+            bar = tqdm(total=len(flat), unit="view", desc="compare", disable=not progress, dynamic_ncols=True)
+            try:
+                for slot in np.unique(flat // N):
+                    epoch = stored[int(slot)]
+                    pos = flat[flat // N == slot] % N
+                    for a in range(0, len(pos), batch_size):
+                        index = c.order(epoch)[pos[a:a + batch_size]]
+                        ids = [c.ids[i] for i in index]
+                        params = c.params(epoch, ids)
+                        rows = [{n: v[r] for n, v in params.items()} for r in range(len(ids))]
+                        wave = torch.stack([source.replay(i, p) for i, p in zip(index, rows)]).to(dev)
+                        with torch.inference_mode(), autocast(dev, "fp32"):
+                            zh = net(wave, all_heads=True).float().cpu() if heads else None
+                            zs = flat_positions(net(wave).float().cpu()) if zh is None else net.combine(zh)
+                        for h, name in enumerate(heads or []):
+                            qh = _dense_targets(c, c.targets(epoch, ids, member=name), C, kind)
+                            head_pairs[h].append(_student_figures(zh[h].reshape(-1, C), qh.reshape(-1, C), kind))
+                        if comp is not None:
+                            t = Targets(*recomposed_targets(c, epoch, ids, comp))
+                        else:
+                            t = c.targets(epoch, ids, member=member)
+                        q = _dense_targets(c, t, C, kind)
+                        a1, k1 = _student_figures(zs.reshape(-1, C), q.reshape(-1, C), kind)
+                        top1.append(a1)
+                        kl.append(k1)
+                        s_clip.append(_clip_level(zs.numpy()))
+                        p_clip.append(_clip_level(q.numpy()))
+                        y_clip.append(np.stack([source.labels(i, p) for i, p in zip(index, rows)]))
+                        bar.update(len(ids))
+            finally:
+                bar.close()
+            s_all, p_all, y_all = np.concatenate(s_clip), np.concatenate(p_clip), np.concatenate(y_clip)
+            views = {"views": int(len(flat)), "epochs": sorted({stored[int(x)] for x in np.unique(flat // N)}),
+                     "top1_agreement": float(torch.cat(top1).mean()), "kl_mean": float(torch.cat(kl).mean()),
+                     "map_vs_ensemble": _map_vs(s_all, p_all, kind),
+                     "student_vs_labels": _label_score(s_all, y_all, kind),
+                     "ensemble_vs_labels": _label_score(p_all, y_all, kind)}
+            if heads:
+                views["heads"] = _head_rows(heads, head_pairs, "member")
 
         # -- held-out clips, un-augmented; teachers re-run on them when given
         evaluation = None
@@ -262,51 +283,57 @@ def compare(run: str | Path, cache: str | Path | None = None, data: str | Path |
                                                     inputs=getattr(augmenter, "probe_views", None))
                 if n_classes != C or frames != c.frames:
                     raise LogitCacheError(f"teachers output C={n_classes} but cache {c.path} holds C={C}")
-            s_list, e_list = [], []
-            # per head against its own re-run teacher, paired by position (the dump's order)
-            eval_pairs = [[] for _ in heads or []] if len(loaded) == len(heads or []) else []
-            plain = ViewSource(held, augmenter)
-            for a in range(0, len(held), batch_size):
-                clips = range(a, min(a + batch_size, len(held)))
-                x = torch.stack([plain.plain(i) for i in clips]).to(dev)
-                with torch.inference_mode():
-                    zh = net(x, all_heads=True).float().cpu() if heads else None
-                    s_list.append(flat_positions(net(x).float().cpu()) if zh is None else net.combine(zh))
-                    if loaded:
-                        with autocast(dev, m.get("precision", "fp32")):
-                            z = run_teachers(loaded, x, lambda: [held.ids[i] for i in clips])
-                        e_list.append(ensemble_logits(z, kind, m["aggregation"], m.get("weights"),
-                                                      coverage(loaded)).cpu())
-                        for h, got in enumerate(eval_pairs):
-                            pt = _probs(z[h].cpu(), kind)
-                            got.append(_student_figures(zh[h].reshape(-1, C), pt.reshape(-1, C), kind))
-            zs = torch.cat(s_list)
-            s_eval = _clip_level(zs.numpy())
-            evaluation = {"data": str(eval_data), "clips": len(held), "student_vs_labels": _label_score(
-                s_eval, held.table, kind), "teachers": [t.name for t in loaded]}
-            if loaded:
-                ze = torch.cat(e_list)
-                pe = _probs(ze, kind)
-                a1, k1 = _student_figures(zs.reshape(-1, C), pe.reshape(-1, C), kind)
-                e_clip = _clip_level(pe.numpy())
-                s_ap = average_precision(s_eval, held.table) if kind == "multilabel" else None
-                e_ap = average_precision(e_clip, held.table) if kind == "multilabel" else None
-                evaluation.update({
-                    "top1_agreement": float(a1.mean()), "kl_mean": float(k1.mean()),
-                    "map_vs_ensemble": _map_vs(s_eval, e_clip, kind),
-                    "ensemble_vs_labels": _label_score(e_clip, held.table, kind),
-                    "per_class": [] if s_ap is None else [
-                        {"class": name, "student_ap": None if np.isnan(sa) else float(sa),
-                         "ensemble_ap": None if np.isnan(ea) else float(ea)}
-                        for name, sa, ea in zip(c.classes, s_ap, e_ap)]})
-                if eval_pairs:
-                    evaluation["heads"] = _head_rows([t.name for t in loaded], eval_pairs, "teacher")
+            if held.modality == "tokens":
+                from logitcache.reports.compare_tokens import held_out
+
+                evaluation = held_out(net, held, augmenter, loaded, m, batch_size, dev, heads, eval_data)
+            else:
+                s_list, e_list = [], []
+                # per head against its own re-run teacher, paired by position (the dump's order)
+                eval_pairs = [[] for _ in heads or []] if len(loaded) == len(heads or []) else []
+                plain = ViewSource(held, augmenter)
+                for a in range(0, len(held), batch_size):
+                    clips = range(a, min(a + batch_size, len(held)))
+                    x = torch.stack([plain.plain(i) for i in clips]).to(dev)
+                    with torch.inference_mode():
+                        zh = net(x, all_heads=True).float().cpu() if heads else None
+                        s_list.append(flat_positions(net(x).float().cpu()) if zh is None else net.combine(zh))
+                        if loaded:
+                            with autocast(dev, m.get("precision", "fp32")):
+                                z = run_teachers(loaded, x, lambda: [held.ids[i] for i in clips])
+                            e_list.append(ensemble_logits(z, kind, m["aggregation"], m.get("weights"),
+                                                          coverage(loaded)).cpu())
+                            for h, got in enumerate(eval_pairs):
+                                pt = _probs(z[h].cpu(), kind)
+                                got.append(_student_figures(zh[h].reshape(-1, C), pt.reshape(-1, C), kind))
+                zs = torch.cat(s_list)
+                s_eval = _clip_level(zs.numpy())
+                evaluation = {"data": str(eval_data), "clips": len(held), "student_vs_labels": _label_score(
+                    s_eval, held.table, kind), "teachers": [t.name for t in loaded]}
+                if loaded:
+                    ze = torch.cat(e_list)
+                    pe = _probs(ze, kind)
+                    a1, k1 = _student_figures(zs.reshape(-1, C), pe.reshape(-1, C), kind)
+                    e_clip = _clip_level(pe.numpy())
+                    s_ap = average_precision(s_eval, held.table) if kind == "multilabel" else None
+                    e_ap = average_precision(e_clip, held.table) if kind == "multilabel" else None
+                    evaluation.update({
+                        "top1_agreement": float(a1.mean()), "kl_mean": float(k1.mean()),
+                        "map_vs_ensemble": _map_vs(s_eval, e_clip, kind),
+                        "ensemble_vs_labels": _label_score(e_clip, held.table, kind),
+                        "per_class": [] if s_ap is None else [
+                            {"class": name, "student_ap": None if np.isnan(sa) else float(sa),
+                             "ensemble_ap": None if np.isnan(ea) else float(ea)}
+                            for name, sa, ea in zip(c.classes, s_ap, e_ap)]})
+                    if eval_pairs:
+                        evaluation["heads"] = _head_rows([t.name for t in loaded], eval_pairs, "teacher")
         return {
             "run": str(run),
             "student": student,
             "cache": str(c.path),
             "data": str(data),
             "output_kind": kind,
+            "modality": folder.modality,  # tokens: every figure is per unmasked position
             "metric": "mAP" if kind == "multilabel" else "top1",
             "targets": (f"members, one head each ({', '.join(heads)})" if heads else
                         f"recomposed {','.join(comp.members)}" if comp else
