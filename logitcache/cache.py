@@ -41,7 +41,7 @@ import numpy as np
 from logitcache import __version__
 from logitcache.errors import LogitCacheError, quote
 from logitcache.augment import epoch_order, id_hashes, view_seeds
-from logitcache.layout import (FORMAT_VERSION, PARAMS, READABLE_VERSIONS, SAMPLE_ARRAYS, Layout,  # noqa: F401
+from logitcache.layout import (FORMAT_VERSION, PARAMS, READABLE_VERSIONS, SAMPLE_ARRAYS, Layout, class_names,  # noqa: F401
                                Manifest, codec_entries, config_digest)
 from logitcache.lock import DumpLock
 from logitcache.storage import (ArrayStore, backend_for_new, cache_location, chunk_error, chunk_name, is_url,
@@ -65,7 +65,7 @@ def choose_chunk_rows(row_bytes: int, num_samples: int, target_bytes: int = 8 <<
 # the layout and inference settings that change stored bytes without being "configuration".
 RESUME_KEYS = ("dataset", "classes", "augment", "teachers", "members", "output_kind", "aggregation", "weights",
                "topk", "frames", "value_dtype", "index_dtype", "order_dtype", "seed", "chunk_rows", "precision",
-               "codec", "codec_options", "positions")
+               "codec", "codec_options", "positions", "vocabulary")
 
 
 def _short(v) -> str:
@@ -555,7 +555,7 @@ class CacheWriter:
 # Manifest entries every reader relies on, and their JSON types: a manifest edited by hand or
 # cut short fails here with the entry named, not deep inside a command with a KeyError.
 REQUIRED_ENTRIES = (("epochs", int), ("dataset", dict), ("dataset.num_samples", int),
-                    ("dataset.fingerprint", str), ("classes", list), ("topk", int), ("chunk_rows", int),
+                    ("dataset.fingerprint", str), ("topk", int), ("chunk_rows", int),
                     ("output_kind", str), ("aggregation", str), ("members", list), ("value_dtype", str),
                     ("index_dtype", str), ("augment", dict))
 _TYPE_WORDS = {int: "a whole number", dict: "a JSON object", list: "a list", str: "a string"}
@@ -572,6 +572,7 @@ def check_manifest(path, manifest: dict) -> None:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise LogitCacheError(f"{path}: manifest entry '{key}' is {_short(value)}, not {_TYPE_WORDS[kind]} "
                                   f"(edited or damaged)")
+    _check_classes(path, manifest)
     frames = manifest.get("frames")
     if frames is not None and (not isinstance(frames, int) or isinstance(frames, bool) or frames < 1):
         raise LogitCacheError(f"{path}: manifest entry 'frames' is {_short(frames)}, not a positive whole number "
@@ -581,6 +582,18 @@ def check_manifest(path, manifest: dict) -> None:
         if manifest[key] < (0 if key == "epochs" else 1):
             raise LogitCacheError(f"{path}: manifest entry '{key}' is {manifest[key]}, out of range "
                                   f"(edited or damaged)")
+
+
+def _check_classes(path, manifest: dict) -> None:
+    """A ``classes`` list, or (token caches) a ``vocabulary`` entry describing the classes."""
+    if "vocabulary" in manifest:
+        from logitcache.vocabulary import Vocabulary
+
+        Vocabulary.from_entry(manifest["vocabulary"], f"{path}: manifest")
+    elif not isinstance(manifest.get("classes"), list):
+        what = "has no 'classes' entry" if "classes" not in manifest else \
+            f"entry 'classes' is {_short(manifest['classes'])}, not a list"
+        raise LogitCacheError(f"{path}: manifest {what} (edited or damaged)")
 
 
 def _check_positions(path, positions, frames) -> None:
@@ -674,7 +687,9 @@ class Cache:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
+        """The class names; a token cache's vocabulary (:class:`~logitcache.vocabulary.Vocabulary`,
+        the id names, never materialised) when its manifest describes it instead of listing it."""
+        return class_names(self.manifest)
 
     @property
     def output_kind(self) -> str:

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from logitcache import checks
 from logitcache.errors import LogitCacheError
+from logitcache.layout import num_classes
 from logitcache.targets import aggregate
 
 ABSENT_LOGIT = -65504.0  # log 0 as the codecs store it (the float16 floor): a class a teacher does not cover
@@ -277,7 +278,7 @@ def apply_recorded(teachers: list, manifest: dict) -> None:
     for t, rec in zip(teachers, manifest.get("teachers") or []):
         t.view_rate, t.sample_rate, t.clip_seconds = view_rate, rec.get("sample_rate"), rec.get("clip_seconds")
         cmap, where = rec.get("class_map"), f"teacher {t.name}"
-        t.class_map = ClassMap.from_record(cmap, len(manifest["classes"]), where) if cmap else None
+        t.class_map = ClassMap.from_record(cmap, num_classes(manifest), where) if cmap else None
 
 
 def coverage(teachers: list) -> torch.Tensor | None:

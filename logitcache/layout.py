@@ -43,7 +43,7 @@ MOMENTS = ("sum", "sum_sq", "row_sum_sq_over_c")
 
 _DIGEST_KEYS = ("dataset", "classes", "augment", "teachers", "output_kind", "aggregation", "weights",
                 "topk", "frames", "value_dtype", "seed", "chunk_rows")
-_DIGEST_KEYS_IF_PRESENT = ("derived_arrays", "param_storage", "source", "positions")
+_DIGEST_KEYS_IF_PRESENT = ("derived_arrays", "param_storage", "source", "positions", "vocabulary")
 # Arrays a format-2 cache may derive instead of storing: both are pure functions of (seed, epoch,
 # sample id) (augment.epoch_order, augment.view_seeds), pinned by tests/test_golden.py.
 DERIVABLE = ("order", "seeds")
@@ -63,6 +63,22 @@ def config_digest(manifest: dict) -> str:
 def _version(manifest: dict) -> int:
     v = manifest.get("format_version", 1)
     return v if isinstance(v, int) and not isinstance(v, bool) else 1
+
+
+def class_names(manifest: dict):
+    """A manifest's classes: its ``classes`` list, or the :class:`~logitcache.vocabulary.Vocabulary`
+    its ``vocabulary`` entry describes (token caches, which do not list V names)."""
+    if "vocabulary" in manifest:
+        from logitcache.vocabulary import Vocabulary
+
+        return Vocabulary.from_entry(manifest["vocabulary"], "manifest")
+    return list(manifest["classes"])
+
+
+def num_classes(manifest: dict) -> int:
+    """C, the classes (or the vocabulary size V) of a manifest."""
+    entry = manifest.get("vocabulary")
+    return int(entry["vocab_size"]) if isinstance(entry, dict) and "vocab_size" in entry else len(manifest["classes"])
 
 
 def unlisted(manifest: dict, name: str) -> bool:
@@ -145,7 +161,11 @@ def new_manifest(*, dataset: dict, source: dict | None = None, classes: list[str
     from logitcache.targets import index_dtype
 
     N = int(dataset["num_samples"])
-    m = {"dataset": dataset, "classes": list(classes), "augment": augmenter.spec, "teachers": teachers,
+    from logitcache.vocabulary import Vocabulary
+
+    # a vocabulary is described (size and fingerprint), not listed: V names are 2.3 MB at V = 262,144
+    listed = {"vocabulary": classes.describe()} if isinstance(classes, Vocabulary) else {"classes": list(classes)}
+    m = {"dataset": dataset, **listed, "augment": augmenter.spec, "teachers": teachers,
          "members": list(members), "output_kind": output_kind, "aggregation": aggregation,
          "weights": list(map(float, weights)) if weights else None, "topk": int(topk), "frames": frames,
          "value_dtype": value_dtype, "index_dtype": index_dtype(len(classes)),
@@ -197,6 +217,7 @@ class Manifest:
     target_sets: dict = field(default_factory=dict)  # name -> provenance (teachers, codec, written_at)
     member_stats: str | None = None  # MEMBER_STATS when members/<name>/logit_moments exist
     positions: tuple | None = None  # (H', W') when the frames are a dense map's positions, row-major
+    vocabulary: dict | None = None  # token caches: {vocab_size, sha256[, tokenizer_sha256]} (classes not listed)
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -213,14 +234,15 @@ class Manifest:
                 raise LogitCacheError(f"manifest entry 'codec' is {codec!r}, not a codec name (edited or damaged)")
             get_codec(codec)
         return cls(format_version=version, codec=codec, codec_options=dict(options), epochs=int(m["epochs"]),
-                   num_samples=int(m["dataset"]["num_samples"]), num_classes=len(m["classes"]),
+                   num_samples=int(m["dataset"]["num_samples"]), num_classes=num_classes(m),
                    topk=int(m["topk"]), frames=m.get("frames"), chunk_rows=int(m["chunk_rows"]),
                    output_kind=m["output_kind"], members=list(m.get("members") or []),
                    value_dtype=m.get("value_dtype", "float16"), index_dtype=m["index_dtype"],
                    order_dtype=m.get("order_dtype", "uint32"), content=bool(m.get("content")),
                    augment=m.get("augment") or {}, target_sets=dict(m.get("target_sets") or {}),
                    derived=_derived(m), param_storage=_param_storage(m), member_stats=m.get("member_stats"),
-                   positions=tuple(m["positions"]) if m.get("positions") else None, raw=dict(m))
+                   positions=tuple(m["positions"]) if m.get("positions") else None,
+                   vocabulary=_vocabulary(m), raw=dict(m))
 
     def to_json(self) -> dict:
         """The JSON document: ``raw`` with the typed fields written back (format 2 entries only
@@ -388,6 +410,23 @@ class Layout:
             shape = (id_bytes,) if x.shape is None else x.shape
             out[n] = int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
         return out
+
+
+def _vocabulary(m: dict) -> dict | None:
+    """The ``vocabulary`` entry of a token cache. Token caches written before it listed the V id
+    names in ``classes``; they migrate to the entry of an id-only vocabulary of that size (their
+    file stays as written)."""
+    from logitcache.vocabulary import Vocabulary
+
+    if "vocabulary" in m:
+        return Vocabulary.from_entry(m["vocabulary"]).describe()
+    if (m.get("augment") or {}).get("modality") != "tokens":
+        return None
+    names = m["classes"]
+    if Vocabulary(len(names)) != names:
+        raise LogitCacheError(f"manifest entry 'classes' of a token cache is not the {len(names)} token ids "
+                              f"\"0\" .. \"{len(names) - 1}\" (edited or damaged)")
+    return Vocabulary(len(names)).describe()
 
 
 def _from_grid(k: np.ndarray, g: dict) -> np.ndarray:

@@ -40,7 +40,7 @@ from logitcache.sources import Source, open_source
 from logitcache.device import autocast, resolve_device
 from logitcache.errors import LogitCacheError, one_line_worker_errors
 from logitcache.dump import _chunk_block, logit_moments
-from logitcache.layout import MEMBER_STATS, MOMENTS, PARAMS, Layout, config_digest
+from logitcache.layout import MEMBER_STATS, MOMENTS, PARAMS, Layout, class_names, config_digest, num_classes
 from logitcache.lock import DumpLock
 from logitcache.storage import cache_location, is_url, open_store
 from logitcache.hetero import apply_recorded, configure_teachers, coverage, ensemble_logits
@@ -155,7 +155,7 @@ def _plan(path, m, specs, ensemble_specs, weights, state_dicts, teacher_args, de
     originals, new = loaded[:len(ensemble_specs)], loaded[len(ensemble_specs):]
     # inputs and class maps: the dumped teachers' as recorded, a new one's as its .json spec declares
     apply_recorded(originals, m)
-    configure_teachers(new, view_rate(Augmenter.from_spec(m["augment"])), m["classes"])
+    configure_teachers(new, view_rate(Augmenter.from_spec(m["augment"])), class_names(m))
     _check_outputs(path, m, loaded, new[0], dev)
     if m.get("adding") is not None:
         return _continued(path, m, m["adding"], loaded, new)
@@ -190,9 +190,9 @@ def _check_outputs(path: Path, m: dict, loaded: list[Teacher], first_new: Teache
     classes, frames = probe_teachers(loaded, aug.view_shape, dev, m["output_kind"],
                                      inputs=getattr(aug, "probe_views", None))
     positions = position_shape(loaded)
-    if classes != len(m["classes"]) or frames != m.get("frames") or positions != m.get("positions"):
+    if classes != num_classes(m) or frames != m.get("frames") or positions != m.get("positions"):
         theirs = f"C={classes}" + (f", T={frames}" if frames else ", clip level") + _map_words(positions)
-        ours = (f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else ", clip level")
+        ours = (f"C={num_classes(m)}" + (f", T={m['frames']}" if m.get("frames") else ", clip level")
                 + _map_words(m.get("positions")))
         raise LogitCacheError(f"teacher {first_new.source}: outputs {theirs} but cache {path} holds {ours}")
 

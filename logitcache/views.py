@@ -18,6 +18,7 @@ from logitcache.augment import Augmenter
 from logitcache.cache import Cache, open_cache
 from logitcache.data import PATH_LIMIT
 from logitcache.errors import LogitCacheError, shorten
+from logitcache.vocabulary import words
 from logitcache.recompose import Composition, requested
 from logitcache.recompose import read_block as read_recomposed
 from logitcache.sources import Source, check_kind, open_source
@@ -35,7 +36,11 @@ def check_compatible(cache: Cache, folder: Source) -> None:
         raise LogitCacheError(
             f"{folder.root}: dataset does not match cache {cache.path} (its ids differ: "
             f"{len(folder)} samples here, {m['dataset']['num_samples']} in the cache)")
-    if folder.classes != m["classes"]:
+    classes = cache.classes
+    if folder.classes != classes:
+        if folder.modality == "tokens":  # a vocabulary is described, not listed: name both
+            raise LogitCacheError(f"{folder.root}: vocabulary {words(folder.classes)} differs from the one cache "
+                                  f"{cache.path} was dumped with ({words(classes)})")
         raise LogitCacheError(f"{folder.root}: class list differs from the one cache {cache.path} was dumped with")
 
 

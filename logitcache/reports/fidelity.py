@@ -17,6 +17,7 @@ from logitcache.cache import Cache, open_cache
 from logitcache.codecs.topk import VALUE_DTYPES
 from logitcache.sources import open_source
 from logitcache.errors import LogitCacheError
+from logitcache.layout import num_classes as layout_classes
 from logitcache.storage import cache_location
 from logitcache.targets import index_dtype, kl_divergence, teacher_probs, topk_targets, truncate_targets  # noqa: F401
 
@@ -377,10 +378,10 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         num_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, kind,
                                              inputs=getattr(augmenter, "probe_views", None))
         positions = position_shape(loaded)
-        if num_classes != len(m["classes"]) or frames != m.get("frames") or positions != m.get("positions"):
+        if num_classes != layout_classes(m) or frames != m.get("frames") or positions != m.get("positions"):
             theirs = (f"C={num_classes}" + (f", T={frames}" if frames else "")
                       + (f", map {positions}" if positions else ""))
-            ours = (f"C={len(m['classes'])}" + (f", T={m['frames']}" if m.get("frames") else "")
+            ours = (f"C={layout_classes(m)}" + (f", T={m['frames']}" if m.get("frames") else "")
                     + (f", map {m['positions']}" if m.get("positions") else ""))
             raise LogitCacheError(f"teachers output {theirs} but cache {cache.path} holds {ours}")
 
@@ -412,7 +413,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         flat = done[which, 0] * N + done[which, 1] * R + (pick - (ends[which] - rows[which]))
         source = ViewSource(folder, augmenter, SourceContent.of_cache(cache))
         parts: dict[str, list] = {"ensemble": [], **{n: [] for n in member_of.values()}}
-        acc = _ReportAccumulator(kind, len(m["classes"]), cache.topk, [t.name for t in loaded])
+        acc = _ReportAccumulator(kind, layout_classes(m), cache.topk, [t.name for t in loaded])
         size_of = _size_model(cache)
         bar = tqdm(total=len(flat), unit="view", desc="fidelity", disable=not progress, dynamic_ncols=True)
         try:
@@ -454,11 +455,11 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         **_summary(parts["ensemble"]),
         "members": {n: _summary(parts[n]) for n in member_of.values()},
         "path": str(cache_location(path)),
-        "classes": len(m["classes"]),
+        "classes": layout_classes(m),
         "frames": m.get("frames"),
         "codec": cache.spec.codec,
         "recomposed": recomposed.result(),
-        **(acc.result(m["classes"], size_of) if cache.codec.triple else _not_topk_report(len(flat))),
+        **(acc.result(cache.classes, size_of) if cache.codec.triple else _not_topk_report(len(flat))),
     }
 
 

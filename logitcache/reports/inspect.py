@@ -8,7 +8,7 @@ import numpy as np
 
 from logitcache import checks
 from logitcache.cache import Cache, open_cache
-from logitcache.layout import SAMPLE_ARRAYS, Layout
+from logitcache.layout import SAMPLE_ARRAYS, Layout, num_classes
 from logitcache.storage import is_url, url_fs
 
 
@@ -133,7 +133,7 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
             "samples": samples,
             "epochs": epochs,
             "topk": cache.topk,
-            "classes": len(m["classes"]),
+            "classes": num_classes(m),
             "frames": cache.frames,
             "positions": list(cache.position_shape) if cache.position_shape else None,
             "output_kind": cache.output_kind,

@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 from logitcache.cache import Cache, config_digest, open_cache
 from logitcache.data import fingerprint
 from logitcache.errors import LogitCacheError
-from logitcache.layout import LAYOUT_ARRAYS, MARKER_ARRAYS, MEMBER_STATS, SAMPLE_ARRAYS, Layout, Manifest, unlisted
+from logitcache.layout import (LAYOUT_ARRAYS, MARKER_ARRAYS, MEMBER_STATS, SAMPLE_ARRAYS, Layout, Manifest,
+                               num_classes, unlisted)
 
 
 MAX_PROBLEMS = 100  # a wholly damaged cache would otherwise list one problem per chunk
@@ -93,7 +94,7 @@ def verify_cache(path: str | Path, progress: bool = False) -> dict:
         m = cache.manifest
         try:
             E, N, k, C, R = int(m["epochs"]), int(m["dataset"]["num_samples"]), int(m["topk"]), \
-                len(m["classes"]), int(m["chunk_rows"])
+                num_classes(m), int(m["chunk_rows"])
             frames, idx_dtype = m.get("frames"), m["index_dtype"]
         except (KeyError, TypeError, ValueError) as e:
             raise LogitCacheError(f"{path}: manifest is missing required fields ({_first_line(e)})") from None

@@ -6,7 +6,9 @@
       {"vocab_size": 50257, "dtype": "uint16", "documents": [0, 1834, ...], "block_size": 256}
 
   ``documents``: the token offset where each document starts (optional: one document);
-  ``bin``: the token file (optional: the JSON's stem + ``.bin``).
+  ``bin``: the token file (optional: the JSON's stem + ``.bin``); ``tokenizer``: the local
+  ``tokenizers`` file the ids come from (optional: then the cache's vocabulary fingerprint holds
+  every id's token, so a corpus of another tokenizer of the same size is refused).
 * ``jsonl``: JSON lines of text and a tokenizer file the user names (``tokenizers`` library,
   local files only), tokenised once, in memory, into the same layout (one document per line)::
 
@@ -35,6 +37,7 @@ import torch
 from logitcache.errors import LogitCacheError
 from logitcache.labels import LabelTable
 from logitcache.sources import Source, register_source
+from logitcache.vocabulary import Vocabulary
 
 DEFAULT_BLOCK_SIZE = 256
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -73,16 +76,16 @@ class TokenSource(Source):
         self._init(tokens, docs, vocab, block_size)
         return self
 
-    def _init(self, tokens: np.ndarray, docs: np.ndarray, vocab: int, block_size) -> None:
+    def _init(self, tokens: np.ndarray, docs: np.ndarray, vocab: Vocabulary, block_size) -> None:
         L = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         if isinstance(L, bool) or not isinstance(L, int) or L < 1:
             raise LogitCacheError(f"{self.meta_path}: block_size must be a positive whole number (got {L!r})")
         if len(tokens) < 2:
             raise LogitCacheError(f"{self.meta_path}: the corpus holds {len(tokens)} token(s); a window needs 2")
-        self.tokens, self.doc_starts, self.vocab_size, self.block_size = tokens, docs, int(vocab), int(L)
+        self.tokens, self.doc_starts, self.vocab_size, self.block_size = tokens, docs, len(vocab), int(L)
         n = -(-(len(tokens) - 1) // L)  # every target position is in some slot's offset-0 window
         ids = [f"w{i}" for i in range(n)]
-        self.table = LabelTable(ids, _ClassNames(self.vocab_size), np.zeros(n + 1, np.int64), np.zeros(0, np.int32))
+        self.table = LabelTable(ids, vocab, np.zeros(n + 1, np.int64), np.zeros(0, np.int32))
 
     # ------------------------------------------------------------------ Source
     @property
@@ -133,14 +136,6 @@ class TokenSource(Source):
                 "vocab_size": self.vocab_size}
 
 
-class _ClassNames(list):
-    """The class names of a vocabulary: the token ids as text ("0", "1", ...), what the manifest's
-    ``classes`` holds, so every reader that counts or compares classes works unchanged."""
-
-    def __init__(self, vocab_size: int):
-        super().__init__(map(str, range(vocab_size)))
-
-
 # ------------------------------------------------------------------ reading
 def _read_json(path: Path) -> dict:
     try:
@@ -152,7 +147,7 @@ def _read_json(path: Path) -> dict:
     return doc
 
 
-def _from_bin(path: Path, meta: dict) -> tuple[np.ndarray, np.ndarray, int]:
+def _from_bin(path: Path, meta: dict) -> tuple[np.ndarray, np.ndarray, Vocabulary]:
     dtype, vocab = meta.get("dtype"), meta.get("vocab_size")
     if dtype not in TOKEN_DTYPES:
         raise LogitCacheError(f"{path}: dtype {dtype!r} must be one of {', '.join(TOKEN_DTYPES)}")
@@ -167,7 +162,10 @@ def _from_bin(path: Path, meta: dict) -> tuple[np.ndarray, np.ndarray, int]:
     if size % item:
         raise LogitCacheError(f"{bin_path}: {size} bytes is not a whole number of {dtype} tokens")
     tokens = np.memmap(bin_path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if size else np.zeros(0, dtype)
-    return tokens, _documents(path, meta.get("documents", [0]), len(tokens)), vocab
+    named = meta.get("tokenizer")
+    vocabulary = Vocabulary(vocab) if not named else Vocabulary.of_tokenizer(
+        vocab, _tokenizer(path, path.parent / named), path.parent / named)
+    return tokens, _documents(path, meta.get("documents", [0]), len(tokens)), vocabulary
 
 
 def _documents(path: Path, starts, n: int) -> np.ndarray:
@@ -178,16 +176,23 @@ def _documents(path: Path, starts, n: int) -> np.ndarray:
     return d.astype(np.int64)
 
 
-def _from_jsonl(path: Path, meta: dict) -> tuple[np.ndarray, np.ndarray, int]:
+def _tokenizer(path: Path, tok_path: Path):
+    """The ``tokenizers.Tokenizer`` in local file ``tok_path`` (named by ``path``)."""
     from tokenizers import Tokenizer
 
-    text_path, tok_path = path.parent / meta["jsonl"], path.parent / meta.get("tokenizer", "")
-    if not meta.get("tokenizer") or not tok_path.is_file():
+    if not tok_path.is_file():
         raise LogitCacheError(f"{tok_path}: tokenizer file not found (named by {path}; a local tokenizers JSON)")
     try:
-        tok = Tokenizer.from_file(str(tok_path))
+        return Tokenizer.from_file(str(tok_path))
     except Exception as e:
         raise LogitCacheError(f"{tok_path}: not a tokenizers file ({str(e).splitlines()[0][:160]})") from None
+
+
+def _from_jsonl(path: Path, meta: dict) -> tuple[np.ndarray, np.ndarray, Vocabulary]:
+    text_path, tok_path = path.parent / meta["jsonl"], path.parent / meta.get("tokenizer", "")
+    if not meta.get("tokenizer"):
+        raise LogitCacheError(f"{tok_path}: tokenizer file not found (named by {path}; a local tokenizers JSON)")
+    tok = _tokenizer(path, tok_path)
     field = meta.get("text_field", "text")
     texts = []
     try:
@@ -204,4 +209,5 @@ def _from_jsonl(path: Path, meta: dict) -> tuple[np.ndarray, np.ndarray, int]:
     lengths = np.array([len(e) for e in encoded if e], np.int64)
     tokens = np.fromiter((t for e in encoded for t in e), np.uint32, int(lengths.sum()))
     docs = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(1, np.int64)
-    return tokens, docs.astype(np.int64), int(meta.get("vocab_size", tok.get_vocab_size()))
+    vocab = int(meta.get("vocab_size", tok.get_vocab_size()))
+    return tokens, docs.astype(np.int64), Vocabulary.of_tokenizer(vocab, tok, tok_path)
