@@ -6,7 +6,8 @@ last; stored per position as ``T = H' * W'`` frames in row-major order, see :fun
 Formats, by what loading them runs:
 
 * data, loaded without executing anything from the file: a ``torch.export`` program (``.pt2``,
-  see :mod:`logitcache.teacher_pt2`) and an ONNX model (``.onnx``, :mod:`logitcache.teacher_onnx`);
+  see :mod:`logitcache.teacher_pt2`), an ONNX model (``.onnx``, :mod:`logitcache.teacher_onnx`)
+  and a Hugging Face causal LM folder (``hf:DIR``, safetensors only, :mod:`logitcache.teacher_hf`);
 * code the user must trust: ``package.module:callable`` factories and teacher spec files
   (``teacher.json``, :mod:`logitcache.teacher_factory`), and TorchScript files (their
   ``forward`` is code). Factory state dicts load with ``weights_only=True``.
@@ -41,6 +42,7 @@ FORMATS = {
     "torchscript": "a TorchScript file",
     "factory": "a package.module:callable factory",
     "spec": "a teacher spec file",
+    "hf": "a Hugging Face model folder",
 }
 
 
@@ -138,8 +140,12 @@ def load_factory(spec: str) -> torch.nn.Module:
 
 def teacher_format(spec: str) -> str | None:
     """The format ``spec`` names (by suffix, else ``module:callable``); None if it names nothing."""
+    from logitcache.teacher_hf import is_model_folder
+
     path = Path(spec)
     suffix = path.suffix.lower()
+    if is_model_folder(spec):
+        return "hf"
     if suffix in (".pt2", ".onnx"):
         return suffix[1:]
     if suffix == ".json":
@@ -234,8 +240,14 @@ def _load_factory(spec: str, device: torch.device, state_dict, kwargs):
     return module, digest, Path(spec).stem if from_file else spec.rpartition(":")[2], kwargs
 
 
+def _load_hf(spec: str, device: torch.device, state_dict, kwargs):
+    from logitcache.teacher_hf import load_hf
+
+    return *load_hf(spec, device), {}
+
+
 _LOADERS = {"pt2": _load_pt2, "onnx": _load_onnx, "torchscript": _load_torchscript,
-            "factory": _load_factory, "spec": _load_factory}
+            "factory": _load_factory, "spec": _load_factory, "hf": _load_hf}
 
 
 def unique_names(teachers: list[Teacher]) -> None:
