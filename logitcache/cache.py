@@ -76,7 +76,7 @@ def _short(v) -> str:
 def config_differences(stored: dict, new: dict) -> list[str]:
     """What differs between a cache's manifest and a new dump request, as short phrases."""
     out = []
-    stored, new = _with_codec(stored), _with_codec(new)
+    stored, new = _described(_with_codec(stored)), _described(_with_codec(new))
     for key in RESUME_KEYS:
         a, b = stored.get(key), new.get(key)
         if key == "dataset":
@@ -99,6 +99,14 @@ def _with_codec(m: dict) -> dict:
     if "codec" in m or "value_dtype" not in m:
         return m
     return {**m, "codec": "topk", "codec_options": {"value_dtype": m["value_dtype"], "index_dtype": m.get("index_dtype")}}
+
+
+def _described(m: dict) -> dict:
+    """A token manifest that lists its id names, with its ``vocabulary`` entry instead (as
+    :class:`~logitcache.layout.Manifest` migrates it), so an older token cache can be resumed."""
+    if "vocabulary" in m or (m.get("augment") or {}).get("modality") != "tokens" or "classes" not in m:
+        return m
+    return {**{k: v for k, v in m.items() if k != "classes"}, "vocabulary": Manifest.from_json(m).vocabulary}
 
 
 def existing_manifest(path: str | Path, check_lock: bool = True) -> dict | None:

@@ -146,3 +146,20 @@ def test_heads_probe_takes_token_ids():
     # equal heads: the plain student's distribution (combined as log mean p)
     torch.testing.assert_close(model(ids), F.log_softmax(plain(ids), -1), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("codec,extra", [("compact", {}), ("sampled", {"sample_n": 12})])
+def test_compare_and_heads_on_every_codec(corpus, tmp_path, codec, extra):
+    """compare and --heads members on compact and sampled token caches: the same unmasked positions,
+    finite per-token figures, one row per head."""
+    cache = dump(corpus, TEACHERS, tmp_path / f"{codec}.zarr", topk=K, codec=codec, teacher_args=ARGS,
+                 batch_size=4, num_workers=0, progress=False, **extra)
+    train(cache, corpus, "gpt_tiny", tmp_path / "run", batch_size=8, max_steps=2, heads="members",
+          temperature=1.0, progress=False)
+    v = compare(tmp_path / "run", samples=1000)["views"]
+    c = open_cache(cache)
+    views = ViewSource(open_source(corpus), Augmenter.from_spec(c.manifest["augment"]))
+    masks = [views.replay_tokens(i, {k: v[0] for k, v in c.params(0, [sid]).items()})[2] for i, sid in enumerate(c.ids)]
+    assert v["positions"] == int(sum(m.sum() for m in masks)) > 140
+    assert np.isfinite(v["kl_mean"]) and v["kl_mean"] > 0 and [h["member"] for h in v["heads"]] == ["gpt_a", "gpt_b"]
+    assert all(np.isfinite(h["kl_mean"]) for h in v["heads"])

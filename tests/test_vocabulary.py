@@ -135,3 +135,14 @@ def test_damaged_vocabulary_entry_is_one_line(cache, tmp_path):
     with pytest.raises(LogitCacheError) as e:
         open_cache(path)
     assert_one_line_error(e, str(path), "entry 'vocabulary'", "edited or damaged")
+
+
+def test_resume_compares_an_old_listing_with_a_described_vocabulary(cache):
+    """A dump resuming a token cache that lists the id names sees no difference in its vocabulary."""
+    from logitcache.cache import config_differences
+
+    m = open_cache(cache).manifest
+    assert config_differences(_as_listed(m), m) == []
+    other = {**m, "vocabulary": Vocabulary(V + 1).describe()}
+    assert config_differences(_as_listed(m), other) == ["vocabulary (a different value in the cache, "
+                                                        "a different value now)"]
