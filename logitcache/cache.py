@@ -41,9 +41,10 @@ import numpy as np
 from logitcache import __version__
 from logitcache.errors import LogitCacheError, quote
 from logitcache.augment import epoch_order, id_hashes, view_seeds
-from logitcache.layout import (FORMAT_VERSION, PARAMS, READABLE_VERSIONS, SAMPLE_ARRAYS, Layout, class_names,  # noqa: F401
-                               Manifest, codec_entries, config_digest)
+from logitcache.layout import (FORMAT_VERSION, PARAMS, READABLE_VERSIONS, SAMPLE_ARRAYS, Layout,  # noqa: F401
+                               Manifest, class_names, codec_entries, config_digest)
 from logitcache.lock import DumpLock
+from logitcache.vocabulary import Vocabulary
 from logitcache.storage import (ArrayStore, backend_for_new, cache_location, chunk_error, chunk_name, is_url,
                                 location_exists, open_store)
 
@@ -595,8 +596,6 @@ def check_manifest(path, manifest: dict) -> None:
 def _check_classes(path, manifest: dict) -> None:
     """A ``classes`` list, or (token caches) a ``vocabulary`` entry describing the classes."""
     if "vocabulary" in manifest:
-        from logitcache.vocabulary import Vocabulary
-
         Vocabulary.from_entry(manifest["vocabulary"], f"{path}: manifest")
     elif not isinstance(manifest.get("classes"), list):
         what = "has no 'classes' entry" if "classes" not in manifest else \

@@ -23,6 +23,7 @@ import numpy as np
 from logitcache import checks
 from logitcache.codecs import TargetCodec, get_codec
 from logitcache.errors import LogitCacheError
+from logitcache.vocabulary import Vocabulary
 
 FORMAT_VERSION = 2  # what this logitcache writes
 READABLE_VERSIONS = (1, 2)
@@ -69,8 +70,6 @@ def class_names(manifest: dict):
     """A manifest's classes: its ``classes`` list, or the :class:`~logitcache.vocabulary.Vocabulary`
     its ``vocabulary`` entry describes (token caches, which do not list V names)."""
     if "vocabulary" in manifest:
-        from logitcache.vocabulary import Vocabulary
-
         return Vocabulary.from_entry(manifest["vocabulary"], "manifest")
     return list(manifest["classes"])
 
@@ -78,7 +77,9 @@ def class_names(manifest: dict):
 def num_classes(manifest: dict) -> int:
     """C, the classes (or the vocabulary size V) of a manifest."""
     entry = manifest.get("vocabulary")
-    return int(entry["vocab_size"]) if isinstance(entry, dict) and "vocab_size" in entry else len(manifest["classes"])
+    if isinstance(entry, dict) and "vocab_size" in entry:
+        return int(entry["vocab_size"])
+    return len(manifest["classes"])
 
 
 def unlisted(manifest: dict, name: str) -> bool:
@@ -161,8 +162,6 @@ def new_manifest(*, dataset: dict, source: dict | None = None, classes: list[str
     from logitcache.targets import index_dtype
 
     N = int(dataset["num_samples"])
-    from logitcache.vocabulary import Vocabulary
-
     # a vocabulary is described (size and fingerprint), not listed: V names are 2.3 MB at V = 262,144
     listed = {"vocabulary": classes.describe()} if isinstance(classes, Vocabulary) else {"classes": list(classes)}
     m = {"dataset": dataset, **listed, "augment": augmenter.spec, "teachers": teachers,
@@ -416,8 +415,6 @@ def _vocabulary(m: dict) -> dict | None:
     """The ``vocabulary`` entry of a token cache. Token caches written before it listed the V id
     names in ``classes``; they migrate to the entry of an id-only vocabulary of that size (their
     file stays as written)."""
-    from logitcache.vocabulary import Vocabulary
-
     if "vocabulary" in m:
         return Vocabulary.from_entry(m["vocabulary"]).describe()
     if (m.get("augment") or {}).get("modality") != "tokens":

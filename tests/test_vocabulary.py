@@ -146,3 +146,14 @@ def test_resume_compares_an_old_listing_with_a_described_vocabulary(cache):
     other = {**m, "vocabulary": Vocabulary(V + 1).describe()}
     assert config_differences(_as_listed(m), other) == ["vocabulary (a different value in the cache, "
                                                         "a different value now)"]
+
+
+@pytest.mark.parametrize("named,needle", [(7, "tokenizer must be the name of a local tokenizers file (got 7)"),
+                                          ("none.json", "none.json: tokenizer file not found")])
+def test_bad_tokenizer_named_by_a_bin_corpus(tmp_path, named, needle):
+    data = write_corpus(tmp_path / "b")
+    meta = json.loads(data.with_suffix(".json").read_text())
+    data.with_suffix(".json").write_text(json.dumps({**meta, "tokenizer": named}))
+    with pytest.raises(LogitCacheError) as e:
+        open_source(data)
+    assert_one_line_error(e, needle)

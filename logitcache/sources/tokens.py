@@ -163,6 +163,8 @@ def _from_bin(path: Path, meta: dict) -> tuple[np.ndarray, np.ndarray, Vocabular
         raise LogitCacheError(f"{bin_path}: {size} bytes is not a whole number of {dtype} tokens")
     tokens = np.memmap(bin_path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if size else np.zeros(0, dtype)
     named = meta.get("tokenizer")
+    if named is not None and (not isinstance(named, str) or not named):
+        raise LogitCacheError(f"{path}: tokenizer must be the name of a local tokenizers file (got {named!r})")
     vocabulary = Vocabulary(vocab) if not named else Vocabulary.of_tokenizer(
         vocab, _tokenizer(path, path.parent / named), path.parent / named)
     return tokens, _documents(path, meta.get("documents", [0]), len(tokens)), vocabulary
