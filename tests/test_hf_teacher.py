@@ -134,3 +134,19 @@ def test_transformers_not_imported_on_cli_start():
     code = "import sys, logitcache.cli.main, logitcache.teachers; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_hf_teacher_from_the_cli_dump_and_fidelity(models, corpus, tmp_path):
+    from click.testing import CliRunner
+
+    from logitcache.cli.main import main
+
+    spec = f"hf:{models / 'gpt2'}"
+    out = CliRunner().invoke(main, ["dump", "--data", str(corpus), "--teacher", spec, "--topk", str(K),
+                                    "--out", str(tmp_path / "cli.zarr"), "--workers", "0"])
+    assert out.exit_code == 0, out.output
+    out = CliRunner().invoke(main, ["fidelity", str(tmp_path / "cli.zarr"), "--data", str(corpus), "--teacher", spec,
+                                    "--samples", "3", "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert report["teachers_match"] and report["topk_index_agreement"] == 1.0
