@@ -150,3 +150,10 @@ def test_hf_teacher_from_the_cli_dump_and_fidelity(models, corpus, tmp_path):
     assert out.exit_code == 0, out.output
     report = json.loads(out.stdout)
     assert report["teachers_match"] and report["topk_index_agreement"] == 1.0
+
+
+def test_hf_teacher_without_transformers_is_one_line(models, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    with pytest.raises(LogitCacheError) as e:
+        load_teacher(f"hf:{models / 'gpt2'}")
+    assert_one_line_error(e, "Hugging Face teachers need transformers (not installed)", "logitcache[hf]")

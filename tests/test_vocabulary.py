@@ -126,6 +126,14 @@ def test_old_token_cache_with_other_names_refused(cache, tmp_path):
     with pytest.raises(LogitCacheError) as e:
         Manifest.from_json(open_cache(path, check_digest=False).manifest)
     assert_one_line_error(e, "manifest entry 'classes' of a token cache is not the 50 token ids")
+    from click.testing import CliRunner
+
+    from logitcache.cli.main import main
+
+    out = CliRunner().invoke(main, ["inspect", str(path)])
+    assert out.exit_code == 1 and out.stdout == "" and out.stderr.strip().splitlines()[-1] == (
+        f'error: {path}: manifest entry \'classes\' of a token cache is not the 50 token ids "0" .. "49" '
+        f'(edited or damaged)')
 
 
 def test_damaged_vocabulary_entry_is_one_line(cache, tmp_path):
