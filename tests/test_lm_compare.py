@@ -163,3 +163,11 @@ def test_compare_and_heads_on_every_codec(corpus, tmp_path, codec, extra):
     assert v["positions"] == int(sum(m.sum() for m in masks)) > 140
     assert np.isfinite(v["kl_mean"]) and v["kl_mean"] > 0 and [h["member"] for h in v["heads"]] == ["gpt_a", "gpt_b"]
     assert all(np.isfinite(h["kl_mean"]) for h in v["heads"])
+
+
+def test_compare_bounds_the_windows_per_batch():
+    """At V = 151,936 and L = 1,024 compare runs one window at a time, whatever --batch-size says."""
+    from logitcache.reports.compare_tokens import window_batch
+
+    assert window_batch(32, 1024, 151_936) == 1 and window_batch(32, 8, 50) == 32
+    assert window_batch(32, 256, 50_257) == 20

@@ -11,7 +11,10 @@ padding and document starts are left out), never over windows:
   ``student_nll`` / ``ensemble_nll`` (nats per token) with their perplexities.
 
 The dense ensemble rows are built a block of positions at a time (at most ``BLOCK_VALUES``
-probabilities), so V = 262,144 costs a few 16-MB temporaries, not ``[B, L, V]`` more.
+probabilities), so V = 262,144 costs a few 16-MB temporaries, not ``[B, L, V]`` more; and the
+windows run in batches of at most ``WINDOW_VALUES`` logits per model output (one window at
+V = 151,936 and L = 1,024), whatever ``batch_size`` says, so the student's, the heads' and the
+re-run teachers' outputs stay bounded too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import torch.nn.functional as F
 from logitcache.cache import Targets
 from logitcache.lm import BLOCK_VALUES
 from logitcache.reports.compare import _dense_targets, _head_rows, _student_figures
+
+WINDOW_VALUES = 1 << 28  # logits per model output in one batch of windows (1 GiB of float32)
 
 
 class _Tally:
@@ -55,6 +60,11 @@ class _Tally:
 
 def _ppl(nll: float | None) -> float | None:
     return None if nll is None else math.exp(min(nll, 700.0))
+
+
+def window_batch(batch_size: int, length: int, vocab: int) -> int:
+    """Windows per batch: ``batch_size``, or fewer so one output holds at most ``WINDOW_VALUES`` logits."""
+    return max(1, min(batch_size, WINDOW_VALUES // max(1, length * vocab)))
 
 
 def _blocks(rows: int, vocab: int):
@@ -119,6 +129,7 @@ def cached_views(c, net, source, picks, batch_size: int, dev, kind: str, targets
     recomposition)."""
     tally = _Tally(len(heads or []))
     windows, epochs = 0, set()
+    batch_size = window_batch(batch_size, c.frames, len(c.classes))
     for epoch, pos in picks:
         for a in range(0, len(pos), batch_size):
             index = c.order(epoch)[pos[a:a + batch_size]]
@@ -154,6 +165,7 @@ def held_out(net, held, augmenter, loaded, manifest, batch_size: int, dev, heads
     plain = ViewSource(held, augmenter)
     per_head = len(loaded) == len(heads or []) and bool(loaded)
     tally = _Tally(len(loaded) if per_head else 0)
+    batch_size = window_batch(batch_size, augmenter.length, augmenter.vocab_size)
     for a in range(0, len(held), batch_size):
         slots = range(a, min(a + batch_size, len(held)))
         x, nxt, mask = (torch.stack(t) for t in zip(*(plain.replay_tokens(i, {}) for i in slots)))
