@@ -171,3 +171,13 @@ def test_compare_bounds_the_windows_per_batch():
 
     assert window_batch(32, 1024, 151_936) == 1 and window_batch(32, 8, 50) == 32
     assert window_batch(32, 256, 50_257) == 20
+
+
+def test_compare_token_run_trained_on_a_recomposition(lm_cache, corpus, tmp_path):
+    """A run distilled from a recomposition (train --ensemble) is compared with that recomposition."""
+    train(lm_cache, corpus, "gpt_tiny", tmp_path / "run", batch_size=8, max_steps=1, ensemble=["gpt_a", "gpt_b"],
+          ensemble_weights=[2, 1], progress=False)
+    r = compare(tmp_path / "run", samples=1000)
+    plain = _by_hand(lm_cache, corpus, tmp_path / "run")  # the same student against the stored ensemble
+    assert r["targets"] == "recomposed gpt_a,gpt_b" and r["views"]["positions"] == plain[0]
+    assert np.isfinite(r["views"]["kl_mean"]) and r["views"]["kl_mean"] != pytest.approx(plain[2], rel=1e-6)
