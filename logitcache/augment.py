@@ -508,8 +508,8 @@ class Augmenter:
         """Crop (at the stored start, default 0) or zero-pad the source to the clip length."""
         start = _to_samples(params["crop.start_s"], self.sample_rate) if params and "crop.start_s" in params else 0
         clip = source[start : start + self.clip_samples]
-        if clip.shape[-1] < self.clip_samples:
-            clip = torch.nn.functional.pad(clip, (0, self.clip_samples - clip.shape[-1]))
+        if clip.shape[-1] < self.clip_samples:  # a new tensor already
+            return torch.nn.functional.pad(clip, (0, self.clip_samples - clip.shape[-1]))
         return clip.clone()  # the decoded source may be a cached tensor shared with other views
 
     def apply(self, source: torch.Tensor, params: dict[str, np.ndarray], ctx: Context) -> torch.Tensor:

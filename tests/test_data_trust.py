@@ -284,26 +284,61 @@ def test_content_holds_the_crc32_of_each_source_file(cache, pristine):
 
 
 def test_load_audio_reads_each_file_once(pristine, monkeypatch):
+    """One open of the file: its bytes give the crc, and libsndfile decodes that same open file."""
+    from logitcache import data as lcdata
+
     folder = AudioFolder(pristine)
     i = folder.index[_wav_ids(folder)[0]]
     path = str(pristine / folder.ids[i])
-    opened, given = [], []
-    real_open, real_read = builtins.open, soundfile.read
+    opened, decoded_from = [], []
+    real_open, real_decode_fd = builtins.open, lcdata._decode_fd
+
     def counting_open(f, *a, **k):
         opened.append(str(f))
         return real_open(f, *a, **k)
 
-    def recording_read(f, *a, **k):
-        given.append(f)
-        return real_read(f, *a, **k)
+    def recording_decode_fd(fd):
+        decoded_from.append(os.fstat(fd).st_ino)
+        return real_decode_fd(fd)
 
     monkeypatch.setattr(builtins, "open", counting_open)
-    monkeypatch.setattr(soundfile, "read", recording_read)
+    monkeypatch.setattr(lcdata, "_decode_fd", recording_decode_fd)
     _decode.cache_clear()
     wave, crc = folder.load_with_crc(i, SR)
-    assert opened.count(path) == 1 and len(given) == 1 and isinstance(given[0], io.BytesIO)
+    assert opened.count(path) == 1 and decoded_from == [os.stat(path).st_ino]
     assert crc == _crc(Path(path))
     assert folder.load(i, SR) is wave and opened.count(path) == 1  # served from the decode cache
+
+
+@pytest.mark.parametrize("fmt,subtype,channels", [("WAV", "PCM_16", 1), ("WAV", "PCM_24", 2), ("WAV", "FLOAT", 1),
+                                                  ("FLAC", "PCM_16", 2), ("OGG", "VORBIS", 1)])
+def test_decode_matches_soundfile_bit_for_bit(tmp_path, fmt, subtype, channels):
+    """libsndfile called directly gives soundfile.read's float32 samples (mono: its channel;
+    more: their mean, as before)."""
+    from logitcache.data import _read_decode
+
+    x = np.random.default_rng(channels).uniform(-0.9, 0.9, (3001, channels)).astype(np.float32)
+    path = tmp_path / f"a.{fmt.lower()}"
+    soundfile.write(str(path), x, 22050, subtype=subtype, format=fmt)
+    st = path.stat()
+    audio, sr, crc = _read_decode(str(path), st.st_size, st.st_mtime_ns)
+    want, want_sr = soundfile.read(str(path), dtype="float32")
+    assert (sr, audio.dtype, audio.shape) == (want_sr, np.float32, want.shape) and np.array_equal(audio, want)
+    assert crc == _crc(path)
+
+
+def test_decode_of_a_file_changing_while_read_uses_the_crcs_bytes(pristine, tmp_path, monkeypatch):
+    """A file whose size or mtime is not what stat saw is decoded from the very bytes its crc is
+    of (never libsndfile re-reading a file that changed under it)."""
+    from logitcache import data as lcdata
+
+    folder = AudioFolder(pristine)
+    path = pristine / _wav_ids(folder)[0]
+    st = path.stat()
+    monkeypatch.setattr(lcdata, "_decode_fd", lambda fd: pytest.fail("decoded the file again"))
+    audio, sr, crc = lcdata._read_decode(str(path), st.st_size, st.st_mtime_ns - 1)
+    want, want_sr = soundfile.read(str(path), dtype="float32")
+    assert sr == want_sr and np.array_equal(audio, want) and crc == _crc(path)
 
 
 def test_train_refuses_audio_edited_in_place(cache, data, tmp_path):
