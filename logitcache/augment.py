@@ -21,6 +21,7 @@ import json
 import math
 import tomllib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -147,6 +148,11 @@ def _int_dtype(lo: int, hi: int | None) -> str:
             if info.min <= lo and hi <= info.max:
                 return name
     return "int64"
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """``x.to(torch.float32)`` without its cost where it is one already (~8 us a call here, per view)."""
+    return x if x.dtype == torch.float32 else x.to(torch.float32)
 
 
 def _to_samples(seconds: float, sr: int) -> int:
@@ -276,6 +282,17 @@ class TimeMask(Op):
         return {"start_s": (1, sample_rate, 0, clip_samples), "width_s": (1, sample_rate, 0, max_w)}
 
 
+@lru_cache(maxsize=8)
+def _hann(n_fft: int) -> torch.Tensor:
+    return torch.hann_window(n_fft)  # only read (stft, istft): shared by every view
+
+
+@lru_cache(maxsize=8)
+def _band_freqs(sample_rate: int, bins: int) -> np.ndarray:
+    """Each STFT bin's frequency in Hz, float32 (torch.linspace's values, once per rate)."""
+    return torch.linspace(0, sample_rate / 2, bins).numpy()
+
+
 @register_op
 class FreqMask(Op):
     """Zero a band [low, low+width) Hz in the STFT domain and resynthesise the waveform."""
@@ -318,13 +335,13 @@ class FreqMask(Op):
         if not bands:
             return wave
         n_fft = int(self.hyper["n_fft"])
-        window = torch.hann_window(n_fft)
+        window = _hann(n_fft)
         spec = torch.stft(wave, n_fft, hop_length=n_fft // 4, window=window, return_complex=True)
-        freqs = torch.linspace(0, ctx.sample_rate / 2, spec.shape[0])
-        keep = torch.ones(spec.shape[0])
-        for lo, w in bands:
-            keep[(freqs >= lo) & (freqs < lo + w)] = 0.0
-        spec = spec * keep[:, None]
+        freqs = _band_freqs(ctx.sample_rate, spec.shape[0])
+        keep = np.ones(len(freqs), np.float32)  # numpy: on 257 bins each torch op costs more than its work
+        for lo, w in bands:  # compared in float32, as torch compares a float32 tensor with a number
+            keep[(freqs >= np.float32(lo)) & (freqs < np.float32(lo + w))] = 0.0
+        spec = spec * torch.from_numpy(keep)[:, None]
         return torch.istft(spec, n_fft, hop_length=n_fft // 4, window=window, length=wave.shape[-1])
 
 
@@ -433,8 +450,9 @@ def draw_ops(ops: list, seed: int, ctx) -> dict[str, np.ndarray]:
     """Every op's parameters for one view, ``"op.param"`` -> array: op i reads the fixed slots
     ``64 i ...`` of ``seed``'s stream, so no op's draw depends on another's (any modality)."""
     out = {}
+    every = uniforms(int(seed), 0, _SLOTS_PER_OP * len(ops))  # one call: a slot's value is its own
     for i, op in enumerate(ops):
-        u = uniforms(int(seed), i * _SLOTS_PER_OP, _SLOTS_PER_OP)
+        u = every[i * _SLOTS_PER_OP:(i + 1) * _SLOTS_PER_OP]
         for k, v in op.draw(u, ctx).items():
             dtype, shape = op.params[k]
             out[f"{op.name}.{k}"] = np.asarray(v, dtype=dtype).reshape(shape)
@@ -514,11 +532,11 @@ class Augmenter:
 
     def apply(self, source: torch.Tensor, params: dict[str, np.ndarray], ctx: Context) -> torch.Tensor:
         """The view the teachers see: float32 ``[clip_samples]``."""
-        wave = self.fit_clip(source.to(torch.float32), params)
+        wave = self.fit_clip(_float32(source), params)
         for op in self.ops:
             prefix = op.name + "."
             wave = op.apply(wave, {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}, ctx)
-        return wave.to(torch.float32).contiguous()
+        return _float32(wave).contiguous()
 
 
 # ---------------------------------------------------------------- modalities
