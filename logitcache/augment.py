@@ -488,6 +488,8 @@ def draw_ops(ops: list, seed: int, ctx) -> dict[str, np.ndarray]:
     """Every op's parameters for one view, ``"op.param"`` -> array: op i reads the fixed slots
     ``64 i ...`` of ``seed``'s stream, so no op's draw depends on another's (any modality)."""
     out = {}
+    if not ops:  # augment none: no numpy work per view
+        return out
     every = uniforms(int(seed), 0, _SLOTS_PER_OP * len(ops))  # one call: a slot's value is its own
     for i, op in enumerate(ops):
         u = every[i * _SLOTS_PER_OP:(i + 1) * _SLOTS_PER_OP]
