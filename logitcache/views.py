@@ -110,11 +110,15 @@ class ViewSource:
         """The un-augmented view of a sample (evaluation): its source fitted to the view shape."""
         return self.augmenter.fit(self.load(index))
 
-    def draw(self, index: int, seed: int,
-             seen: list | None = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    def draw(self, index: int, seed: int, seen: list | None = None,
+             share: bool = False) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """A view and its drawn params. ``share`` (audio): the view may share the decoded
+        source's memory, for a caller that copies it at once (see ``Augmenter.apply``)."""
         source = self.load(index, seen)
         ctx = self.context(index, source, seen)
         params = self.augmenter.draw(int(seed), ctx)
+        if share and self.folder.modality == "audio":
+            return self.augmenter.apply(source, params, ctx, share=True), params
         return self.augmenter.apply(source, params, ctx), params
 
     def replay(self, index: int, params: dict[str, np.ndarray], seen: list | None = None) -> torch.Tensor:
@@ -135,7 +139,8 @@ class ViewSource:
 
 class DrawnViews(Dataset):
     """Positions of one epoch's stored order -> (view, drawn params, position, files decoded as
-    ``[(dataset index, crc)]``, own source first). Used by dump."""
+    ``[(dataset index, crc)]``, own source first). Used by dump, through ``collate_views``: an
+    audio view may share the (cached) decoded source's memory until the batch is stacked."""
 
     def __init__(self, source: ViewSource, order: np.ndarray, seeds: np.ndarray):
         self.source, self.order, self.seeds = source, order, seeds
@@ -145,7 +150,8 @@ class DrawnViews(Dataset):
 
     def __getitem__(self, pos: int):
         seen: list[tuple[int, int]] = []
-        wave, params = self.source.draw(self.order[pos], self.seeds[pos], seen)
+        # items go straight to collate_views, whose stack is the view's one copy
+        wave, params = self.source.draw(self.order[pos], self.seeds[pos], seen, share=True)
         return wave, params, pos, seen
 
 

@@ -143,3 +143,22 @@ def test_ced_views_equal_torch_reference_ops():
             keep[(freqs >= lo) & (freqs < lo + width)] = 0.0
             want = torch.istft(spec * keep[:, None], 512, hop_length=128, window=window, length=sr)
         assert torch.equal(aug.apply(source, p, ctx), want)
+
+
+@pytest.mark.parametrize("augment", ["none", "ced", "strong"])
+def test_drawn_views_shared_with_the_decode_cache_are_copied_by_collate(dataset, augment):
+    """DrawnViews hands collate_views views that may share the cached decode's memory: the
+    batch equals fresh views, and writing into the batch changes no later view."""
+    from logitcache.augment import load_ops_spec, view_seeds
+    from logitcache.views import DrawnViews, collate_views
+
+    folder = AudioFolder(dataset)
+    source = ViewSource(folder, Augmenter(load_ops_spec(augment), 16000, 1.0))
+    order = np.arange(len(folder), dtype=np.int64)
+    seeds = view_seeds(3, 0, np.arange(len(folder), dtype=np.uint64))
+    fresh = torch.stack([source.draw(i, seeds[i])[0] for i in order])
+    batch = collate_views([DrawnViews(source, order, seeds)[p] for p in range(len(order))])[0]
+    assert torch.equal(batch, fresh)
+    batch.fill_(7.0)
+    again = collate_views([DrawnViews(source, order, seeds)[p] for p in range(len(order))])[0]
+    assert torch.equal(again, fresh)
