@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from logitcache.augment import Augmenter
 from logitcache.cache import Cache, open_cache
@@ -170,7 +170,9 @@ def collate_views(items):
     flat = [x for s in seen for x in s]
     decoded = Decoded(np.array([s[0][1] for s in seen], np.uint32), np.array([i for i, _ in flat], np.int64),
                       np.array([c for _, c in flat], np.uint32))
-    return torch.stack(waves), stacked, np.asarray(pos, dtype=np.int64), decoded
+    # default_collate stacks into shared memory inside a DataLoader worker, so the batch reaches
+    # the main process without the copy that pickling a plain tensor makes
+    return default_collate(list(waves)), stacked, np.asarray(pos, dtype=np.int64), decoded
 
 
 def row_params(block: dict[str, np.ndarray], row: int) -> dict[str, np.ndarray]:
