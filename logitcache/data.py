@@ -187,6 +187,9 @@ def _read_decode(path: str, size: int, mtime_ns: int) -> tuple[np.ndarray, int, 
     was taken of; so is one this path cannot open, for libsndfile's own error."""
     with open(path, "rb", buffering=0) as f:
         data = f.readall()
+        pcm = _pcm16_wav(data)
+        if pcm is not None:
+            return (*pcm, zlib.crc32(data))
         fd = f.fileno()
         if len(data) == size and _unchanged(fd, size, mtime_ns):
             f.seek(0)
@@ -195,6 +198,35 @@ def _read_decode(path: str, size: int, mtime_ns: int) -> tuple[np.ndarray, int, 
                 return (*decoded, zlib.crc32(data))
     audio, sr = soundfile.read(io.BytesIO(data), dtype="float32")
     return audio, sr, zlib.crc32(data)
+
+
+def _pcm16_wav(data: bytes) -> tuple[np.ndarray, int] | None:
+    """(samples, rate) of a plain 16-bit PCM WAV (format tag 1, ``fmt `` before ``data``, a data
+    chunk the file holds whole), decoded from the bytes in memory; None for anything else
+    (libsndfile decodes those). Bit for bit libsndfile's: it converts a 16-bit sample s to
+    float32 as ``s * (1 / 32768)``, exact in float32, which is what numpy does here."""
+    if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, fmt = 12, None
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        body = pos + 8
+        if cid == b"fmt ":
+            if size < 16:
+                return None
+            tag, channels, rate = (int.from_bytes(data[body + a:body + b], "little") for a, b in ((0, 2), (2, 4), (4, 8)))
+            align, bits = (int.from_bytes(data[body + a:body + b], "little") for a, b in ((12, 14), (14, 16)))
+            fmt = (tag, channels, rate, align, bits)
+        elif cid == b"data":
+            if fmt is None or fmt[0] != 1 or fmt[4] != 16 or fmt[1] < 1 or fmt[3] != 2 * fmt[1] or fmt[2] < 1:
+                return None
+            if size == 0 or size % fmt[3] or body + size > len(data):
+                return None  # empty, ragged or cut short: libsndfile's rules (and errors) apply
+            samples = np.frombuffer(data, "<i2", size // 2, body).astype(np.float32)
+            samples *= np.float32(1.0 / 32768.0)
+            return (samples if fmt[1] == 1 else samples.reshape(-1, fmt[1])), fmt[2]
+        pos = body + size + (size & 1)
+    return None
 
 
 def _unchanged(fd: int, size: int, mtime_ns: int) -> bool:
