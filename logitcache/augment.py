@@ -287,6 +287,15 @@ def _hann(n_fft: int) -> torch.Tensor:
     return torch.hann_window(n_fft)  # only read (stft, istft): shared by every view
 
 
+def _stft(wave: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """``torch.stft(wave, n_fft, hop, window=hann, return_complex=True)`` (centered, reflect
+    padded, one-sided) of a 1-D wave, bit for bit: the same padding, frames times the window and
+    the same real FFT, without torch.stft's argument handling (~25% of its time on a 1 s clip)."""
+    pad = n_fft // 2
+    padded = torch.nn.functional.pad(wave.reshape(1, 1, -1), [pad, pad], "reflect").view(-1)
+    return torch.fft.rfft(padded.unfold(-1, n_fft, hop) * _hann(n_fft)).mT
+
+
 def _istft(spec: torch.Tensor, n_fft: int, hop: int, length: int) -> torch.Tensor:
     """``torch.istft(spec, n_fft, hop, window=hann, length=length)`` (centered, one-sided), bit
     for bit: the same inverse FFT, then the window, the overlap-add in frame order and the
@@ -373,8 +382,7 @@ class FreqMask(Op):
         if not bands:
             return wave
         n_fft = int(self.hyper["n_fft"])
-        window = _hann(n_fft)
-        spec = torch.stft(wave, n_fft, hop_length=n_fft // 4, window=window, return_complex=True)
+        spec = _stft(wave, n_fft, n_fft // 4)
         freqs = _band_freqs(ctx.sample_rate, spec.shape[0])
         keep = np.ones(len(freqs), np.float32)  # numpy: on 257 bins each torch op costs more than its work
         for lo, w in bands:  # compared in float32, as torch compares a float32 tensor with a number

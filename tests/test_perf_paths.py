@@ -122,6 +122,19 @@ def test_freq_mask_istft_equals_torch_istft_bit_for_bit(n_fft, length):
         assert got.dtype == torch.float32 and got.shape == want.shape and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("n_fft", [256, 512, 1024])
+@pytest.mark.parametrize("length", [4097, 16000, 44100])
+def test_freq_mask_stft_equals_torch_stft_bit_for_bit(n_fft, length):
+    from logitcache.augment import _stft
+
+    g = torch.Generator().manual_seed(n_fft * length)
+    for _ in range(3):
+        wave = torch.randn(length, generator=g)
+        want = torch.stft(wave, n_fft, hop_length=n_fft // 4, window=torch.hann_window(n_fft), return_complex=True)
+        got = _stft(wave, n_fft, n_fft // 4)
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
 def test_ced_views_equal_torch_reference_ops():
     """A ced view (roll, time mask, freq mask) equals the same ops written with plain torch calls."""
     from logitcache.augment import load_ops_spec
