@@ -20,6 +20,7 @@ soundfile's rate on files at the view rate; resampled groups and ``ced`` are rep
     python benchmarks/bench_decode.py            # ~3 min
     python benchmarks/bench_decode.py --quick    # ~30 s
     python benchmarks/bench_decode.py --profile none   # + cProfile of one pass (top functions)
+    python benchmarks/bench_decode.py --quick --layers # + CPU time per view of each layer of the path
 """
 
 from __future__ import annotations
@@ -115,11 +116,41 @@ def profile(run, top: int = 18) -> None:
     pstats.Stats(pr).sort_stats("tottime").print_stats(top)
 
 
+def layers(folder: AudioFolder, augment: str, seconds: float, rounds: int) -> None:
+    """CPU us per view of each layer of the worker's path, cumulative (medians over rounds): where
+    the time of (b)/(c) goes, without a profiler's overhead."""
+    augmenter = Augmenter(load_ops_spec(augment), VIEW_RATE, seconds)
+    source = ViewSource(folder, augmenter)
+    paths = [folder.path_of(i) for i in range(len(folder))]
+
+    def load():
+        for p in paths:
+            lcdata._load_audio(p, VIEW_RATE)
+
+    def draw():
+        for i in range(len(paths)):
+            source.draw(i, i)
+
+    steps = {"soundfile.read(path)": lambda: raw_decode(folder),
+             "_load_audio: stat, read, crc, decode, mono, resample": load,
+             "ViewSource.draw: + context, draw, ops (a fresh view)": draw,
+             "DrawnViews[i] + collate_views (the worker's path)": view_maker(folder, augment, seconds)}
+    cost = {k: [] for k in steps}
+    for _ in range(rounds):
+        for name, run in steps.items():
+            cost[name].append(1e6 / timed(lambda: run() or len(paths)))
+    print(f"\nper view, {augment}, CPU us (cumulative layers, medians of {rounds}):")
+    for name, xs in cost.items():
+        print(f"  {name:55s} {median(xs):8.1f}")
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 3)")
     p.add_argument("--profile", choices=("none", "ced"), default=None,
                    help="after the table, cProfile one pass of this method over the first group")
+    p.add_argument("--layers", action="store_true",
+                   help="after the table, CPU time per view of each layer of the path (first group)")
     args = p.parse_args()
     torch.set_num_threads(1)  # a DataLoader worker's setting
     rounds = args.rounds or (3 if args.quick else 5)
@@ -150,6 +181,10 @@ def main() -> None:
     same = [r for r, (_, rate, *_) in zip(rows, GROUPS) if rate == VIEW_RATE]  # no resampling: the goal's case
     print("ratios: none/soundfile " + ", ".join(f"{r[5]:.3f} ({r[0]})" for r in same) + f" (goal >= {1 / 1.2:.3f}); "
           "ced/soundfile " + ", ".join(f"{r[6]:.3f} ({r[0]})" for r in same))
+    if args.layers:
+        folder = AudioFolder(work / f"{GROUPS[0][1]}_{GROUPS[0][2]:g}s_{GROUPS[0][3]}_{groups[0][1]}")
+        for augment in ("none", "ced"):
+            layers(folder, augment, GROUPS[0][2], rounds)
     if args.profile:
         profile(groups[0][2][args.profile])
 
