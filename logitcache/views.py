@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from logitcache.augment import Augmenter
 from logitcache.cache import Cache, open_cache
@@ -115,11 +115,15 @@ class ViewSource:
         """The un-augmented view of a sample (evaluation): its source fitted to the view shape."""
         return self.augmenter.fit(self.load(index))
 
-    def draw(self, index: int, seed: int,
-             seen: list | None = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    def draw(self, index: int, seed: int, seen: list | None = None,
+             share: bool = False) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """A view and its drawn params. ``share`` (audio): the view may share the decoded
+        source's memory, for a caller that copies it at once (see ``Augmenter.apply``)."""
         source = self.load(index, seen)
         ctx = self.context(index, source, seen)
         params = self.augmenter.draw(int(seed), ctx)
+        if share and self.folder.modality == "audio":
+            return self.augmenter.apply(source, params, ctx, share=True), params
         return self.augmenter.apply(source, params, ctx), params
 
     def replay(self, index: int, params: dict[str, np.ndarray], seen: list | None = None) -> torch.Tensor:
@@ -140,7 +144,8 @@ class ViewSource:
 
 class DrawnViews(Dataset):
     """Positions of one epoch's stored order -> (view, drawn params, position, files decoded as
-    ``[(dataset index, crc)]``, own source first). Used by dump."""
+    ``[(dataset index, crc)]``, own source first). Used by dump, through ``collate_views``: an
+    audio view may share the (cached) decoded source's memory until the batch is stacked."""
 
     def __init__(self, source: ViewSource, order: np.ndarray, seeds: np.ndarray):
         self.source, self.order, self.seeds = source, order, seeds
@@ -150,7 +155,8 @@ class DrawnViews(Dataset):
 
     def __getitem__(self, pos: int):
         seen: list[tuple[int, int]] = []
-        wave, params = self.source.draw(self.order[pos], self.seeds[pos], seen)
+        # items go straight to collate_views, whose stack is the view's one copy
+        wave, params = self.source.draw(self.order[pos], self.seeds[pos], seen, share=True)
         return wave, params, pos, seen
 
 
@@ -169,7 +175,9 @@ def collate_views(items):
     flat = [x for s in seen for x in s]
     decoded = Decoded(np.array([s[0][1] for s in seen], np.uint32), np.array([i for i, _ in flat], np.int64),
                       np.array([c for _, c in flat], np.uint32))
-    return torch.stack(waves), stacked, np.asarray(pos, dtype=np.int64), decoded
+    # default_collate stacks into shared memory inside a DataLoader worker, so the batch reaches
+    # the main process without the copy that pickling a plain tensor makes
+    return default_collate(list(waves)), stacked, np.asarray(pos, dtype=np.int64), decoded
 
 
 def row_params(block: dict[str, np.ndarray], row: int) -> dict[str, np.ndarray]:

@@ -283,27 +283,63 @@ def test_content_holds_the_crc32_of_each_source_file(cache, pristine):
     assert "content" in {a["name"] for a in inspect_cache(cache)["arrays"]}
 
 
-def test_load_audio_reads_each_file_once(pristine, monkeypatch):
+@pytest.mark.parametrize("ext", [".wav", ".flac"])
+def test_load_audio_reads_each_file_once(pristine, monkeypatch, ext):
+    """One open of the file: its bytes give the crc, and the samples come from those bytes (a
+    16-bit WAV) or from libsndfile decoding that same open file (anything else)."""
+    from logitcache import data as lcdata
+
     folder = AudioFolder(pristine)
-    i = folder.index[_wav_ids(folder)[0]]
+    i = next(j for j, sid in enumerate(folder.ids) if sid.endswith(ext))
     path = str(pristine / folder.ids[i])
-    opened, given = [], []
-    real_open, real_read = builtins.open, soundfile.read
+    opened, decoded_from = [], []
+    real_open, real_decode_fd = builtins.open, lcdata._decode_fd
+
     def counting_open(f, *a, **k):
         opened.append(str(f))
         return real_open(f, *a, **k)
 
-    def recording_read(f, *a, **k):
-        given.append(f)
-        return real_read(f, *a, **k)
+    def recording_decode_fd(fd):
+        decoded_from.append(os.fstat(fd).st_ino)
+        return real_decode_fd(fd)
 
     monkeypatch.setattr(builtins, "open", counting_open)
-    monkeypatch.setattr(soundfile, "read", recording_read)
+    monkeypatch.setattr(lcdata, "_decode_fd", recording_decode_fd)
     _decode.cache_clear()
     wave, crc = folder.load_with_crc(i, SR)
-    assert opened.count(path) == 1 and len(given) == 1 and isinstance(given[0], io.BytesIO)
+    assert opened.count(path) == 1 and decoded_from == ([] if ext == ".wav" else [os.stat(path).st_ino])
     assert crc == _crc(Path(path))
     assert folder.load(i, SR) is wave and opened.count(path) == 1  # served from the decode cache
+
+
+@pytest.mark.parametrize("fmt,subtype,channels", [("WAV", "PCM_16", 1), ("WAV", "PCM_16", 2), ("WAV", "PCM_24", 2),
+                                                  ("WAV", "FLOAT", 1), ("FLAC", "PCM_16", 2), ("OGG", "VORBIS", 1)])
+def test_decode_matches_soundfile_bit_for_bit(tmp_path, fmt, subtype, channels):
+    """The WAV fast path and libsndfile called directly give soundfile.read's float32 samples."""
+    from logitcache.data import _read_decode
+
+    x = np.random.default_rng(channels).uniform(-0.9, 0.9, (3001, channels)).astype(np.float32)
+    path = tmp_path / f"a.{fmt.lower()}"
+    soundfile.write(str(path), x, 22050, subtype=subtype, format=fmt)
+    st = path.stat()
+    audio, sr, crc = _read_decode(str(path), st.st_size, st.st_mtime_ns)
+    want, want_sr = soundfile.read(str(path), dtype="float32")
+    assert (sr, audio.dtype, audio.shape) == (want_sr, np.float32, want.shape) and np.array_equal(audio, want)
+    assert crc == _crc(path)
+
+
+def test_decode_of_a_file_changing_while_read_uses_the_crcs_bytes(pristine, tmp_path, monkeypatch):
+    """A file whose size or mtime is not what stat saw is decoded from the very bytes its crc is
+    of (never libsndfile re-reading a file that changed under it)."""
+    from logitcache import data as lcdata
+
+    folder = AudioFolder(pristine)
+    path = pristine / next(i for i in folder.ids if i.endswith(".flac"))  # not a 16-bit WAV: libsndfile's
+    st = path.stat()
+    monkeypatch.setattr(lcdata, "_decode_fd", lambda fd: pytest.fail("decoded the file again"))
+    audio, sr, crc = lcdata._read_decode(str(path), st.st_size, st.st_mtime_ns - 1)
+    want, want_sr = soundfile.read(str(path), dtype="float32")
+    assert sr == want_sr and np.array_equal(audio, want) and crc == _crc(path)
 
 
 def test_train_refuses_audio_edited_in_place(cache, data, tmp_path):
@@ -439,3 +475,27 @@ def test_a_cache_without_content_still_trains_verifies_and_extends(cache, data, 
         logitcache.replay(broken, data, 0, victim)
     assert_one_line_error(e, f"{broken}: the content checksums cannot be read")
 
+
+
+def test_pcm16_wav_fast_path_matches_libsndfile_and_leaves_odd_files_to_it(tmp_path):
+    """16-bit WAVs with extra chunks (odd-sized, padded) decode from memory as soundfile does;
+    a data chunk cut short, or any other encoding, is left to libsndfile."""
+    import struct
+
+    from logitcache.data import _pcm16_wav
+
+    x = np.random.default_rng(0).integers(-32768, 32768, (500, 2), dtype=np.int16)
+    x[0] = -32768
+    b = io.BytesIO()
+    soundfile.write(b, x, 22050, subtype="PCM_16", format="WAV")
+    plain = b.getvalue()
+    at = plain.index(b"data")
+    listed = plain[:at] + b"LIST" + struct.pack("<I", 5) + b"abcde\0" + plain[at:] + b"junk" + struct.pack("<I", 2) + b"zz"
+    for data in (plain, listed):
+        got, rate = _pcm16_wav(data)
+        want, want_rate = soundfile.read(io.BytesIO(data), dtype="float32")
+        assert rate == want_rate == 22050 and got.shape == want.shape == (500, 2) and np.array_equal(got, want)
+    assert _pcm16_wav(plain[:-10]) is None
+    b = io.BytesIO()
+    soundfile.write(b, x, 22050, subtype="PCM_24", format="WAV")
+    assert _pcm16_wav(b.getvalue()) is None

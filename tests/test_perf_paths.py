@@ -103,3 +103,75 @@ def test_chunk_rows_are_powers_of_two_within_bounds():
             assert 1 <= r <= min(n, 1 << 17)
             assert r == n or (r & (r - 1) == 0 and r >= 64)
     assert choose_chunk_rows(20 * 4, 10**6) == 1 << 16  # clip-level top-20 of 527: the benchmarked default
+
+
+@pytest.mark.parametrize("n_fft", [256, 512, 1024])
+@pytest.mark.parametrize("length", [4097, 16000, 16001, 44100])
+def test_freq_mask_istft_equals_torch_istft_bit_for_bit(n_fft, length):
+    """The freq mask's inverse STFT (numpy overlap-add, cached envelope) is torch.istft's output."""
+    from logitcache.augment import _istft
+
+    g = torch.Generator().manual_seed(n_fft + length)
+    window = torch.hann_window(n_fft)
+    for _ in range(3):
+        spec = torch.stft(0.3 * torch.randn(length, generator=g), n_fft, hop_length=n_fft // 4, window=window,
+                          return_complex=True)
+        spec[5:12] = 0  # a masked band, as the op leaves it
+        want = torch.istft(spec, n_fft, hop_length=n_fft // 4, window=window, length=length)
+        got = _istft(spec, n_fft, n_fft // 4, length)
+        assert got.dtype == torch.float32 and got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n_fft", [256, 512, 1024])
+@pytest.mark.parametrize("length", [4097, 16000, 44100])
+def test_freq_mask_stft_equals_torch_stft_bit_for_bit(n_fft, length):
+    from logitcache.augment import _stft
+
+    g = torch.Generator().manual_seed(n_fft * length)
+    for _ in range(3):
+        wave = torch.randn(length, generator=g)
+        want = torch.stft(wave, n_fft, hop_length=n_fft // 4, window=torch.hann_window(n_fft), return_complex=True)
+        got = _stft(wave, n_fft, n_fft // 4)
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_ced_views_equal_torch_reference_ops():
+    """A ced view (roll, time mask, freq mask) equals the same ops written with plain torch calls."""
+    from logitcache.augment import load_ops_spec
+
+    sr, aug = 16000, Augmenter(load_ops_spec("ced"), 16000, 1.0)
+    source = 0.3 * torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    ctx = aug.context(num_samples=10, sample_index=0, source_samples=source.shape[-1])
+    window = torch.hann_window(512)
+    for seed in range(40):
+        p = aug.draw(seed, ctx)
+        want = torch.roll(source[:sr].clone(), int(round(float(p["shift.seconds"]) * sr)))
+        a, w = (int(round(float(p[f"time_mask.{k}"][0]) * sr)) for k in ("start_s", "width_s"))
+        want[a:a + w] = 0.0
+        lo, width = float(p["freq_mask.low_hz"][0]), float(p["freq_mask.width_hz"][0])
+        if width > 0:
+            spec = torch.stft(want, 512, hop_length=128, window=window, return_complex=True)
+            freqs = torch.linspace(0, sr / 2, spec.shape[0])
+            keep = torch.ones(spec.shape[0])
+            keep[(freqs >= lo) & (freqs < lo + width)] = 0.0
+            want = torch.istft(spec * keep[:, None], 512, hop_length=128, window=window, length=sr)
+        assert torch.equal(aug.apply(source, p, ctx), want)
+
+
+@pytest.mark.parametrize("augment", ["none", "ced", "strong"])
+def test_drawn_views_shared_with_the_decode_cache_are_copied_by_collate(dataset, augment):
+    """DrawnViews hands collate_views views that may share the cached decode's memory: the
+    batch equals fresh views, and writing into the batch changes no later view."""
+    from logitcache.augment import load_ops_spec, view_seeds
+    from logitcache.views import DrawnViews, collate_views
+
+    folder = AudioFolder(dataset)
+    source = ViewSource(folder, Augmenter(load_ops_spec(augment), 16000, 1.0))
+    order = np.arange(len(folder), dtype=np.int64)
+    seeds = view_seeds(3, 0, np.arange(len(folder), dtype=np.uint64))
+    fresh = torch.stack([source.draw(i, seeds[i])[0] for i in order])
+    batch = collate_views([DrawnViews(source, order, seeds)[p] for p in range(len(order))])[0]
+    assert torch.equal(batch, fresh)
+    batch.fill_(7.0)
+    again = collate_views([DrawnViews(source, order, seeds)[p] for p in range(len(order))])[0]
+    assert torch.equal(again, fresh)
