@@ -193,6 +193,8 @@ def _read_fields(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndar
             out[..., 2] = (b[..., 1] >> 4) | ((b[..., 2] & 3) << 4)
             out[..., 3] = b[..., 2] >> 2
             return out.reshape(len(packed), -1)[:, :n]
+    if width <= 25 and n:
+        return _read_words(packed, offset, n, width)
     dtype = np.uint32 if width <= 25 else np.uint64
     starts = offset + width * np.arange(n)
     first, shift = starts >> 3, (starts & 7).astype(dtype)
@@ -204,6 +206,28 @@ def _read_fields(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndar
         acc |= np.take(packed, np.minimum(first + j, last), axis=1).astype(dtype) << dtype(8 * j)
     acc >>= shift
     acc &= dtype((1 << width) - 1)
+    return acc
+
+
+def _read_words(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndarray:
+    """:func:`_read_fields` for widths up to 25 bits: every field lies in the 32-bit little-endian
+    word at its first byte (shift <= 7), so the row's words at each of the 4 byte phases are made
+    once (aligned views of a zero-padded copy) and each field is one gather, shift and mask: ~2x
+    faster than gathering and merging bytes (11- and 12-bit ids at V = 151,936)."""
+    starts = offset + width * np.arange(n)
+    first, shift = starts >> 3, (starts & 7).astype(np.uint32)
+    lo, R = int(first[0]), len(packed)
+    m = -(-(int(first[-1]) + 4 - lo) // 4)  # words per phase
+    buf = np.zeros((R, 4 * m + 3), np.uint8)  # zeros past the row: bits above every field, masked off
+    have = min(packed.shape[1] - lo, 4 * m + 3)
+    buf[:, :have] = packed[:, lo:lo + have]
+    words = np.empty((R, 4, m), np.uint32)
+    for phase in range(4):
+        words[:, phase] = buf[:, phase:phase + 4 * m].view("<u4")
+    rel = first - lo
+    acc = np.take(words.reshape(R, 4 * m), (rel % 4) * m + rel // 4, axis=1)
+    acc >>= shift
+    acc &= np.uint32((1 << width) - 1)
     return acc
 
 
