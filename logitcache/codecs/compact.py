@@ -193,7 +193,7 @@ def _read_fields(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndar
             out[..., 2] = (b[..., 1] >> 4) | ((b[..., 2] & 3) << 4)
             out[..., 3] = b[..., 2] >> 2
             return out.reshape(len(packed), -1)[:, :n]
-    if width <= 25 and n:
+    if width <= 25 and n >= 16:  # below, its fixed per-block work costs more than it saves
         return _read_words(packed, offset, n, width)
     dtype = np.uint32 if width <= 25 else np.uint64
     starts = offset + width * np.arange(n)
@@ -291,7 +291,10 @@ def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
     pos <<= lay.low_bits
     pos -= take[:R]
     if lay.low_bits:
-        pos += _read_fields(p, lay.low_offset, k, lay.low_bits)
+        low = _read_fields(p, lay.low_offset, k, lay.low_bits)
+        if low.dtype.itemsize == pos.dtype.itemsize:  # same bits (fields < 2^31): a same-type add, no cast loop
+            low = low.view(pos.dtype)
+        pos += low
     if R and pos[:, -1].max() >= lay.num_classes:
         raise LogitCacheError(f"ids: decoded class id {pos[:, -1].max()} >= {lay.num_classes} classes "
                               "(corrupt data)")
