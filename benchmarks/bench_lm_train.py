@@ -19,8 +19,8 @@ of one pipeline, then of the other, the order alternating), the ratio is taken p
 (median step of cache / median step of labels) and its median reported; CPU time per step
 (this process) too. Goal: cache / labels <= 1.05.
 
-    python benchmarks/bench_lm_train.py            # ~4 min on 2 shared cores
-    python benchmarks/bench_lm_train.py --quick    # < 1 min
+    python benchmarks/bench_lm_train.py            # ~3.5 min of CPU (10 min wall on a busy 2-core box)
+    python benchmarks/bench_lm_train.py --quick    # ~15 s of CPU (1 min wall on a busy box)
 """
 
 from __future__ import annotations
