@@ -129,17 +129,19 @@ def kd_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.T
     """Distillation loss of student logits ``[..., C]`` against stored targets, scaled by T^2.
 
     multiclass: KL(teacher || student) over the top-k classes plus one exact "everything else"
-    bucket (no renormalised top-k, which biases the student). multilabel: BCE against the
-    stored sigmoid probabilities, tail classes filled from ``stat``.
+    bucket (no renormalised top-k, which biases the student); one ``exp`` over the logits and a
+    closed-form gradient (:func:`_softmax_kd_rows`), so at LM vocabularies it costs less than
+    cross-entropy. multilabel: BCE against the stored sigmoid probabilities, tail classes filled
+    from ``stat``.
     """
     T = float(temperature)
     z = student_logits.float()
     indices = indices.long()
     if kind == "multiclass":
         logp, p_tail = _softmax_topk_logprobs(values, stat.float(), z.shape[-1], T)
-        C = z.shape[-1]
-        z, logp, p_tail, indices = z.reshape(-1, C), logp.reshape(-1, logp.shape[-1]), p_tail.reshape(-1), \
-            indices.reshape(-1, indices.shape[-1])
+        k = logp.shape[-1]
+        z, p_tail = z.reshape(-1, z.shape[-1]), p_tail.reshape(-1)  # rows [P, ...]
+        logp, indices = logp.reshape(-1, k), indices.reshape(-1, k)
         rows, exact = _softmax_kd_rows(z, logp, p_tail, indices, T)
         total = _SoftmaxKD.apply(z, rows, T)
         if exact.any():  # rows whose student tail underflows in float32: the log-space formula
