@@ -283,12 +283,12 @@ def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
     if ones.size != R * k:
         raise LogitCacheError(f"ids: {ones.size} ids in {R} rows, expected {k} per row (corrupt data)")
     starts, take = _bit_starts(lay)
-    pos = ones.astype(take.dtype, copy=False).reshape(R, k)
+    ones = ones.reshape(R, k)
     # ones come out row-major: a row with too many or too few of them shifts every later row,
     # and the first bad row then has a first or last one outside its own bitmap
-    if R and ((pos[:, 0] < starts[:R]).any() or (pos[:, -1] >= starts[:R] + 8 * hb).any()):
+    if R and ((ones[:, 0] < starts[:R]).any() or (ones[:, -1] >= starts[:R] + 8 * hb).any()):
         raise LogitCacheError(f"ids: some rows do not hold exactly {k} ids (corrupt data)")
-    pos <<= lay.low_bits
+    pos = np.left_shift(ones, lay.low_bits, dtype=take.dtype, casting="unsafe")  # the cast in the same pass
     pos -= take[:R]
     if lay.low_bits:
         low = _read_fields(p, lay.low_offset, k, lay.low_bits)
