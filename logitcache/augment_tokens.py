@@ -144,6 +144,22 @@ class TokenAugmenter:
         valid[:have] = doc[1:have + 1] == doc[:have]
         return torch.where(valid, nxt, torch.full_like(nxt, -1)), valid
 
+    def window(self, source: torch.Tensor, params: dict[str, np.ndarray] | None) -> tuple[torch.Tensor, ...]:
+        """(``apply``, *``targets``) in one pass: ids [L], next-token ids [L] (-1 where masked), mask
+        [L]; the same values, at a fraction of the per-window cost (a training read of 1M tokens/s
+        replays ~1,000 windows of 1,024 a second)."""
+        if source.dim() != 2 or source.shape[0] != 2:
+            raise LogitCacheError(f"token source has shape {list(source.shape)}, not [2, S] (ids, documents)")
+        o, L = self.offset(params), self.length
+        seg = source[:, o:o + L + 1].numpy()
+        have = max(0, min(L, seg.shape[1] - 1))  # positions whose next token exists
+        ext = np.full(L + 1, PAD_ID, np.int64)
+        ext[:seg.shape[1]] = seg[0]
+        valid = np.zeros(L, bool)
+        np.equal(seg[1, 1:have + 1], seg[1, :have], out=valid[:have])
+        nxt = np.where(valid, ext[1:], -1)
+        return torch.from_numpy(ext[:L]), torch.from_numpy(nxt), torch.from_numpy(valid)
+
     def probe_views(self, n: int) -> torch.Tensor:
         """``n`` seeded random windows for probing teachers (ids drawn over the vocabulary)."""
         g = torch.Generator().manual_seed(0)

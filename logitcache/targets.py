@@ -129,23 +129,103 @@ def kd_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.T
     """Distillation loss of student logits ``[..., C]`` against stored targets, scaled by T^2.
 
     multiclass: KL(teacher || student) over the top-k classes plus one exact "everything else"
-    bucket (no renormalised top-k, which biases the student). multilabel: BCE against the
-    stored sigmoid probabilities, tail classes filled from ``stat``.
+    bucket (no renormalised top-k, which biases the student); one ``exp`` over the logits and a
+    closed-form gradient (:func:`_softmax_kd_rows`), so at LM vocabularies it costs less than
+    cross-entropy. multilabel: BCE against the stored sigmoid probabilities, tail classes filled
+    from ``stat``.
     """
     T = float(temperature)
     z = student_logits.float()
     indices = indices.long()
     if kind == "multiclass":
         logp, p_tail = _softmax_topk_logprobs(values, stat.float(), z.shape[-1], T)
-        logq_all = F.log_softmax(z / T, dim=-1)
-        logq = logq_all.gather(-1, indices)
-        in_topk = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, indices, True)
-        logq_tail = torch.logsumexp(logq_all.masked_fill(in_topk, -math.inf), dim=-1)
-        kl = (torch.exp(logp) * (logp - logq)).sum(-1)
-        kl = kl + torch.xlogy(p_tail, p_tail) - p_tail * logq_tail.clamp_min(-1e4)
-        return kl.mean() * T * T
+        k = logp.shape[-1]
+        z, p_tail = z.reshape(-1, z.shape[-1]), p_tail.reshape(-1)  # rows [P, ...]
+        logp, indices = logp.reshape(-1, k), indices.reshape(-1, k)
+        rows, exact = _softmax_kd_rows(z, logp, p_tail, indices, T)
+        total = _SoftmaxKD.apply(z, rows, T)
+        if exact.any():  # rows whose student tail underflows in float32: the log-space formula
+            total = total + _softmax_kd_rows_exact(z[exact], logp[exact], p_tail[exact], indices[exact], T).sum()
+        return total / max(z.shape[0], 1) * T * T
     target = teacher_probs(values, indices, stat, z.shape[-1], kind, T)
     return F.binary_cross_entropy_with_logits(z / T, target) * T * T
+
+
+# A student's tail sum exp(z/T - max) below this (of a row sum >= 1) has lost float32 precision to
+# underflow: such rows take the log-space formula (a confident student; rare in training).
+_TAIL_FLOOR = 1e-30
+
+
+def _softmax_kd_rows(z, logp, p_tail, indices, T: float):
+    """The per-row softmax KD loss of :func:`kd_loss` (before the mean and T^2) and its gradient
+    w.r.t. ``z [P, C]``, from one ``exp`` of the student's logits and no other ``[P, C]`` tensor:
+    KL(p || q) over the top-k plus the tail bucket, q = softmax(z / T), is
+
+        sum_K p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail)
+
+    with log q_i = z_i / T - m - log s (m: the row's max of z / T, s = sum exp(z / T - m)) and
+    log q_tail = log s_tail - log s (s_tail: that sum over the classes outside the top-k, summed
+    with them zeroed, not as s minus theirs, which cancels). Its gradient w.r.t. z / T is
+    e_j (a / s - [j not in K] p_tail / s_tail) - [j in K] p_j, with e = exp(z / T - m) and
+    a = sum_K p + p_tail. Returns (a :class:`_Rows` holding e for the backward pass, and the
+    bool [P] rows to compute exactly instead: tail below ``_TAIL_FLOOR`` with teacher tail mass)."""
+    with torch.no_grad():
+        e = z / T if T != 1.0 else z.clone()
+        m = e.amax(-1, keepdim=True)
+        e.sub_(m).exp_()
+        s = e.sum(-1)
+        e_k = e.gather(-1, indices)
+        e.scatter_(-1, indices, 0.0)
+        s_tail = e.sum(-1)
+        e.scatter_(-1, indices, e_k)
+        p = torch.exp(logp)
+        exact = (s_tail < _TAIL_FLOOR) & (p_tail > 0)
+        tail = (p_tail > 0) & ~exact
+        log_s = torch.log(s)
+        logq = (z.gather(-1, indices) / T if T != 1.0 else z.gather(-1, indices)) - m - log_s[:, None]
+        logq_tail = torch.log(torch.where(tail, s_tail, 1.0)) - log_s
+        loss = (p * (logp - logq)).sum(-1) + torch.xlogy(p_tail, p_tail) - torch.where(tail, p_tail * logq_tail, 0.0)
+        loss = torch.where(exact, 0.0, loss)
+        a = torch.where(exact, 0.0, (p.sum(-1) + p_tail) / s)
+        b = torch.where(tail, p_tail / torch.where(tail, s_tail, 1.0), 0.0)
+        in_k = torch.where(exact[:, None], 0.0, e_k * a[:, None] - p)  # the gradient at the top-k ids
+    return _Rows(e, a - b, b, in_k, indices, loss), exact
+
+
+class _Rows:
+    """What :class:`_SoftmaxKD` keeps between its passes (no autograd graph over ``[P, C]``)."""
+
+    def __init__(self, e, off_k, b, in_k, indices, loss):
+        self.e, self.off_k, self.b, self.in_k, self.indices, self.loss = e, off_k, b, in_k, indices, loss
+
+
+class _SoftmaxKD(torch.autograd.Function):
+    """Sum of :func:`_softmax_kd_rows`'s row losses; the backward pass writes the gradient into the
+    saved ``e`` in place (one pass over ``[P, C]``, as cross-entropy's)."""
+
+    @staticmethod
+    def forward(ctx, z, rows: _Rows, T: float):
+        ctx.rows, ctx.T = rows, T
+        return rows.loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, scale = ctx.rows, grad / ctx.T  # d/dz = d/d(z/T) / T
+        g = r.e.mul_((r.off_k * scale)[:, None])  # every class as if outside the top-k
+        g.scatter_(-1, r.indices, r.in_k * scale)
+        ctx.rows = None
+        return g, None, None
+
+
+def _softmax_kd_rows_exact(z, logp, p_tail, indices, T: float) -> torch.Tensor:
+    """Per-row softmax KD loss in log space (log-softmax and a masked log-sum-exp of the tail): exact
+    where the student's tail underflows ``exp``; used for the few rows that need it."""
+    logq_all = F.log_softmax(z / T, dim=-1)
+    logq = logq_all.gather(-1, indices)
+    in_topk = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, indices, True)
+    logq_tail = torch.logsumexp(logq_all.masked_fill(in_topk, -math.inf), dim=-1)
+    kl = (torch.exp(logp) * (logp - logq)).sum(-1)
+    return kl + torch.xlogy(p_tail, p_tail) - p_tail * logq_tail.clamp_min(-1e4)
 
 
 def kl_divergence(p: torch.Tensor, q: torch.Tensor, kind: str, *, p_probs: bool = False,

@@ -133,8 +133,7 @@ class ViewSource:
     def replay_tokens(self, index: int, params: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
         """A token window (``tokens`` sources): (ids [L], next-token ids [L] with -1 where masked,
         mask [L]), all from the source and the stored params (the rule: :mod:`logitcache.augment_tokens`)."""
-        source = self.load(index)
-        return (self.augmenter.apply(source, params), *self.augmenter.targets(source, params))
+        return self.augmenter.window(self.load(index), params)
 
     def labels(self, index: int, params: dict[str, np.ndarray]) -> np.ndarray:
         """Hard labels of the view, mixed as the view was (mixup, cutmix: see :func:`batch_labels`)."""

@@ -394,3 +394,29 @@ def test_add_teacher_to_token_cache_matches_dump(corpus, tmp_path, codec):
     assert set(added) == set(dumped) and len(added) >= 4
     for k in dumped:
         np.testing.assert_array_equal(added[k], dumped[k], err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_fast_window_read_equals_the_rule(tmp_path, dtype):
+    """load_with_crc and the one-pass window (what training reads) against the definitions:
+    document of each position by search, crc of the ids as <u4 then the documents as <i4, and
+    apply + targets, for every slot and offset (document starts on and next to span edges)."""
+    import zlib
+
+    docs = [0, 8, 9, 16, 31, 32, 33, 70, 140]
+    src = open_source(write_corpus(tmp_path, n=147, docs=docs, dtype=dtype))
+    aug = Augmenter.from_spec({"version": 1, "modality": "tokens", "context": L, "vocab_size": V,
+                               "ops": [{"op": "window"}]})
+    toks = np.fromfile(tmp_path / "corpus.bin", dtype=dtype).astype(np.int64)
+    for i in range(len(src)):
+        x, crc = src.load_with_crc(i)
+        a, b = i * L, min(i * L + 2 * L, len(toks))
+        doc = np.searchsorted(docs, np.arange(a, b), side="right") - np.searchsorted(docs, a, side="right")
+        np.testing.assert_array_equal(x.numpy(), np.stack([toks[a:b], doc]))
+        assert crc == zlib.crc32(doc.astype("<i4").tobytes(), zlib.crc32(toks[a:b].astype("<u4").tobytes()))
+        for o in range(L):
+            p = {"window.offset": np.float32(o)}
+            got, want = aug.window(x, p), (aug.apply(x, p), *aug.targets(x, p))
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype and g.shape == w.shape
+                np.testing.assert_array_equal(g.numpy(), w.numpy())

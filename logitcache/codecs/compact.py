@@ -193,6 +193,8 @@ def _read_fields(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndar
             out[..., 2] = (b[..., 1] >> 4) | ((b[..., 2] & 3) << 4)
             out[..., 3] = b[..., 2] >> 2
             return out.reshape(len(packed), -1)[:, :n]
+    if width <= 25 and n >= 16:  # below, its fixed per-block work costs more than it saves
+        return _read_words(packed, offset, n, width)
     dtype = np.uint32 if width <= 25 else np.uint64
     starts = offset + width * np.arange(n)
     first, shift = starts >> 3, (starts & 7).astype(dtype)
@@ -204,6 +206,28 @@ def _read_fields(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndar
         acc |= np.take(packed, np.minimum(first + j, last), axis=1).astype(dtype) << dtype(8 * j)
     acc >>= shift
     acc &= dtype((1 << width) - 1)
+    return acc
+
+
+def _read_words(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndarray:
+    """:func:`_read_fields` for widths up to 25 bits: every field lies in the 32-bit little-endian
+    word at its first byte (shift <= 7), so the row's words at each of the 4 byte phases are made
+    once (aligned views of a zero-padded copy) and each field is one gather, shift and mask: ~2x
+    faster than gathering and merging bytes (11- and 12-bit ids at V = 151,936)."""
+    starts = offset + width * np.arange(n)
+    first, shift = starts >> 3, (starts & 7).astype(np.uint32)
+    lo, R = int(first[0]), len(packed)
+    m = -(-(int(first[-1]) + 4 - lo) // 4)  # words per phase
+    buf = np.zeros((R, 4 * m + 3), np.uint8)  # zeros past the row: bits above every field, masked off
+    have = min(packed.shape[1] - lo, 4 * m + 3)
+    buf[:, :have] = packed[:, lo:lo + have]
+    words = np.empty((R, 4, m), np.uint32)
+    for phase in range(4):
+        words[:, phase] = buf[:, phase:phase + 4 * m].view("<u4")
+    rel = first - lo
+    acc = np.take(words.reshape(R, 4 * m), (rel % 4) * m + rel // 4, axis=1)
+    acc >>= shift
+    acc &= np.uint32((1 << width) - 1)
     return acc
 
 
@@ -259,15 +283,18 @@ def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
     if ones.size != R * k:
         raise LogitCacheError(f"ids: {ones.size} ids in {R} rows, expected {k} per row (corrupt data)")
     starts, take = _bit_starts(lay)
-    pos = ones.astype(take.dtype, copy=False).reshape(R, k)
+    ones = ones.reshape(R, k)
     # ones come out row-major: a row with too many or too few of them shifts every later row,
     # and the first bad row then has a first or last one outside its own bitmap
-    if R and ((pos[:, 0] < starts[:R]).any() or (pos[:, -1] >= starts[:R] + 8 * hb).any()):
+    if R and ((ones[:, 0] < starts[:R]).any() or (ones[:, -1] >= starts[:R] + 8 * hb).any()):
         raise LogitCacheError(f"ids: some rows do not hold exactly {k} ids (corrupt data)")
-    pos <<= lay.low_bits
+    pos = np.left_shift(ones, lay.low_bits, dtype=take.dtype, casting="unsafe")  # the cast in the same pass
     pos -= take[:R]
     if lay.low_bits:
-        pos += _read_fields(p, lay.low_offset, k, lay.low_bits)
+        low = _read_fields(p, lay.low_offset, k, lay.low_bits)
+        if low.dtype.itemsize == pos.dtype.itemsize:  # same bits (fields < 2^31): a same-type add, no cast loop
+            low = low.view(pos.dtype)
+        pos += low
     if R and pos[:, -1].max() >= lay.num_classes:
         raise LogitCacheError(f"ids: decoded class id {pos[:, -1].max()} >= {lay.num_classes} classes "
                               "(corrupt data)")
