@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,24 @@ def _copy_dataset(src: Path, dst: Path) -> Path:
 
 
 # ---------------------------------------------------------------- determinism
+def test_measured_default_workers_store_the_same_rows(strong_cache, dumper, tmp_path, monkeypatch):
+    dump_mod = sys.modules["logitcache.dump"]  # "logitcache.dump" the attribute is the function
+    chosen, measured = [], []
+    choose = dump_mod.choose_workers
+    monkeypatch.setattr(dump_mod, "_cores", lambda: 2)
+    monkeypatch.setattr(dump_mod, "choose_workers", lambda *a: chosen.append(choose(*a)) or chosen[-1])
+    real = dump_mod.measure_costs
+    # the real measurement runs on real views; its figures are replaced by views as costly as the teachers
+    monkeypatch.setattr(dump_mod, "measure_costs", lambda *a, **k: measured.append(real(*a, **k)) or (1.0, 1.0))
+    out = logitcache.dump(dumper.data, ["toy_teachers:toy_a", "toy_teachers:toy_b"], tmp_path / "w.zarr",
+                          **{**dumper.defaults(), "num_workers": None})
+    assert chosen == [1] and len(measured) == 1 and all(s > 0 for s in measured[0])  # a worker overlapped the views
+    a, b = _all_arrays(strong_cache), _all_arrays(out)  # strong_cache: no worker
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
 def test_arrays_do_not_depend_on_batch_size_workers_or_chunking(strong_cache, dumper):
     other = dumper(batch_size=5, num_workers=2, chunk_rows=8)  # batches straddle chunk edges
     a, b = _all_arrays(strong_cache), _all_arrays(other)
