@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,8 @@ with torch.inference_mode():
         x = torch.from_numpy(np.stack([sf.read(f, dtype="float32")[0] for f in files[a:a + bs]]))
         v, i = torch.topk(model(x), k, dim=-1)
         values.append(v.numpy()); indices.append(i.numpy())
-print(json.dumps({"loop": time.perf_counter() - t_loop, "rows": sum(len(v) for v in values)}))
+print(json.dumps({"loop": time.perf_counter() - t_loop, "rows": sum(len(v) for v in values),
+                  "threads": torch.get_num_threads()}))
 '''
 
 CASES = {  # name -> (extra dump options, extra environment)
@@ -96,18 +98,20 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_plain(script: Path, data: Path, teacher: str, k: int, bs: int, env: dict) -> tuple[float, float, float]:
-    """(wall, start-up, CPU) seconds of one plain-loop process."""
+def run_plain(script: Path, data: Path, teacher: str, k: int, bs: int, env: dict) -> tuple:
+    """(wall, start-up, CPU) seconds of one plain-loop process, and its threads."""
     c0, t0 = _children_cpu(), time.perf_counter()
     out = subprocess.run([sys.executable, str(script), str(data), teacher, str(k), str(bs)], env=env,
                          check=True, capture_output=True, text=True).stdout
     wall = time.perf_counter() - t0
-    return wall, wall - json.loads(out.splitlines()[-1])["loop"], _children_cpu() - c0
+    result = json.loads(out.splitlines()[-1])
+    return wall, wall - result["loop"], _children_cpu() - c0, f"w=0, t={result['threads']}"
 
 
 def run_dump(data: Path, teacher: str, out: Path, k: int, bs: int, extra: list[str],
-             env: dict) -> tuple[float, float, float]:
-    """(wall, start-up, CPU) seconds of one ``logitcache dump`` process (the console script)."""
+             env: dict) -> tuple:
+    """(wall, start-up, CPU) seconds of one ``logitcache dump`` process (the console script), and
+    the workers and threads it ran with."""
     exe = Path(sys.executable).with_name("logitcache")
     cmd = [str(exe) if exe.is_file() else sys.executable, *([] if exe.is_file() else ["-m", "logitcache"]),
            "dump", "--data", str(data), "--teacher", teacher, "--out", str(out), "--topk", str(k),
@@ -122,7 +126,8 @@ def run_dump(data: Path, teacher: str, out: Path, k: int, bs: int, extra: list[s
 
     loop = float(open_cache(out).manifest["dump_seconds"])
     shutil.rmtree(out, ignore_errors=True)
-    return wall, wall - loop, cpu
+    chose = re.search(r"\[(\d+) workers?, (\d+) thread", proc.stderr)  # the progress bar's label
+    return wall, wall - loop, cpu, f"w={chose[1]}, t={chose[2]}" if chose else "?"
 
 
 def main() -> None:
@@ -150,7 +155,7 @@ def main() -> None:
           f"k={args.topk}, batch {args.batch_size}, --augment none, zarr; {rounds} rounds")
     print(f"# machine: {C.machine()}")
     names = ["plain", *cases]
-    runs: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
+    runs: dict[str, list[tuple]] = {n: [] for n in names}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
             time.sleep(0.5)
@@ -166,10 +171,11 @@ def main() -> None:
         ratio = C.median([d[0] / pl[0] for d, pl in zip(runs[name], runs["plain"])])
         cpu_ratio = C.median([d[2] / pl[2] for d, pl in zip(runs[name], runs["plain"])])
         ratios[name] = ratio
-        rows.append([name, round(wall, 2), round(start, 2), round(1e6 * (wall - start) / clips, 1), round(cpu, 2),
+        chose = sorted(set(w[3] for w in runs[name]))
+        rows.append([name, " / ".join(chose), round(wall, 2), round(start, 2), round(1e6 * (wall - start) / clips, 1), round(cpu, 2),
                      round(ratio, 3), round(cpu_ratio, 3),
                      " ".join(f"{d[0] / pl[0]:.2f}" for d, pl in zip(runs[name], runs["plain"]))])
-    print(C.table(["case", "wall s", "start s", "loop µs/clip", "CPU s", "wall / plain", "CPU / plain",
+    print(C.table(["case", "ran with", "wall s", "start s", "loop µs/clip", "CPU s", "wall / plain", "CPU / plain",
                    "wall / plain per round"], rows))
     print("ratios: " + ", ".join(f"{n}/plain {ratios[n]:.3f}" for n in cases)
           + (f" (goal: dump/plain <= 1.05 with the defaults: {'met' if ratios['dump'] <= 1.05 else 'not met'})"
