@@ -12,7 +12,9 @@ timed from its start to its exit (interpreter start and imports included):
   w=0, w=1  the same with ``--workers 0`` / ``--workers 1``
   omp=1     the defaults with OMP_NUM_THREADS=1 in the environment
 
-Rounds are interleaved (every case once per round, the order alternating between rounds, a
+First it prints what a CPU dump without ``--workers`` measures to choose its workers (one view
+and the teachers on one view, one core; ``none`` and ``ced`` augmentation; 1 teacher, and 3 in
+the full run) and the choice on this machine. Rounds are interleaved (every case once per round, the order alternating between rounds, a
 short pause between runs); each dump's wall time is divided by the plain run of its own round
 and the median of these paired ratios is reported (ms columns: medians). "start" is the wall
 time before the dump's loop began (imports, header scan, teacher load and probe, layout):
@@ -130,6 +132,41 @@ def run_dump(data: Path, teacher: str, out: Path, k: int, bs: int, extra: list[s
     return wall, wall - loop, cpu, f"w={chose[1]}, t={chose[2]}" if chose else "?"
 
 
+def print_costs(data: Path, teachers: list[str], reps: int = 3) -> None:
+    """What a CPU dump without --workers measures before its loop (``dump.measure_costs``: one view
+    and the teachers on one view, CPU time of one thread, decoding cold), for ``none`` and ``ced``
+    augmentation, and the workers ``dump.choose_workers`` picks from it on this machine's cores."""
+    import torch
+
+    from logitcache.augment import Augmenter, epoch_order, id_hashes, load_ops_spec, make_spec, presets_for, view_seeds
+    from logitcache.data import _decode
+    from logitcache.dump import _cores, choose_workers, measure_costs
+    from logitcache.sources import open_source, settings_for
+    from logitcache.teachers import load_teachers, probe_teachers
+    from logitcache.views import DrawnViews, ViewSource
+
+    folder, cpu = open_source(data), torch.device("cpu")
+    folder.scan()
+    presets, _ = presets_for(folder.modality)
+    h = id_hashes(folder.ids)
+    order, seeds = epoch_order(0, 0, h), view_seeds(0, 0, h)
+    loaded = load_teachers(teachers, device=cpu)
+    for aug in ("none", "ced"):
+        augmenter = Augmenter.from_spec(make_spec(folder.modality, load_ops_spec(aug, presets), settings_for(folder, {})))
+        folder.configure(augmenter.spec)
+        probe_teachers(loaded, augmenter.view_shape, cpu)
+        costs = []
+        for r in range(reps):
+            _decode.cache_clear()
+            o = order[64 * r:]
+            costs.append(measure_costs(DrawnViews(ViewSource(folder, augmenter), o, seeds[o]), loaded, cpu, "fp32"))
+        v, t = C.median([c[0] for c in costs]), C.median([c[1] for c in costs])
+        print(f"# costs per view, one core ({len(teachers)} teacher(s), --augment {aug}): views {1e3 * v:.2f} ms "
+              f"({', '.join(f'{1e3 * c[0]:.2f}' for c in costs)}), teachers {1e3 * t:.2f} ms "
+              f"({', '.join(f'{1e3 * c[1]:.2f}' for c in costs)}); views / teachers {v / t:.2f} "
+              f"-> default --workers {choose_workers(v, t, _cores())} on {_cores()} cores")
+
+
 def main() -> None:
     p = C.parser(__doc__)
     p.add_argument("--clips", type=int, default=None, help="clips (default 4096; --quick 512)")
@@ -154,6 +191,8 @@ def main() -> None:
     print(f"# bench_dump_e2e: {clips} clips of 1 s (16 kHz WAV), {C.TEACHERS_1[0]} C={args.classes} (.pt2), "
           f"k={args.topk}, batch {args.batch_size}, --augment none, zarr; {rounds} rounds")
     print(f"# machine: {C.machine()}")
+    for names in ([C.TEACHERS_1] if args.quick else [C.TEACHERS_1, C.TEACHERS_3]):
+        print_costs(data, C.export_teachers(wd / "teachers", names, args.classes, 1.0))
     names = ["plain", *cases]
     runs: dict[str, list[tuple]] = {n: [] for n in names}
     for r in range(rounds):
