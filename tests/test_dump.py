@@ -15,7 +15,7 @@ import logitcache
 from logitcache import LogitCacheError
 from logitcache.augment import epoch_order, id_hashes
 from logitcache.views import CacheStream
-from conftest import CLIP_SECONDS, SR, C, assert_one_line_error, raw_clip, stream_views, teacher_logits
+from conftest import CLIP_SECONDS, SR, C, assert_one_line_error, labels_csv_ids, raw_clip, stream_views, teacher_logits
 
 TEACHERS3 = ("toy_teachers:toy_a", "toy_teachers:toy_b", "toy_teachers:toy_c")
 
@@ -43,6 +43,25 @@ def _copy_dataset(src: Path, dst: Path) -> Path:
 
 
 # ---------------------------------------------------------------- determinism
+def test_a_teacher_failing_on_the_measured_views_is_one_line_and_frees_the_cache(dataset, tmp_path):
+    import soundfile
+
+    from logitcache.lock import lock_path
+
+    data = Path(shutil.copytree(dataset, tmp_path / "data"))
+    ids = labels_csv_ids(data)
+    victim = ids[epoch_order(0, 0, id_hashes(ids))[1]]  # among the first views, which choose the workers
+    soundfile.write(data / victim, np.zeros(SR, np.float32), soundfile.info(data / victim).samplerate)
+    out = tmp_path / "bad.zarr"
+    with pytest.raises(LogitCacheError) as e:
+        logitcache.dump(data, ["test_teachers:breaks_raise"], out, epochs=1, topk=3, augment="none", sample_rate=SR,
+                        clip_seconds=CLIP_SECONDS, batch_size=4, device="cpu", progress=False)  # workers measured
+    assert_one_line_error(e, "teacher breaks_raise failed on sample(s)", victim, "boom on silence")
+    assert not lock_path(out).exists()
+    with logitcache.open_cache(out) as cache:
+        assert not cache.chunks_done().any() and not cache.complete
+
+
 def test_measured_default_workers_store_the_same_rows(strong_cache, dumper, tmp_path, monkeypatch):
     dump_mod = sys.modules["logitcache.dump"]  # "logitcache.dump" the attribute is the function
     chosen, measured = [], []
