@@ -382,8 +382,8 @@ def _default_workers(source: ViewSource, teachers, dev, precision, todo, seed, h
     elsewhere :func:`default_workers`. Rows never depend on it."""
     if dev.type != "cpu" or source.folder.modality == "tokens":
         return default_workers(dev)
-    if _cores() < 2:
-        return 0  # nothing to overlap on: no need to measure
+    if _cores() < 2 or not todo.any():
+        return 0  # nothing to overlap on, or nothing left to make (a resume that only finishes)
     epoch = int(np.flatnonzero(todo.any(axis=1))[0])
     order = epoch_order(seed, epoch, hashes)
     view_s, teacher_s = measure_costs(DrawnViews(source, order, view_seeds(seed, epoch, hashes)[order]), teachers,
