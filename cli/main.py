@@ -322,7 +322,8 @@ def _source_option(f):
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile each teacher (for long dumps on an accelerator).")
 @click.option("--channels-last", is_flag=True, help="Teachers' weights in channels-last memory format.")
 @click.option("--workers", type=int, default=None,
-              help="DataLoader workers making the views. [default: min(2, cores-1) on CPU, min(8, cores-1) on CUDA]")
+              help="DataLoader workers making the views. [default: on CPU, chosen from the measured cost of the first "
+                   "views and of the teachers on them (README, Performance); min(8, cores-1) on CUDA]")
 @click.option("--chunk-rows", type=int, default=None, metavar="R",
               help="Rows per chunk (default: about 8 MiB of targets per chunk).")
 @_threads_option

@@ -47,6 +47,52 @@ def default_workers(dev: torch.device) -> int:
     return max(0, min(2, cpus - 1))
 
 
+def choose_workers(view_seconds: float, teacher_seconds: float, cores: int, threads: int | None = None) -> int:
+    """DataLoader workers for a CPU dump from measured costs per view (one core each): the count
+    with the fewest estimated seconds per view. With no worker the main process makes each view,
+    then the teachers run on their threads; with w workers, the views (w cores) and the teachers
+    overlap and the slower side sets the pace. The teachers get ``threads`` (None: the cores the
+    workers leave, as :func:`cpu_threads` sets), at most the cores left:
+
+        est(0) = view + teachers / t(0)        est(w) = max(view / w, teachers / t(w))
+
+    Teachers are taken to scale linearly with threads (a bound: they rarely do better), so a
+    worker is chosen only when it pays even then; ties go to fewer workers. On 2 cores with the
+    default threads: no worker while views cost at most half the teachers. See README, Performance."""
+    cores = max(1, cores)
+
+    def est(w: int) -> float:
+        t = max(1, min(threads or cores, cores - w))
+        return view_seconds + teacher_seconds / t if w == 0 else max(view_seconds / w, teacher_seconds / t)
+    return min(range(min(8, cores - 1) + 1), key=lambda w: (est(w), w))
+
+
+def measure_costs(views: DrawnViews, teachers: list[Teacher], dev: torch.device, precision: str,
+                  n: int = 8) -> tuple[float, float]:
+    """(CPU seconds to make one view, the teachers' CPU seconds on one view), both on one thread,
+    from the epoch's first ``n`` views in two equal batches, each cost the cheaper batch's (the
+    first pays one-time costs: a new batch shape's kernels, first file reads). CPU time of this
+    thread, not wall time: on a shared box the wall time of either swung 5-20x with the other
+    jobs, its CPU time by 20 %. So waits for a slow disk do not count: there, ``--workers``.
+    The views' decoding stays cached for the loop and for forked workers."""
+    h = max(1, min(n, len(views)) // 2)
+    ids = lambda: [views.source.folder.ids[i] for i in views.order[:2 * h]]  # noqa: E731
+    before = set_threads(1)
+    view_s, teacher_s = [], []
+    try:
+        with torch.inference_mode(), autocast(dev, precision):
+            for a in range(0, min(2 * h, len(views)), h):
+                t0 = time.thread_time()
+                wave = collate_views([views[i] for i in range(a, a + h)])[0]
+                t1 = time.thread_time()
+                run_teachers(teachers, wave.to(dev), ids)
+                view_s.append(t1 - t0)
+                teacher_s.append(time.thread_time() - t1)
+    finally:
+        torch.set_num_threads(before)
+    return min(view_s) / h, min(teacher_s) / h
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))  # what this process may use (SLURM/cgroup limits), not the box
@@ -230,7 +276,6 @@ def dump(
     num_classes, frames = probe_teachers(loaded, augmenter.view_shape, dev, output_kind,
                                          inputs=getattr(augmenter, "probe_views", None))
     optimise_teachers(loaded, dev, compile=compile, channels_last=channels_last)
-    num_workers = default_workers(dev) if num_workers is None else num_workers
     if folder.modality == "tokens" and num_classes != len(folder.classes):
         raise LogitCacheError(f"teachers output V={num_classes} but {folder.root} has vocab_size {len(folder.classes)}")
     if num_classes != len(folder.classes):
@@ -271,10 +316,18 @@ def dump(
     moments = writer.manifest.get("member_stats") == MEMBER_STATS  # a resumed older cache has none
     per_chunk = set(Layout.stats_path(n) for n in member_names) if moments else set()
     chunk_sizes = np.minimum(R, N - np.arange(writer.todo.shape[1]) * R)
+    if num_workers is None:
+        try:  # the views measured are real: a bad file fails here, as it would in the loop
+            num_workers = _default_workers(source, loaded, dev, precision, writer.todo, seed, hashes, threads)
+        except BaseException as e:
+            writer.abort()
+            ctx.report_failure(e)
+            raise
     started = time.perf_counter()
     threads_before = set_threads(cpu_threads(dev, num_workers, threads))
     bar = tqdm(total=int((writer.todo * chunk_sizes).sum()), unit="view",
-               desc=f"dump (rank 0 of {ctx.world})" if ctx.active else "dump",
+               desc=(f"dump (rank 0 of {ctx.world})" if ctx.active else "dump")
+               + f" [{num_workers} worker{'s' * (num_workers != 1)}, {torch.get_num_threads()} thread(s)]",
                disable=not progress or ctx.rank != 0, dynamic_ncols=True)  # one bar per job, not per rank
     try:
         for epoch in range(epochs):
@@ -321,6 +374,22 @@ def dump(
         torch.set_num_threads(threads_before)
     writer.close()
     return cache_location(out)
+
+
+def _default_workers(source: ViewSource, teachers, dev, precision, todo, seed, hashes, threads) -> int:
+    """Workers for a dump without ``--workers``: on CPU (not token data, whose teachers stream),
+    chosen from the measured costs of the first epoch's first views (:func:`choose_workers`);
+    elsewhere :func:`default_workers`. Rows never depend on it."""
+    if dev.type != "cpu" or source.folder.modality == "tokens":
+        return default_workers(dev)
+    if _cores() < 2 or not todo.any():
+        return 0  # nothing to overlap on, or nothing left to make (a resume that only finishes)
+    epoch = int(np.flatnonzero(todo.any(axis=1))[0])
+    order = epoch_order(seed, epoch, hashes)
+    view_s, teacher_s = measure_costs(DrawnViews(source, order, view_seeds(seed, epoch, hashes)[order]), teachers,
+                                      dev, precision)
+    fixed = threads or (torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else None)
+    return choose_workers(view_s, teacher_s, _cores(), fixed)
 
 
 def _warn_multi_label(folder: Source) -> None:

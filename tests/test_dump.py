@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import logitcache
 from logitcache import LogitCacheError
 from logitcache.augment import epoch_order, id_hashes
 from logitcache.views import CacheStream
-from conftest import CLIP_SECONDS, SR, C, assert_one_line_error, raw_clip, stream_views, teacher_logits
+from conftest import CLIP_SECONDS, SR, C, assert_one_line_error, labels_csv_ids, raw_clip, stream_views, teacher_logits
 
 TEACHERS3 = ("toy_teachers:toy_a", "toy_teachers:toy_b", "toy_teachers:toy_c")
 
@@ -42,6 +43,43 @@ def _copy_dataset(src: Path, dst: Path) -> Path:
 
 
 # ---------------------------------------------------------------- determinism
+def test_a_teacher_failing_on_the_measured_views_is_one_line_and_frees_the_cache(dataset, tmp_path):
+    import soundfile
+
+    from logitcache.lock import lock_path
+
+    data = Path(shutil.copytree(dataset, tmp_path / "data"))
+    ids = labels_csv_ids(data)
+    victim = ids[epoch_order(0, 0, id_hashes(ids))[1]]  # among the first views, which choose the workers
+    soundfile.write(data / victim, np.zeros(SR, np.float32), soundfile.info(data / victim).samplerate)
+    out = tmp_path / "bad.zarr"
+    with pytest.raises(LogitCacheError) as e:
+        logitcache.dump(data, ["test_teachers:breaks_raise"], out, epochs=1, topk=3, augment="none", sample_rate=SR,
+                        clip_seconds=CLIP_SECONDS, batch_size=4, device="cpu", progress=False)  # workers measured
+    assert_one_line_error(e, "teacher breaks_raise failed on sample(s)", victim, "boom on silence")
+    assert not lock_path(out).exists()
+    with logitcache.open_cache(out) as cache:
+        assert not cache.chunks_done().any() and not cache.complete
+
+
+def test_measured_default_workers_store_the_same_rows(strong_cache, dumper, tmp_path, monkeypatch):
+    dump_mod = sys.modules["logitcache.dump"]  # "logitcache.dump" the attribute is the function
+    chosen, measured = [], []
+    choose = dump_mod.choose_workers
+    monkeypatch.setattr(dump_mod, "_cores", lambda: 2)
+    monkeypatch.setattr(dump_mod, "choose_workers", lambda *a: chosen.append(choose(*a)) or chosen[-1])
+    real = dump_mod.measure_costs
+    # the real measurement runs on real views; its figures are replaced by views as costly as the teachers
+    monkeypatch.setattr(dump_mod, "measure_costs", lambda *a, **k: measured.append(real(*a, **k)) or (1.0, 1.0))
+    out = logitcache.dump(dumper.data, ["toy_teachers:toy_a", "toy_teachers:toy_b"], tmp_path / "w.zarr",
+                          **{**dumper.defaults(), "num_workers": None})
+    assert chosen == [1] and len(measured) == 1 and all(s > 0 for s in measured[0])  # a worker overlapped the views
+    a, b = _all_arrays(strong_cache), _all_arrays(out)  # strong_cache: no worker
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
 def test_arrays_do_not_depend_on_batch_size_workers_or_chunking(strong_cache, dumper):
     other = dumper(batch_size=5, num_workers=2, chunk_rows=8)  # batches straddle chunk edges
     a, b = _all_arrays(strong_cache), _all_arrays(other)

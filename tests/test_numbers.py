@@ -496,6 +496,16 @@ def test_cpu_threads_leave_the_workers_their_cores(dataset, tmp_path, monkeypatc
         assert a.manifest["config_digest"] == b.manifest["config_digest"]  # not recorded: no change in bytes
 
 
+def test_default_workers_follow_measured_costs():
+    from logitcache.dump import choose_workers
+
+    # 2 cores, the teachers on the cores the workers leave: no worker while views cost <= half the teachers
+    assert choose_workers(0.5, 1.0, 2) == 0 and choose_workers(0.51, 1.0, 2) == 1 and choose_workers(3.0, 1.0, 2) == 1
+    assert choose_workers(0.1, 1.0, 2, threads=1) == 1  # one thread fixed (OMP_NUM_THREADS=1): a worker frees it
+    assert choose_workers(0.001, 1.0, 16) == 0 and choose_workers(1.0, 1.0, 16) == 8  # at most 8
+    assert choose_workers(5.0, 1.0, 1) == 0  # one core: nothing to overlap on
+
+
 def test_train_threads_option(strong_cache, dataset, tmp_path):
     SEEN_THREADS.clear()
     result = run("train", "--cache", strong_cache, "--data", dataset, "--student", "test_numbers:thread_probe",
