@@ -55,6 +55,7 @@ class TargetCodec(abc.ABC):
 
     name: ClassVar[str]
     triple: ClassVar[bool] = True  # decode gives (values, indices, stat): top-k figures apply
+    seeded: ClassVar[bool] = False  # encode draws from per-row seeds (the dump derives them only then)
 
     def __init__(self, topk: int, num_classes: int, kind: str, frames: int | None = None,
                  options: dict | None = None):
