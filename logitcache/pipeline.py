@@ -117,6 +117,7 @@ class TeacherPass:
         self.stats_paths = [Layout.stats_path(t.name) for t in teachers]
         self.covered = coverage(teachers)
         self.seeded = getattr(codec, "seeded", True)  # only drawing codecs need per-row seeds
+        self.narrow = codec.narrow_dtypes()
         self.streams = Streams(dev)
 
     def names(self, index: np.ndarray, rows=None) -> list[str]:
@@ -138,7 +139,16 @@ class TeacherPass:
         bad, encoded, extra = (self._streamed if self.tokens else self._stacked)(x, index, view_seeds)
         G, B = len(self.prefixes), x.shape[0]
         bad_sets = ~self.codec.finite_rows(encoded).reshape(G, B, -1).all(-1)
-        return list(encoded), {"bad": bad, "bad_sets": bad_sets, **encoded, **extra}
+        return list(encoded), {"bad": bad, "bad_sets": bad_sets, **self._narrowed(encoded), **extra}
+
+    def _narrowed(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Integer fields cast on the device to their stored dtype (frame level: half the bytes of
+        the indices to copy back, and no cast on the host)."""
+        try:
+            return {**encoded, **{f: encoded[f].to(dt) for f, dt in self.narrow.items() if f in encoded}}
+        except (RuntimeError, TypeError):  # a device without kernels for the type: pack casts on the host
+            self.narrow = {}
+            return encoded
 
     def _stacked(self, x: torch.Tensor, index: np.ndarray, view_seeds):
         """Ensemble and members stacked [G, B, (T,) C]: one encode pass for all (row-wise, so the same

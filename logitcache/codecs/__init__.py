@@ -76,6 +76,11 @@ class TargetCodec(abc.ABC):
     @abc.abstractmethod
     def encode(self, logits: torch.Tensor, seeds=None) -> dict[str, torch.Tensor]: ...
 
+    def narrow_dtypes(self) -> dict[str, torch.dtype]:
+        """Encoded fields the dump may cast on the device to the dtype ``pack`` stores them in (fewer
+        bytes to copy back, no cast on the host); ``pack`` takes them as they are. None by default."""
+        return {}
+
     def finite_rows(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
         values, stat = encoded["values"], encoded["stat"]
         return torch.isfinite(values).all(-1) & torch.isfinite(stat)
