@@ -223,8 +223,8 @@ def main() -> None:
                      round(med["own_cpu"] / GOAL_US, 2), f"{1e6 / med['own_cpu']:,.0f}"])
     print(C.table(["setting", "wall", "CPU", "device", "wait", "own (wall)", "own (CPU)", "own CPU / goal",
                    "views/s at own CPU"], rows))
-    print(f"# µs per view; own = {'wall (CPU) - wait (launches included)' if dev.type == 'cuda' else 'wall (CPU) - device section'}"
-          f"; goal {GOAL_US:g} µs/view (own CPU / goal <= 1)")
+    own = "wall (CPU) - wait (launches included)" if dev.type == "cuda" else "wall (CPU) - device section"
+    print(f"# µs per view; own = {own}; goal {GOAL_US:g} µs/view (own CPU / goal <= 1)")
     if args.profile:
         import cProfile
         import pstats

@@ -3,7 +3,8 @@
 Per epoch: a seeded order of the dataset, a uint64 seed per view, parameters drawn from it,
 the view the teachers see, and their top-k + tail statistic per member and for the ensemble.
 Views are made in DataLoader workers, teachers run back to back on each batch on the device,
-top-k is taken on the device, and whole chunks go to a background writer.
+top-k is taken on the device, and whole chunks go to a background writer; the per-batch path,
+pipelined so the device never waits for the host, is :mod:`logitcache.pipeline`.
 """
 
 from __future__ import annotations
@@ -418,27 +419,3 @@ def _view_rows(order: np.ndarray, seeds: np.ndarray, manifest: dict, content: bo
         return out
 
     return rows
-
-
-_PINNED: dict[tuple, torch.Tensor] = {}  # reusable page-locked buffers, by (name, shape, dtype)
-
-
-def _to_host(tensors: dict[str, torch.Tensor], dev: torch.device) -> dict[str, np.ndarray]:
-    """numpy copies of device tensors: on CUDA non-blocking copies into pinned buffers, one wait."""
-    if dev.type != "cuda":
-        return {name: t.cpu().numpy() for name, t in tensors.items()}
-    if len(_PINNED) > 256:
-        _PINNED.clear()
-    staged = []
-    for name, t in tensors.items():
-        key = (name, tuple(t.shape), t.dtype)
-        buf = _PINNED.get(key)
-        if buf is None:
-            buf = _PINNED[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        buf.copy_(t, non_blocking=True)
-        staged.append((name, buf))
-    done = torch.cuda.Event()
-    done.record()  # on the current stream, after every copy above
-    done.synchronize()
-    # Copies out of the pinned buffers: the next batch reuses them while these rows wait for their chunk.
-    return {name: buf.numpy().copy() for name, buf in staged}

@@ -39,7 +39,7 @@ from logitcache.codecs import target_set_seeds
 from logitcache.sources import Source, open_source
 from logitcache.device import autocast, resolve_device
 from logitcache.errors import LogitCacheError, one_line_worker_errors
-from logitcache.pipeline import ChunkRows, logit_moments
+from logitcache.pipeline import ChunkRows, Streams, logit_moments
 from logitcache.layout import MEMBER_STATS, MOMENTS, PARAMS, Layout, config_digest
 from logitcache.lock import DumpLock
 from logitcache.storage import cache_location, is_url, open_store
@@ -395,10 +395,9 @@ class _Encoder:
         self.sets = list(plan.sets)
         self.groups = np.array([plan.sets[ts]["seed_group"] for ts in self.sets])
         self.stats = {ts: _stats_path(manifest, ts) for ts in self.sets if _stats_path(manifest, ts)}
+        self.streams = Streams(dev)  # pinned host buffers on CUDA, reused batch after batch
 
     def __call__(self, wave: torch.Tensor, index: np.ndarray, view_seeds: np.ndarray) -> dict[str, np.ndarray]:
-        from logitcache.dump import _to_host
-
         def ids(rows=None) -> list[str]:
             return [self.folder.ids[i] for i in (index if rows is None else index[rows])]
 
@@ -416,7 +415,7 @@ class _Encoder:
                 seeds = target_set_seeds(view_seeds, int(self.groups.max()) + 1)[self.groups]
                 encoded = self.codec.encode(z, seeds)
             bad_sets = ~self.codec.finite_rows(encoded).reshape(len(self.sets), len(index), -1).all(-1)
-            host = _to_host({"bad_sets": bad_sets, **encoded}, self.dev)
+            host = self.streams.fetch({"bad_sets": bad_sets, **encoded})
         for ts, row_bad in zip(self.sets, host["bad_sets"]):
             if row_bad.any():
                 raise LogitCacheError(f"target set {ts}: NaN/Inf values for sample(s) {', '.join(ids(row_bad)[:5])}")

@@ -97,6 +97,14 @@ class Streams:
         ready.record(self.d2h)
         return host, ready
 
+    def fetch(self, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """``to_host`` and the wait at once; the arrays may share memory with a host buffer slot, so
+        they must be copied before the slot comes round again (two calls later)."""
+        host, ready = self.to_host(tensors)
+        if ready is not None:
+            ready.synchronize()
+        return {name: t.numpy() for name, t in host.items()}
+
 
 class TeacherPass:
     """The teachers back to back on one batch and the codec's encode of every stored target set, on
@@ -116,7 +124,7 @@ class TeacherPass:
         self.paths: dict[str, list[str]] = {}  # stored field -> its array in each target set
         self.stats_paths = [Layout.stats_path(t.name) for t in teachers]
         self.covered = coverage(teachers)
-        self.seeded = getattr(codec, "seeded", True)  # only drawing codecs need per-row seeds
+        self.seeded = codec.seeded  # only codecs that draw need per-row seeds (derived per batch, on the host)
         self.narrow = codec.narrow_dtypes()
         self.streams = Streams(dev)
 
