@@ -16,6 +16,8 @@ Per setting (k = 20 and 100, clip and frame level), µs per view on the main thr
   device       the device section: teachers, stacking, finite checks, aggregation, top-k, tail
                statistic, member moments (``TeacherPass._encode``). On a GPU only their launches
                are host work; on a CPU these kernels run here and dominate frame level
+  ops/batch    aten ops the device section dispatches per batch (about its kernel launches on a
+               GPU; each costs the host a few µs there)
   wait         waiting for the device's results (CUDA only; 0 on CPU)
   own          the dump's own host work, in wall and main-thread CPU time: on CPU the loop minus
                the device section (everything but the kernels a GPU box runs on the device);
@@ -180,6 +182,28 @@ class Setting:
                 "own": own * us, "own_cpu": own_cpu * us}
 
 
+def device_ops(s: Setting) -> int:
+    """aten ops the device section dispatches per batch (kernel launches on a GPU, roughly), counted
+    once outside the timed runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from logitcache.pipeline import TeacherPass
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    tp = TeacherPass(s.teachers, s.dev, "fp32", s.codec, "multilabel", "mean_prob", None, True, s.folder.ids,
+                     moments=True)
+    wave, _, pos, _ = s.batches[0]
+    with Count(), torch.inference_mode():
+        tp._encode(tp.streams.to_device(wave), s.order[pos], s.seeds[pos])
+    return Count.n
+
+
 def _remove(path: Path) -> None:
     import shutil
 
@@ -219,10 +243,10 @@ def main() -> None:
     rows = []
     for s in settings:
         med = {key: C.median([x[key] for x in results[s.label]]) for key in results[s.label][0]}
-        rows.append([s.label, med["wall"], med["cpu"], med["device"], med["wait"], med["own"], med["own_cpu"],
-                     round(med["own_cpu"] / GOAL_US, 2), f"{1e6 / med['own_cpu']:,.0f}"])
-    print(C.table(["setting", "wall", "CPU", "device", "wait", "own (wall)", "own (CPU)", "own CPU / goal",
-                   "views/s at own CPU"], rows))
+        rows.append([s.label, med["wall"], med["cpu"], med["device"], device_ops(s), med["wait"], med["own"],
+                     med["own_cpu"], round(med["own_cpu"] / GOAL_US, 2), f"{1e6 / med['own_cpu']:,.0f}"])
+    print(C.table(["setting", "wall", "CPU", "device", "device ops/batch", "wait", "own (wall)", "own (CPU)",
+                   "own CPU / goal", "views/s at own CPU"], rows))
     own = "wall (CPU) - wait (launches included)" if dev.type == "cuda" else "wall (CPU) - device section"
     print(f"# µs per view; own = {own}; goal {GOAL_US:g} µs/view (own CPU / goal <= 1)")
     if args.profile:
