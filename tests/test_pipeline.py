@@ -19,6 +19,7 @@ from logitcache.pipeline import ChunkRows, EpochStep, TeacherPass, run_epoch
 from logitcache.teachers import Teacher
 from logitcache.views import Decoded, SourceContent
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
 C, B, R, N = 12, 4, 8, 24  # classes, batch, chunk rows, views: batches 0-1 fill chunk 0, 2-3 chunk 1, ...
 
 
@@ -49,13 +50,13 @@ class Folder:
     ids = [f"clip_{i:02d}.wav" for i in range(N)]
 
 
-def _pass(frames=None, codec="topk", k=3) -> TeacherPass:
+def _pass(frames=None, codec="topk", k=3, dev="cpu") -> TeacherPass:
     teachers = [Teacher(f"t{i}", "slice", Slice(3 * i, frames), "") for i in range(3)]
     for t in teachers:
         t.out_shape = (frames, C) if frames else (C,)
     entries = codec_entries(codec, "float16", "uint8", sample_n=4 if codec == "sampled" else None)
     enc = get_codec(codec)(k, C, "multilabel", frames, entries["codec_options"])
-    return TeacherPass(teachers, torch.device("cpu"), "fp32", enc, "multilabel", "mean_prob", None, True,
+    return TeacherPass(teachers, torch.device(dev), "fp32", enc, "multilabel", "mean_prob", None, True,
                        Folder.ids, moments=True)
 
 
@@ -101,12 +102,14 @@ def _straightforward(tp, batches) -> dict[int, dict[str, np.ndarray]]:
     return out
 
 
+@pytest.mark.parametrize("dev", ["cpu", CUDA])
 @pytest.mark.parametrize("frames,codec", [(None, "topk"), (5, "topk"), (None, "compact"), (None, "sampled")])
-def test_pipelined_rows_equal_the_straightforward_rows(frames, codec):
+def test_pipelined_rows_equal_the_straightforward_rows(frames, codec, dev):
+    """On CUDA: side streams, pinned slots reused every other batch, one wait per batch."""
     batches = _batches(frames)
-    want = _straightforward(_pass(frames, codec), batches)
+    want = _straightforward(_pass(frames, codec, dev=dev), batches)
     writer = Writer()
-    run_epoch(iter(batches), _step(_pass(frames, codec), writer))
+    run_epoch(iter(batches), _step(_pass(frames, codec, dev=dev), writer))
     assert sorted(writer.chunks) == [0, 1, 2]
     for c, block in want.items():
         got = writer.chunks[c]
@@ -123,13 +126,14 @@ def test_chunks_do_not_share_memory_with_later_batches():
     assert not any(np.shares_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
 
 
+@pytest.mark.parametrize("dev", ["cpu", CUDA])
 @pytest.mark.parametrize("nan_batch,done", [(3, [0]), (2, [0]), (0, [])])
-def test_nan_batch_names_its_samples_and_earlier_chunks_are_handed_over(nan_batch, done):
+def test_nan_batch_names_its_samples_and_earlier_chunks_are_handed_over(nan_batch, done, dev):
     """Batch ``nan_batch`` holds a NaN view (its row 1): the error names that sample; every chunk
     before it reaches the writer (also the one the batch queued before it completes), none after."""
     writer = Writer()
     with pytest.raises(LogitCacheError) as e:
-        run_epoch(iter(_batches(nan_batch=nan_batch)), _step(_pass(), writer))
+        run_epoch(iter(_batches(nan_batch=nan_batch)), _step(_pass(dev=dev), writer))
     assert_one_line_error(e, "teacher t0", "NaN/Inf", Folder.ids[nan_batch * B + 1])
     assert sorted(writer.chunks) == done
 
