@@ -28,8 +28,8 @@ Per setting (k = 20 and 100, clip and frame level), µs per view on the main thr
 Settings run in interleaved rounds (their order alternating) and the medians are printed, as the
 shared machine's load drifts; ``--profile`` adds a cProfile of one k=20 clip-level epoch.
 
-    python benchmarks/bench_dump_host.py --quick   # ~40 s on 2 idle cores
-    python benchmarks/bench_dump_host.py           # ~3 min
+    python benchmarks/bench_dump_host.py --quick   # ~1 min on 2 shared cores
+    python benchmarks/bench_dump_host.py           # ~2.5 min on 2 shared cores
 """
 
 from __future__ import annotations
