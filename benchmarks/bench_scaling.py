@@ -7,7 +7,7 @@ k = 20 of 527, 1 epoch, ensemble only, zarr + blosc-lz4, default chunking):
 
   write       CacheWriter: layout + every chunk through the background writer + finish
   dump host   the dump's own per-batch work after the teachers (ensemble aggregation, top-k,
-              tail statistic, dtype casts, host copies: dump._run_batch) on batches of 32,
+              tail statistic, dtype casts, host copies: pipeline.TeacherPass) on batches of 32,
               with teachers that return fixed logits
   seq read    every array of an epoch, whole chunks in stored order (Cache.read_block)
   random      cache.targets(epoch, ids) for batches of 256 random ids, chunk cache warm
@@ -51,8 +51,8 @@ class FixedLogits(torch.nn.Module):
 
 def dump_host_us_per_row(k: int, members: int, frames: int | None, classes: int = 527, batch: int = 32,
                          repeats: int = 6) -> float:
-    from logitcache.dump import _run_batch
-    from logitcache.targets import index_dtype
+    from logitcache.codecs import get_codec
+    from logitcache.pipeline import TeacherPass
     from logitcache.teachers import Teacher
 
     g = torch.Generator().manual_seed(0)
@@ -60,14 +60,15 @@ def dump_host_us_per_row(k: int, members: int, frames: int | None, classes: int 
     teachers = [Teacher(f"t{i}", "fixed", FixedLogits(torch.randn(*shape, generator=g) * 3 - 4), "")
                 for i in range(members)]
     wave = torch.zeros(batch, 1)
-    dev = torch.device("cpu")
-    args = (dev, "fp32", k, "multilabel", "mean_prob", None, "float16", index_dtype(classes), True, None,
-            np.arange(batch))
-    _run_batch(teachers, wave, *args)
+    codec = get_codec("topk")(k, classes, "multilabel", frames, {"value_dtype": "float16"})
+    tp = TeacherPass(teachers, torch.device("cpu"), "fp32", codec, "multilabel", "mean_prob", None, True,
+                     [f"v{i}" for i in range(batch)])
+    index = np.arange(batch)
+    tp.rows(tp.submit(wave, index))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _run_batch(teachers, wave, *args)
+        tp.rows(tp.submit(wave, index))
         times.append(time.perf_counter() - t0)
     return 1e6 * C.median(times) / batch
 

@@ -3,7 +3,8 @@
 Per epoch: a seeded order of the dataset, a uint64 seed per view, parameters drawn from it,
 the view the teachers see, and their top-k + tail statistic per member and for the ensemble.
 Views are made in DataLoader workers, teachers run back to back on each batch on the device,
-top-k is taken on the device, and whole chunks go to a background writer.
+top-k is taken on the device, and whole chunks go to a background writer; the per-batch path,
+pipelined so the device never waits for the host, is :mod:`logitcache.pipeline`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,20 +25,21 @@ from logitcache.augment import (Augmenter, epoch_order, id_hashes, load_ops_spec
                                 view_seeds)
 from logitcache.cache import (CacheWriter, choose_chunk_rows, existing_cache_message, existing_manifest,
                               stored_content)
-from logitcache.codecs import get_codec, target_set_seeds
+from logitcache.codecs import get_codec
 from logitcache.codecs.topk import VALUE_DTYPES
 from logitcache.device import autocast, resolve_device
 from logitcache.distributed import deal_chunks
 from logitcache.distributed import setup as dist_setup
 from logitcache.errors import LogitCacheError, one_line_worker_errors, quote
-from logitcache.lm import check_lm_dump, stream_encode
-from logitcache.layout import MEMBER_STATS, Layout, codec_entries, new_manifest, target_sets
+from logitcache.lm import check_lm_dump
+from logitcache.layout import MEMBER_STATS, Layout, codec_entries, new_manifest
 from logitcache.sources import Source, check_kind, open_source, settings_for
 from logitcache.sources import image_size as check_image_size
 from logitcache.storage import backend_for_new, cache_location, is_url
-from logitcache.hetero import absent_classes, check_specialists, configure_teachers, coverage, ensemble_logits
+from logitcache.hetero import absent_classes, check_specialists, configure_teachers
 from logitcache.targets import AGGREGATIONS, KINDS, index_dtype
 from logitcache.teachers import Teacher, load_teachers, position_shape, probe_teachers, run_teachers
+from logitcache.pipeline import ChunkRows, EpochStep, TeacherPass, run_epoch
 from logitcache.views import DrawnViews, SourceContent, ViewSource, collate_views
 
 def default_workers(dev: torch.device) -> int:
@@ -323,6 +326,8 @@ def dump(
             writer.abort()
             ctx.report_failure(e)
             raise
+    teacher_pass = TeacherPass(loaded, dev, precision, encoder, output_kind, aggregation, ensemble_weights, members,
+                               folder.ids, tokens=folder.modality == "tokens", moments=moments)
     started = time.perf_counter()
     threads_before = set_threads(cpu_threads(dev, num_workers, threads))
     bar = tqdm(total=int((writer.todo * chunk_sizes).sum()), unit="view",
@@ -338,27 +343,10 @@ def dump(
             loader = DataLoader(DrawnViews(source, order, seeds), **_batching(writer.todo[epoch], R, N, batch_size),
                                 num_workers=num_workers, collate_fn=collate_views, pin_memory=dev.type == "cuda",
                                 persistent_workers=False, prefetch_factor=4 if num_workers else None)
-            chunk: dict[str, list[np.ndarray]] = {}
-            for wave, params, pos, decoded in one_line_worker_errors(loader):
-                content.record(folder, decoded.index, decoded.crc)  # before any teacher time is spent
-                rows = _run_batch(loaded, wave, dev, precision, encoder, output_kind, aggregation, ensemble_weights,
-                                  members, folder, order[pos], seeds[pos], moments=moments)
-                rows.update({"order": order[pos].astype(manifest["order_dtype"]), "seeds": seeds[pos]})  # unless derived
-                rows.update({Layout.param_path(k): v for k, v in params.items()})
-                if epoch == 0 and store_content:
-                    rows["content"] = decoded.own
-                # Stored order is sequential, so rows fill chunks front to back; split at chunk edges.
-                a = 0
-                while a < len(pos):
-                    c = int(pos[a]) // R
-                    b = min(len(pos), a + (c + 1) * R - int(pos[a]))
-                    for k, v in rows.items():
-                        chunk.setdefault(k, []).append(v[a:b])
-                    if int(pos[b - 1]) + 1 == min((c + 1) * R, N):
-                        writer.put(epoch, c, _chunk_block(chunk, per_chunk))
-                        chunk = {}
-                    a = b
-                bar.update(len(pos))
+            chunks = ChunkRows(writer, epoch, R, N, per_chunk)
+            view_rows = _view_rows(order, seeds, writer.manifest, store_content and epoch == 0)
+            step = EpochStep(teacher_pass, chunks, content, folder, order, seeds, view_rows, bar.update)
+            run_epoch(one_line_worker_errors(loader), step)
         writer.drain()
         ctx.final_sync()  # every rank's chunks are durable before rank 0 calls the cache complete
         if ctx.rank == 0:
@@ -484,94 +472,19 @@ def _batching(todo: np.ndarray, rows: int, num_samples: int, batch_size: int) ->
     return {"batch_sampler": _TodoBatches(todo, rows, num_samples, batch_size)}
 
 
-def _chunk_block(chunk: dict[str, list[np.ndarray]], per_chunk: set[str]) -> dict[str, np.ndarray]:
-    """A whole chunk's rows, per array; ``per_chunk`` arrays (member logit sums, one row per view
-    here) summed into the chunk's one row, in position order, so the sum does not depend on how
-    the chunk's views were batched."""
-    out = {k: np.concatenate(v) for k, v in chunk.items()}
-    for k in per_chunk & set(out):
-        out[k] = out[k].sum(0, keepdims=True)
-    return out
+def _view_rows(order: np.ndarray, seeds: np.ndarray, manifest: dict, content: bool) -> Callable:
+    """The rows of a batch made on the host: order and seeds (unless the cache derives them on
+    read), the drawn params and, in a cache's first epoch, each view's source crc (``content``)."""
+    derived = set(manifest.get("derived_arrays") or ())
+    dtype = manifest["order_dtype"]
 
+    def rows(pos: np.ndarray, params: dict[str, np.ndarray], decoded) -> dict[str, np.ndarray]:
+        out = {} if "order" in derived else {"order": order[pos].astype(dtype)}
+        if "seeds" not in derived:
+            out["seeds"] = seeds[pos]
+        out.update((Layout.param_path(k), v) for k, v in params.items())
+        if content:
+            out["content"] = decoded.own
+        return out
 
-def logit_moments(z: torch.Tensor) -> torch.Tensor:
-    """[B, 3] float64 per view of one teacher's logits ``[B, (T,) C]``: the sum of its logits, of their
-    squares, and of each row's (frame's) logit sum squared over C (``layout.MOMENTS``)."""
-    z = z.double()
-    s = z.sum(-1)
-    parts = [s, (z * z).sum(-1), s * s / z.shape[-1]]
-    return torch.stack([p.reshape(z.shape[0], -1).sum(1) for p in parts], -1)
-
-
-def _run_batch(teachers, wave, dev, precision, codec, kind, aggregation, weights, members, folder,
-               dataset_index, view_seeds=None, moments: bool = False) -> dict[str, np.ndarray]:
-    """Teachers back to back on one batch; the codec encodes on the device; only its rows come back.
-
-    Each teacher's output is held to the probed shape, and every stored target set (members and
-    the ensemble, whose weights can make it NaN on their own) must be finite, or the batch is
-    refused whole. Results are cast to their stored dtypes on the device; on CUDA they come back
-    through pinned host buffers with non-blocking copies and a single wait per batch. ``moments``:
-    also each member's per-view logit sums (:func:`logit_moments`), for the member statistics."""
-    x = wave.to(dev, non_blocking=True)
-
-    def ids(rows=None) -> list[str]:
-        index = np.asarray(dataset_index)
-        return [folder.ids[i] for i in (index if rows is None else index[rows])]
-
-    with torch.inference_mode():
-        prefixes = target_sets({"members": [t.name for t in teachers] if members else []})
-        if folder.modality == "tokens":  # [B, L, V] per teacher: one teacher and one block of positions at a time
-            bad, encoded, stats = stream_encode(teachers, x, ids, dev, precision, codec, aggregation, weights,
-                                                members, view_seeds, moments and members)
-            extra = {"moments": stats} if stats is not None else {}
-            G, B = len(prefixes), x.shape[0]
-        else:
-            with autocast(dev, precision):
-                logits = run_teachers(teachers, x, ids)
-            bad = torch.stack([~torch.isfinite(z).reshape(z.shape[0], -1).all(dim=1) for z in logits])
-            # Ensemble and members stacked [G, B, (T,) C]: one encode pass for all (row-wise, so the
-            # same bits as one group at a time), a quarter of the kernel launches of a 3-teacher dump.
-            ensemble = ensemble_logits(logits, kind, aggregation, weights, coverage(teachers))
-            z = torch.stack([ensemble] + (logits if members else []))
-            G, B = z.shape[:2]
-            seeds = None if view_seeds is None else target_set_seeds(view_seeds, G)
-            encoded = codec.encode(z, seeds)
-            extra = {"moments": torch.stack([logit_moments(x) for x in logits])} if moments and members else {}
-        bad_sets = ~codec.finite_rows(encoded).reshape(G, B, -1).all(-1)
-        host = _to_host({"bad": bad, "bad_sets": bad_sets, **encoded, **extra}, dev)
-    for t, row_bad in zip(teachers, host["bad"]):
-        if row_bad.any():
-            raise LogitCacheError(f"teacher {t.name} produced NaN/Inf logits for sample(s) {', '.join(ids(row_bad)[:5])}")
-    for prefix, row_bad in zip(prefixes, host["bad_sets"]):
-        if row_bad.any():
-            hint = " (check --ensemble-weight)" if prefix == "ensemble" and weights else ""
-            raise LogitCacheError(f"target set {prefix}: NaN/Inf values for sample(s) "
-                                  f"{', '.join(ids(row_bad)[:5])}{hint}")
-    stored = codec.pack({f: host[f] for f in encoded})  # all groups at once: [G, B, ...]
-    out = {Layout.target_path(prefix, f): a[g] for g, prefix in enumerate(prefixes) for f, a in stored.items()}
-    out.update({Layout.stats_path(t.name): m for t, m in zip(teachers, host.get("moments", ()))})
-    return out
-
-
-_PINNED: dict[tuple, torch.Tensor] = {}  # reusable page-locked buffers, by (name, shape, dtype)
-
-
-def _to_host(tensors: dict[str, torch.Tensor], dev: torch.device) -> dict[str, np.ndarray]:
-    """numpy copies of device tensors: on CUDA non-blocking copies into pinned buffers, one wait."""
-    if dev.type != "cuda":
-        return {name: t.cpu().numpy() for name, t in tensors.items()}
-    if len(_PINNED) > 256:
-        _PINNED.clear()
-    staged = []
-    for name, t in tensors.items():
-        key = (name, tuple(t.shape), t.dtype)
-        buf = _PINNED.get(key)
-        if buf is None:
-            buf = _PINNED[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        buf.copy_(t, non_blocking=True)
-        staged.append((name, buf))
-    done = torch.cuda.Event()
-    done.record()  # on the current stream, after every copy above
-    done.synchronize()
-    # Copies out of the pinned buffers: the next batch reuses them while these rows wait for their chunk.
-    return {name: buf.numpy().copy() for name, buf in staged}
+    return rows

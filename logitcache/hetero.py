@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from logitcache import checks
 from logitcache.errors import LogitCacheError
 from logitcache.layout import num_classes
-from logitcache.targets import aggregate
+from logitcache.targets import aggregate, stacked
 
 ABSENT_LOGIT = -65504.0  # log 0 as the codecs store it (the float16 floor): a class a teacher does not cover
 UNMAPPED = ("error", "ignore")
@@ -319,7 +319,7 @@ def absent_classes(t, classes: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------- the ensemble
-def ensemble_logits(member_logits: list[torch.Tensor], kind: str, method: str = "mean_prob",
+def ensemble_logits(member_logits: list[torch.Tensor] | torch.Tensor, kind: str, method: str = "mean_prob",
                     weights: list[float] | None = None, covered: torch.Tensor | None = None) -> torch.Tensor:
     """Ensemble logits of members that may each cover only some classes (``covered`` bool [M, C],
     None: all); the rules are in the module doc."""
@@ -328,7 +328,7 @@ def ensemble_logits(member_logits: list[torch.Tensor], kind: str, method: str = 
     if method not in ("mean_prob", "mean_logit"):
         raise ValueError(f"unknown aggregation {method!r}")
     weights = checks.ensemble_weights(weights, len(member_logits), option="ensemble weights")
-    z = torch.stack([m.float() for m in member_logits])  # [M, ..., C]
+    z = stacked(member_logits)  # [M, ..., C]
     M, C = z.shape[0], z.shape[-1]
     w = torch.tensor(weights if weights else [1.0] * M, dtype=torch.float32, device=z.device)
     cov = covered.to(z.device).view(M, *([1] * (z.dim() - 2)), C)

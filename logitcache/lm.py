@@ -54,7 +54,7 @@ def check_lm_dump(kind: str, class_maps, sample_rates, clip_seconds) -> None:
 
 def block_moments(z: torch.Tensor, blocks) -> torch.Tensor:
     """:func:`logitcache.dump.logit_moments` of ``z [B, L, V]`` summed block by block (float64)."""
-    from logitcache.dump import logit_moments
+    from logitcache.pipeline import logit_moments
 
     return sum(logit_moments(z[:, a:b]) for a, b in blocks)
 

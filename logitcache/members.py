@@ -39,7 +39,7 @@ from logitcache.codecs import target_set_seeds
 from logitcache.sources import Source, open_source
 from logitcache.device import autocast, resolve_device
 from logitcache.errors import LogitCacheError, one_line_worker_errors
-from logitcache.dump import _chunk_block, logit_moments
+from logitcache.pipeline import ChunkRows, Streams, logit_moments
 from logitcache.layout import MEMBER_STATS, MOMENTS, PARAMS, Layout, class_names, config_digest, num_classes
 from logitcache.lock import DumpLock
 from logitcache.storage import cache_location, is_url, open_store
@@ -368,7 +368,7 @@ def _write(store, manifest: dict, plan: _Plan, folder: Source, dev, batch_size: 
             loader = DataLoader(_Replayed(source, block["order"], params), num_workers=num_workers,
                                 **_batching(todo[epoch], R, N, batch_size), pin_memory=dev.type == "cuda",
                                 prefetch_factor=4 if num_workers else None)
-            chunks = _Chunks(writer, epoch, R, N, per_chunk)
+            chunks = ChunkRows(writer, epoch, R, N, per_chunk)
             for wave, pos in one_line_worker_errors(loader):
                 pos = pos.numpy()
                 chunks.add(pos, encode(wave, block["order"][pos], block["seeds"][pos]))
@@ -383,26 +383,6 @@ def _write(store, manifest: dict, plan: _Plan, folder: Source, dev, batch_size: 
         cache.close()
 
 
-class _Chunks:
-    """Rows of one epoch in stored order -> whole chunks handed to the writer as they fill."""
-
-    def __init__(self, writer: CacheWriter, epoch: int, rows: int, num_samples: int, per_chunk: set[str]):
-        self.writer, self.epoch, self.R, self.N, self.per_chunk = writer, epoch, rows, num_samples, per_chunk
-        self.parts: dict[str, list[np.ndarray]] = {}
-
-    def add(self, pos: np.ndarray, rows: dict[str, np.ndarray]) -> None:
-        a, R = 0, self.R
-        while a < len(pos):  # batches may straddle chunk edges
-            c = int(pos[a]) // R
-            b = min(len(pos), a + (c + 1) * R - int(pos[a]))
-            for k, v in rows.items():
-                self.parts.setdefault(k, []).append(v[a:b])
-            if int(pos[b - 1]) + 1 == min((c + 1) * R, self.N):
-                self.writer.put(self.epoch, c, _chunk_block(self.parts, self.per_chunk))
-                self.parts = {}
-            a = b
-
-
 class _Encoder:
     """One batch of views -> the stored rows of every new target set, as the dump makes them: the
     same aggregation, the same codec pass (row-wise: a subset of target sets gets the same bits)
@@ -415,10 +395,9 @@ class _Encoder:
         self.sets = list(plan.sets)
         self.groups = np.array([plan.sets[ts]["seed_group"] for ts in self.sets])
         self.stats = {ts: _stats_path(manifest, ts) for ts in self.sets if _stats_path(manifest, ts)}
+        self.streams = Streams(dev)  # pinned host buffers on CUDA, reused batch after batch
 
     def __call__(self, wave: torch.Tensor, index: np.ndarray, view_seeds: np.ndarray) -> dict[str, np.ndarray]:
-        from logitcache.dump import _to_host
-
         def ids(rows=None) -> list[str]:
             return [self.folder.ids[i] for i in (index if rows is None else index[rows])]
 
@@ -436,7 +415,7 @@ class _Encoder:
                 seeds = target_set_seeds(view_seeds, int(self.groups.max()) + 1)[self.groups]
                 encoded = self.codec.encode(z, seeds)
             bad_sets = ~self.codec.finite_rows(encoded).reshape(len(self.sets), len(index), -1).all(-1)
-            host = _to_host({"bad_sets": bad_sets, **encoded}, self.dev)
+            host = self.streams.fetch({"bad_sets": bad_sets, **encoded})
         for ts, row_bad in zip(self.sets, host["bad_sets"]):
             if row_bad.any():
                 raise LogitCacheError(f"target set {ts}: NaN/Inf values for sample(s) {', '.join(ids(row_bad)[:5])}")

@@ -24,23 +24,22 @@ KINDS = ("multilabel", "multiclass")
 AGGREGATIONS = ("mean_prob", "mean_logit")
 
 
-def aggregate(member_logits: list[torch.Tensor], kind: str, method: str = "mean_prob",
+def aggregate(member_logits: list[torch.Tensor] | torch.Tensor, kind: str, method: str = "mean_prob",
               weights: list[float] | None = None) -> torch.Tensor:
     """Ensemble logits. mean_prob gives log(mean p) for softmax and logit(mean p) for sigmoid.
 
     ``weights``: one finite weight >= 0 per member with a positive sum (normalised here), else a
     :class:`LogitCacheError`; a NaN or negative weight would make a NaN ensemble. Or a tensor
     ``[M, ...]`` of per-row weights (the members' leading shape; normalised over members here),
-    as :mod:`logitcache.recompose` gives for members weighted by their confidence."""
-    z = torch.stack([m.float() for m in member_logits])  # [M, ..., C]
+    as :mod:`logitcache.recompose` gives for members weighted by their confidence. The members may
+    come stacked, ``[M, ..., C]`` (the dump's stacked pass: no second copy)."""
+    z = stacked(member_logits)  # [M, ..., C]
     if isinstance(weights, torch.Tensor):
         w = weights.float().to(z.device)
         wz = (w / w.sum(0, keepdim=True))[..., None]
     else:
         weights = ensemble_weights(weights, len(member_logits), option="ensemble weights")
-        w = torch.tensor(weights if weights else [1.0] * len(member_logits), dtype=torch.float32)
-        w = (w / w.sum()).to(z.device)
-        wz = w.view(-1, *([1] * (z.dim() - 1)))
+        wz = member_weights(weights, len(member_logits), z.device).view(-1, *([1] * (z.dim() - 1)))
     if method == "mean_logit":
         return (z * wz).sum(0)
     if method != "mean_prob":
@@ -51,6 +50,27 @@ def aggregate(member_logits: list[torch.Tensor], kind: str, method: str = "mean_
     log_p = torch.logsumexp(F.logsigmoid(z) + logw, dim=0)
     log_not_p = torch.logsumexp(F.logsigmoid(-z) + logw, dim=0)
     return log_p - log_not_p
+
+
+_WEIGHTS: dict[tuple, torch.Tensor] = {}
+
+
+def member_weights(weights: list[float] | None, members: int, device) -> torch.Tensor:
+    """[M] float32 normalised member weights on ``device``, made once per setting: a host tensor
+    made per call would be a synchronous host-to-device copy per batch on a GPU."""
+    key = (tuple(weights) if weights else None, members, str(device))
+    if key not in _WEIGHTS:
+        with torch.inference_mode(False):  # usable where gradients are recorded too
+            w = torch.tensor(weights if weights else [1.0] * members, dtype=torch.float32)
+            _WEIGHTS[key] = (w / w.sum()).to(device)
+    return _WEIGHTS[key]
+
+
+def stacked(member_logits: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """Members' logits as one float32 tensor ``[M, ..., C]``."""
+    if isinstance(member_logits, torch.Tensor):
+        return member_logits.float()
+    return torch.stack([m.float() for m in member_logits])
 
 
 def topk_targets(logits: torch.Tensor, k: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

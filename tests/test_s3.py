@@ -19,6 +19,7 @@ from kill_resume import DUMP_KW, TEACHERS, arrays, differing  # noqa: E402
 from logitcache import LogitCacheError  # noqa: E402
 from logitcache.cli.main import main  # noqa: E402
 from logitcache.copy import copy_cache  # noqa: E402
+from logitcache.pipeline import TeacherPass  # noqa: E402
 from logitcache.report import inspect_cache, verify_cache  # noqa: E402
 from logitcache.storage import stored_files  # noqa: E402
 from logitcache.train import train  # noqa: E402
@@ -93,8 +94,7 @@ def test_dump_inspect_verify_and_train_on_s3(s3, dataset, local, tmp_path):
 
 def test_failed_dump_resumes_on_s3(s3, dataset, local, monkeypatch):
     url = f"{s3}/resume.zarr"
-    dump_mod = sys.modules["logitcache.dump"]
-    real, calls = dump_mod._run_batch, []
+    real, calls = TeacherPass.submit, []
 
     def fails_on_batch_5(*a, **k):
         calls.append(1)
@@ -102,10 +102,10 @@ def test_failed_dump_resumes_on_s3(s3, dataset, local, monkeypatch):
             raise RuntimeError("teacher crashed")
         return real(*a, **k)
 
-    monkeypatch.setattr(dump_mod, "_run_batch", fails_on_batch_5)
+    monkeypatch.setattr(TeacherPass, "submit", fails_on_batch_5)
     with pytest.raises(RuntimeError):
         _dump(dataset, url)
-    monkeypatch.setattr(dump_mod, "_run_batch", real)
+    monkeypatch.setattr(TeacherPass, "submit", real)
     with logitcache.open_cache(url) as c:
         assert not c.complete and 0 < int(c.chunks_done().sum()) < 4
     with pytest.raises(LogitCacheError) as e:

@@ -55,6 +55,7 @@ class TargetCodec(abc.ABC):
 
     name: ClassVar[str]
     triple: ClassVar[bool] = True  # decode gives (values, indices, stat): top-k figures apply
+    seeded: ClassVar[bool] = False  # encode draws from per-row seeds (the dump derives them only then)
 
     def __init__(self, topk: int, num_classes: int, kind: str, frames: int | None = None,
                  options: dict | None = None):
@@ -74,6 +75,11 @@ class TargetCodec(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, logits: torch.Tensor, seeds=None) -> dict[str, torch.Tensor]: ...
+
+    def narrow_dtypes(self) -> dict[str, torch.dtype]:
+        """Encoded fields the dump may cast on the device to the dtype ``pack`` stores them in (fewer
+        bytes to copy back, no cast on the host); ``pack`` takes them as they are. None by default."""
+        return {}
 
     def finite_rows(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
         values, stat = encoded["values"], encoded["stat"]

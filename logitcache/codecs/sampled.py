@@ -439,6 +439,7 @@ class SampledCodec(TargetCodec):
 
     name = "sampled"
     triple = False
+    seeded = True
 
     def __init__(self, topk, num_classes, kind, frames=None, options=None):
         super().__init__(topk, num_classes, kind, frames, options)

@@ -50,6 +50,10 @@ class TopkCodec(TargetCodec):
                 "indices": indices.to(torch.int32 if logits.shape[-1] <= 2**31 else torch.int64),
                 "stat": stat.float()}
 
+    def narrow_dtypes(self) -> dict[str, torch.dtype]:
+        dtype = getattr(torch, self.index_dtype, None)  # torch >= 2.3 has uint16/32/64
+        return {"indices": dtype} if isinstance(dtype, torch.dtype) else {}
+
     def pack(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = np.asarray(host["values"])
         if values.dtype != np.dtype(self.value_dtype):
@@ -57,7 +61,7 @@ class TopkCodec(TargetCodec):
             if self.value_dtype == "float16":
                 v = np.clip(v, -FLOAT16_MAX, FLOAT16_MAX)
             values = v.astype(self.value_dtype)
-        return {"values": values, "indices": np.asarray(host["indices"]).astype(self.index_dtype),
+        return {"values": values, "indices": np.asarray(host["indices"]).astype(self.index_dtype, copy=False),
                 "stat": np.asarray(host["stat"], np.float32)}
 
     def decode(self, arrays: dict[str, np.ndarray], sort: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
