@@ -22,6 +22,17 @@ this V does not fit the CPU budget.
             E over --draws fresh draws per row (bench_sampled.Errors takes the noise share out);
             "~0 (<b)" when within 2 standard errors of 0
 
+"tail ~ prior" rows: the same compact rows, their exact tail mass spread over the ids outside the
+top-k in proportion to a prior (codecs.evaluate.prior_tail_probs) instead of evenly, and KD against
+that dense target. The prior is the mean teacher probability per id over --prior-rows further rows
+of the same teacher stream (codecs.evaluate.mean_probs: the cache's own teacher outputs, as a dump
+would accumulate them; the measured rows are not in it). "prior^beta (+1 B)": each row's tail
+follows prior ** beta, beta the row's maximum-likelihood exponent in a byte (evaluate.fit_tail_beta).
+These rows favour the method: the synthetic rows share one Zipf prior by construction (each row's
+background is that prior to a per-row power, times log-normal noise: prior^beta is the generator's
+own family), while a real LM's tail follows unigram frequency only partly; bench_lm_tail.py
+measures the same reconstructions on a small trained LM's rows.
+
     python benchmarks/bench_lm_bytes.py            # ~2.5 min on 2 shared cores (6 at load 5)
     python benchmarks/bench_lm_bytes.py --quick    # ~25 s
 """
@@ -44,7 +55,8 @@ from bench_sampled import Errors, full_gradient, grad_of  # noqa: E402
 from logitcache.codecs.sampled import DRAWS_ELIAS_FANO  # noqa: E402
 
 from logitcache.codecs import get_codec  # noqa: E402
-from logitcache.codecs.evaluate import TAIL_FLOOR, dense_kl, lm_teacher_rows  # noqa: E402
+from logitcache.codecs.evaluate import (TAIL_FLOOR, dense_kl, fit_tail_beta, lm_teacher_rows,  # noqa: E402
+                                        mean_probs, prior_tail_probs)
 from logitcache.targets import kl_divergence  # noqa: E402
 
 V = 151_936
@@ -109,7 +121,28 @@ def grad_errors(loss, z, students, g_full) -> dict:
     return out
 
 
-def deterministic_formats(z: torch.Tensor):
+def dense_target_loss(q: torch.Tensor):
+    """KD against a dense target ``q [R, V]``: cross-entropy, gradient q_student - q."""
+    q = q.float()
+    return lambda s: -(q * F.log_softmax(s.float(), -1)).sum(-1).mean()
+
+
+def prior_tail_formats(z: torch.Tensor, log_prior: np.ndarray):
+    """The compact 6-bit rows with their tail spread in proportion to the prior (see the doc)."""
+    for k in TOPK_KS:
+        c = codec("compact", k, value_bits=6)
+        packed, dec = encode_ours(c, z)
+        for fit in (False, True):
+            beta = fit_tail_beta(z.numpy(), dec[1], log_prior) if fit else 1.0
+            q = prior_tail_probs(*dec, log_prior, beta)
+            extra = np.round(np.asarray(beta) * 64).astype(np.uint8).reshape(-1, 1) if fit else None
+            rows = packed_rows(packed) if extra is None else np.concatenate([packed_rows(packed), extra], 1)
+            name = f"ours compact 6-bit k={k}, tail ~ prior" + ("^beta (+1 B)" if fit else "")
+            yield (name, c.row_bytes() + int(fit), floored_kl(z, q), dec[1][:, 0], rows, dense_target_loss(q),
+                   "favoured: synthetic rows share the prior by construction")
+
+
+def deterministic_formats(z: torch.Tensor, log_prior: np.ndarray):
     """(name, row bytes, kl, top-1 ids, packed rows, loss, note) of every format but sampled."""
     for k in TOPK_KS:
         c = codec("topk", k, value_dtype="float16")
@@ -122,6 +155,7 @@ def deterministic_formats(z: torch.Tensor):
             packed, dec = encode_ours(c, z)
             yield (f"ours compact {bits}-bit k={k}", c.row_bytes(), dense_kl(z.numpy(), *dec, KIND), dec[1][:, 0],
                    packed_rows(packed), lambda s, c=c, d=dec: c.loss(s, tuple(map(torch.as_tensor, d))), "")
+    yield from prior_tail_formats(z, log_prior)
     rows = LF.megatron(z, 128, 18)
     yield ("Megatron top-128 fp16 + 18-bit ids, zstd", None, floored_kl(z, LF.dense(rows, V)),
            rows.ids[:, 0].numpy(), rows.packed, rows.loss,
@@ -134,13 +168,13 @@ def deterministic_formats(z: torch.Tensor):
                    floored_kl(z, LF.dense(rows, V)), rows.ids[:, 0].numpy(), rows.packed, rows.loss, "")
 
 
-def run_deterministic(blocks, stats: dict) -> None:
+def run_deterministic(blocks, stats: dict, log_prior: np.ndarray) -> None:
     for b, z in enumerate(blocks):
         z = torch.from_numpy(z)
         students = student_logits(z, b)
         g_full = {s: full_gradient(z.double(), x.double(), KIND) for s, x in students.items()}
         top = z.argmax(-1).numpy()
-        for name, nbytes, kl, top1, packed, loss, note in deterministic_formats(z):
+        for name, nbytes, kl, top1, packed, loss, note in deterministic_formats(z, log_prior):
             st = stats.setdefault(name, Stat(name, nbytes if nbytes is not None else packed.shape[1], note))
             st.add(np.asarray(kl), np.asarray(top1).astype(np.int64) == top, packed,
                    grad_errors(loss, z, students, g_full))
@@ -256,23 +290,39 @@ def ratios(stats: dict, rows: dict) -> None:
     print("ratios: " + line)
 
 
+def prior_stream(skip: int, rows: int):
+    """The teacher rows after the first ``skip`` of the same stream (seed 0: the same vocabulary
+    ranking), ``rows`` of them."""
+    seen = 0
+    for z in lm_teacher_rows(skip + rows, V, seed=0):
+        keep = z[max(0, skip - seen):]
+        seen += len(z)
+        if len(keep):
+            yield keep
+
+
 def main() -> None:
     p = Cm.parser(__doc__)
     p.add_argument("--rows", type=int, default=None, help="teacher rows (tokens) (default 128; --quick 32)")
     p.add_argument("--sampled-rows", type=int, default=None,
                    help="rows for the sampled gradient bias, <= 64 (default 16; --quick 4)")
     p.add_argument("--draws", type=int, default=None, help="draws per row for sampled (default 16; --quick 6)")
+    p.add_argument("--prior-rows", type=int, default=None,
+                   help="further teacher rows the tail prior is estimated from (default 512; --quick 128)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = a.rows or (32 if a.quick else 128)
     srows = a.sampled_rows or (4 if a.quick else 16)
     draws = a.draws or (6 if a.quick else 16)
+    prior_rows = a.prior_rows or (128 if a.quick else 512)
     print(f"# {Cm.machine()}")
-    print(f"# V = {V:,}, {rows} teacher rows, sampled: {srows} rows x {draws} draws")
+    print(f"# V = {V:,}, {rows} teacher rows, sampled: {srows} rows x {draws} draws, "
+          f"tail prior from {prior_rows} further rows")
     t0 = time.time()
     stats: dict = {}
-    run_deterministic(lm_teacher_rows(rows, V, seed=0), stats)
+    log_prior = np.log(mean_probs(prior_stream(rows, prior_rows)))
+    run_deterministic(lm_teacher_rows(rows, V, seed=0), stats, log_prior)
     run_sampled(next(lm_teacher_rows(64, V, seed=0))[:srows], draws, stats)  # the first rows
     report(stats)
     print(f"# wall time {time.time() - t0:.0f} s")

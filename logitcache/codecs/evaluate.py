@@ -131,3 +131,56 @@ def lm_teacher_rows(rows: int, num_classes: int, seed: int = 0, block: int = 64)
             heights = lse[r] + rng.uniform(-2.0, 9.0) - np.cumsum(np.r_[0.0, rng.exponential(1.5, m - 1)])
             z[r, ids] = np.maximum(z[r, ids], heights.astype(np.float32))
         yield z
+
+
+# ---------------------------------------------------------------- the tail shaped by a prior (measured, not a codec)
+def mean_probs(logit_blocks) -> np.ndarray:
+    """float64 ``[V]``: the mean softmax probability of every id over all rows of ``logit_blocks``
+    (an iterable of ``[R, V]`` blocks), summed block by block in float64: the tail prior of
+    :func:`prior_tail_probs` as a dump would estimate it from its own teacher rows."""
+    total, count = None, 0
+    for z in logit_blocks:
+        p = F.softmax(torch.as_tensor(np.asarray(z, np.float64)), -1).sum(0)
+        total = p if total is None else total + p
+        count += len(z)
+    return (total / count).numpy()
+
+
+def _masked_prior(log_prior, indices, beta) -> torch.Tensor:
+    """softmax over the ids outside each row's top-k of beta * log prior: ``[R, V]`` float64."""
+    lp = torch.as_tensor(np.asarray(log_prior, np.float64))
+    b = torch.as_tensor(np.asarray(beta, np.float64)).reshape(-1, 1)
+    x = (b * lp[None]).expand(len(b), lp.shape[0]).clone()
+    x.scatter_(-1, torch.as_tensor(np.asarray(indices).astype(np.int64)), -np.inf)
+    return F.softmax(x, -1)
+
+
+def prior_tail_probs(values, indices, stat, log_prior, beta=1.0) -> torch.Tensor:
+    """Dense float64 ``[R, V]`` of softmax rows whose exact tail mass is spread over the ids
+    outside the top-k in proportion to ``prior ** beta`` (``beta``: a scalar or one per row)
+    instead of evenly; ``log_prior [V]`` is log of :func:`mean_probs`."""
+    v = torch.as_tensor(np.asarray(values, np.float64))
+    i = torch.as_tensor(np.asarray(indices).astype(np.int64))
+    top = torch.exp(v - torch.as_tensor(np.asarray(stat, np.float64))[..., None])
+    tail = (1.0 - top.sum(-1, keepdim=True)).clamp_min(TAIL_FLOOR)
+    beta = np.array(np.broadcast_to(np.asarray(beta, np.float64), (len(v),)))
+    return (tail * _masked_prior(log_prior, i, beta)).scatter_(-1, i, top)
+
+
+def fit_tail_beta(logits, indices, log_prior, steps: int = 8, grid: float = 1 / 64) -> np.ndarray:
+    """Per row, the exponent beta >= 0 whose ``prior ** beta`` (over the ids outside the top-k)
+    is the maximum-likelihood fit of the row's own tail: Newton on E_beta[log prior] =
+    E_tail[log prior] (the fit's derivative is the variance, so it is monotone), rounded to
+    ``grid`` (a byte holds beta in [0, 4) at 1/64). What one extra byte per row would store."""
+    z = torch.as_tensor(np.asarray(logits, np.float64))
+    lp = torch.as_tensor(np.asarray(log_prior, np.float64))[None].expand_as(z)
+    i = torch.as_tensor(np.asarray(indices).astype(np.int64))
+    p = F.softmax(z.clone().scatter_(-1, i, -np.inf), -1)  # the row's own tail, normalised
+    target = (p * lp).sum(-1)
+    beta = torch.ones(len(z), dtype=torch.float64)
+    for _ in range(steps):
+        t = _masked_prior(lp[0], i, beta.numpy())
+        mean = (t * lp).sum(-1)
+        var = (t * (lp - mean[:, None]) ** 2).sum(-1).clamp_min(1e-12)
+        beta = (beta + (target - mean) / var).clamp(0.0, 4.0 - grid)
+    return (torch.round(beta / grid) * grid).numpy()
