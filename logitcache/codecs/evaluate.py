@@ -167,20 +167,19 @@ def prior_tail_probs(values, indices, stat, log_prior, beta=1.0) -> torch.Tensor
     return (tail * _masked_prior(log_prior, i, beta)).scatter_(-1, i, top)
 
 
-def fit_tail_beta(logits, indices, log_prior, steps: int = 8, grid: float = 1 / 64) -> np.ndarray:
-    """Per row, the exponent beta >= 0 whose ``prior ** beta`` (over the ids outside the top-k)
-    is the maximum-likelihood fit of the row's own tail: Newton on E_beta[log prior] =
-    E_tail[log prior] (the fit's derivative is the variance, so it is monotone), rounded to
-    ``grid`` (a byte holds beta in [0, 4) at 1/64). What one extra byte per row would store."""
+def fit_tail_beta(logits, indices, log_prior, grid: float = 1 / 64, top: float = 4.0) -> np.ndarray:
+    """Per row, the exponent beta in [0, ``top``) whose ``prior ** beta`` (over the ids outside the
+    top-k) is the maximum-likelihood fit of the row's own tail, on a ``grid`` (a byte holds beta
+    in [0, 4) at 1/64): what one extra byte per row would store. The fit solves E_beta[log prior]
+    = E_tail[log prior], whose left side rises with beta (its derivative is a variance), by
+    bisection down to the grid (Newton overshoots on tails with a few peaks)."""
     z = torch.as_tensor(np.asarray(logits, np.float64))
-    lp = torch.as_tensor(np.asarray(log_prior, np.float64))[None].expand_as(z)
+    lp = torch.as_tensor(np.asarray(log_prior, np.float64))
     i = torch.as_tensor(np.asarray(indices).astype(np.int64))
-    p = F.softmax(z.clone().scatter_(-1, i, -np.inf), -1)  # the row's own tail, normalised
-    target = (p * lp).sum(-1)
-    beta = torch.ones(len(z), dtype=torch.float64)
-    for _ in range(steps):
-        t = _masked_prior(lp[0], i, beta.numpy())
-        mean = (t * lp).sum(-1)
-        var = (t * (lp - mean[:, None]) ** 2).sum(-1).clamp_min(1e-12)
-        beta = (beta + (target - mean) / var).clamp(0.0, 4.0 - grid)
-    return (torch.round(beta / grid) * grid).numpy()
+    target = (F.softmax(z.clone().scatter_(-1, i, -np.inf), -1) * lp).sum(-1)  # the row's own tail
+    lo, hi = torch.zeros(len(z), dtype=torch.float64), torch.full((len(z),), top, dtype=torch.float64)
+    while float((hi - lo).max()) > grid:
+        mid = (lo + hi) / 2
+        up = (_masked_prior(lp, i, mid.numpy()) * lp).sum(-1) < target
+        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+    return (torch.round((lo + hi) / 2 / grid) * grid).clamp(0.0, top - grid).numpy()
