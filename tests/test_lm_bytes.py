@@ -134,3 +134,23 @@ def test_mean_probs_does_not_depend_on_the_blocks():
     whole = mean_probs([z])
     assert np.allclose(mean_probs([z[:3], z[3:7], z[7:]]), whole, rtol=1e-14, atol=0)
     assert whole[7] == pytest.approx(np.mean(np.exp(z[:, 7]) / np.exp(z).sum(-1)), rel=1e-12)
+
+
+def test_even_tail_kl_by_k_equals_dense_kl_of_each_top_k():
+    import bench_lm_bytes as B
+    from logitcache.codecs.evaluate import dense_kl
+
+    z = _rows(V=60, R=4)[0].float()
+    kl = B.even_tail_kl_by_k(z, 10)
+    for k in (1, 3, 10):
+        v, i = torch.topk(z, k, -1)
+        want = dense_kl(z.numpy(), v.numpy(), i.numpy(), torch.logsumexp(z, -1).numpy(), "multiclass")
+        assert np.allclose(kl[:, k], want, rtol=1e-6, atol=1e-9)
+
+
+def test_allocate_ids_spends_the_budget_where_kl_drops_most():
+    import bench_lm_bytes as B
+
+    kl = np.array([[1.0, 0.2, 0.1, 0.05], [1.0, 0.95, 0.9, 0.85], [0.5, 0.1, 0.05, 0.0]])
+    k = B.allocate_ids(kl, 1)  # 3 ids: the drops 0.8 (row 0), 0.4 (row 2), then 0.1 (row 0 again)
+    assert k.sum() == 3 and k.tolist() == [2, 0, 1]
