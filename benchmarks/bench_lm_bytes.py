@@ -40,8 +40,8 @@ tail spread evenly. Values are the exact float32 top-k (the 6-bit storage adds ~
 are each row's compact 6-bit row at its own k plus 1 B for k (what a variable-length row would
 take; no codec stores it).
 
-    python benchmarks/bench_lm_bytes.py            # ~2.5 min on 2 shared cores (6 at load 5)
-    python benchmarks/bench_lm_bytes.py --quick    # ~25 s
+    python benchmarks/bench_lm_bytes.py            # ~4 min on 2 quiet cores (12 at load 9)
+    python benchmarks/bench_lm_bytes.py --quick    # ~1 min (4 at load 9)
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ accumulate); figures are over --rows of them drawn at random. Values are the exa
   ids saved     the even tail needs k' ids for the prior column's KL at k (interpolated in log k
                 between measured k): 1 - k / k'
 
-    python benchmarks/bench_lm_tail.py            # ~4 min on 2 cores (teacher training dominates)
-    python benchmarks/bench_lm_tail.py --quick    # ~40 s: one teacher, 40 steps (an untrained-ish LM)
+    python benchmarks/bench_lm_tail.py            # ~4 min on 2 quiet cores (13 at load 8; training dominates)
+    python benchmarks/bench_lm_tail.py --quick    # ~40 s (1.5 min at load 9): one teacher, 40 steps, near-unigram
 """
 
 from __future__ import annotations
