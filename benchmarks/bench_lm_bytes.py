@@ -41,7 +41,7 @@ are each row's compact 6-bit row at its own k plus 1 B for k (what a variable-le
 take; no codec stores it).
 
     python benchmarks/bench_lm_bytes.py            # ~4 min on 2 quiet cores (12 at load 9)
-    python benchmarks/bench_lm_bytes.py --quick    # ~1 min (4 at load 9)
+    python benchmarks/bench_lm_bytes.py --quick    # ~45 s (4 min at load 9)
 """
 
 from __future__ import annotations
@@ -318,8 +318,8 @@ def report(stats: dict) -> None:
         packed = np.concatenate(st.packed)
         z = "-" if st.row_sizes else LF.zstd_bytes(packed) / len(packed)
         nbytes = z if st.name.startswith("Megatron") else st.row_bytes
-        rows.append([st.name, round(nbytes, 1), z if z == "-" else round(z, 1), f"{kl.mean():.4g}", f"{kl.max():.3g}",
-                     f"{np.concatenate(st.top1).mean():.4f}", st.bias("trained"), st.bias("random"), st.note])
+        rows.append([st.name, round(nbytes, 1), z if z == "-" else round(z, 1), f"{kl.mean():.4g}",
+                     f"{kl.max():.3g}", f"{np.concatenate(st.top1).mean():.4f}", st.bias("trained"), st.bias("random"), st.note])
     print()
     print(Cm.table(["format (V = 151,936)", "B/token", "zstd B/token", "KL mean", "KL max", "top-1",
                     "bias (trained student)", "bias (random student)", "note"], rows))
@@ -327,10 +327,11 @@ def report(stats: dict) -> None:
 
 
 def ratios(stats: dict, rows: dict) -> None:
-    shipped = [(st.row_bytes, float(np.concatenate(st.kl).mean()), n) for n, st in stats.items()
-               if n.startswith("ours") and "sampled" not in n and "tail ~" not in n and "allocated" not in n]
-    shaped = [(st.row_bytes, float(np.concatenate(st.kl).mean()), n) for n, st in stats.items() if "tail ~" in n]
-    spread = [(st.row_bytes, float(np.concatenate(st.kl).mean()), n) for n, st in stats.items() if "allocated" in n]
+    def rows_where(keep):
+        return [(st.row_bytes, float(np.concatenate(st.kl).mean()), n) for n, st in stats.items() if keep(n)]
+
+    shipped = rows_where(lambda n: n.startswith("ours") and not any(w in n for w in ("sampled", "tail ~", "allocated")))
+    shaped, spread = rows_where(lambda n: "tail ~" in n), rows_where(lambda n: "allocated" in n)
     parts, tails, alloc = [], [], []
     for name, st in stats.items():
         if not name.startswith("DistillKit"):
@@ -359,7 +360,8 @@ def best_at(ours: list, dk: float, dk_bytes: int) -> str:
     if not fit:
         return f"none of ours at KL <= {dk:.3g}"
     b, kl, on = min(fit)
-    return f"{b} / {dk_bytes} B = {b / dk_bytes:.3f} ({on}, KL {kl:.3g} <= {dk:.3g}; goal <= {DISTILLKIT_GOAL:.3f})"
+    return (f"{b} / {dk_bytes} B = {b / dk_bytes:.3f} ({on}, KL {kl:.3g} <= {dk:.3g}; "
+            f"goal <= {DISTILLKIT_GOAL:.3f})")
 
 
 def prior_stream(skip: int, rows: int):

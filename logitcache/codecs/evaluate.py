@@ -133,7 +133,7 @@ def lm_teacher_rows(rows: int, num_classes: int, seed: int = 0, block: int = 64)
         yield z
 
 
-# ---------------------------------------------------------------- the tail shaped by a prior (measured, not a codec)
+# ---------------------------------------------------------------- a tail shaped by a prior (measured only)
 def mean_probs(logit_blocks) -> np.ndarray:
     """float64 ``[V]``: the mean softmax probability of every id over all rows of ``logit_blocks``
     (an iterable of ``[R, V]`` blocks), summed block by block in float64: the tail prior of
