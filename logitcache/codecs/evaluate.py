@@ -131,3 +131,55 @@ def lm_teacher_rows(rows: int, num_classes: int, seed: int = 0, block: int = 64)
             heights = lse[r] + rng.uniform(-2.0, 9.0) - np.cumsum(np.r_[0.0, rng.exponential(1.5, m - 1)])
             z[r, ids] = np.maximum(z[r, ids], heights.astype(np.float32))
         yield z
+
+
+# ---------------------------------------------------------------- a tail shaped by a prior (measured only)
+def mean_probs(logit_blocks) -> np.ndarray:
+    """float64 ``[V]``: the mean softmax probability of every id over all rows of ``logit_blocks``
+    (an iterable of ``[R, V]`` blocks), summed block by block in float64: the tail prior of
+    :func:`prior_tail_probs` as a dump would estimate it from its own teacher rows."""
+    total, count = None, 0
+    for z in logit_blocks:
+        p = F.softmax(torch.as_tensor(np.asarray(z, np.float64)), -1).sum(0)
+        total = p if total is None else total + p
+        count += len(z)
+    return (total / count).numpy()
+
+
+def _masked_prior(log_prior, indices, beta) -> torch.Tensor:
+    """softmax over the ids outside each row's top-k of beta * log prior: ``[R, V]`` float64."""
+    lp = torch.as_tensor(np.asarray(log_prior, np.float64))
+    b = torch.as_tensor(np.asarray(beta, np.float64)).reshape(-1, 1)
+    x = (b * lp[None]).expand(len(b), lp.shape[0]).clone()
+    x.scatter_(-1, torch.as_tensor(np.asarray(indices).astype(np.int64)), -np.inf)
+    return F.softmax(x, -1)
+
+
+def prior_tail_probs(values, indices, stat, log_prior, beta=1.0) -> torch.Tensor:
+    """Dense float64 ``[R, V]`` of softmax rows whose exact tail mass is spread over the ids
+    outside the top-k in proportion to ``prior ** beta`` (``beta``: a scalar or one per row)
+    instead of evenly; ``log_prior [V]`` is log of :func:`mean_probs`."""
+    v = torch.as_tensor(np.asarray(values, np.float64))
+    i = torch.as_tensor(np.asarray(indices).astype(np.int64))
+    top = torch.exp(v - torch.as_tensor(np.asarray(stat, np.float64))[..., None])
+    tail = (1.0 - top.sum(-1, keepdim=True)).clamp_min(TAIL_FLOOR)
+    beta = np.array(np.broadcast_to(np.asarray(beta, np.float64), (len(v),)))
+    return (tail * _masked_prior(log_prior, i, beta)).scatter_(-1, i, top)
+
+
+def fit_tail_beta(logits, indices, log_prior, grid: float = 1 / 64, top: float = 4.0) -> np.ndarray:
+    """Per row, the exponent beta in [0, ``top``) whose ``prior ** beta`` (over the ids outside the
+    top-k) is the maximum-likelihood fit of the row's own tail, on a ``grid`` (a byte holds beta
+    in [0, 4) at 1/64): what one extra byte per row would store. The fit solves E_beta[log prior]
+    = E_tail[log prior], whose left side rises with beta (its derivative is a variance), by
+    bisection down to the grid (Newton overshoots on tails with a few peaks)."""
+    z = torch.as_tensor(np.asarray(logits, np.float64))
+    lp = torch.as_tensor(np.asarray(log_prior, np.float64))
+    i = torch.as_tensor(np.asarray(indices).astype(np.int64))
+    target = (F.softmax(z.clone().scatter_(-1, i, -np.inf), -1) * lp).sum(-1)  # the row's own tail
+    lo, hi = torch.zeros(len(z), dtype=torch.float64), torch.full((len(z),), top, dtype=torch.float64)
+    while float((hi - lo).max()) > grid:
+        mid = (lo + hi) / 2
+        up = (_masked_prior(lp, i, mid.numpy()) * lp).sum(-1) < target
+        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+    return (torch.round((lo + hi) / 2 / grid) * grid).clamp(0.0, top - grid).numpy()
