@@ -386,7 +386,8 @@ def dump(data, source, teachers, add_teachers, out, epochs, topk, augment, seed,
     click.echo(f"{info['path']}: {info['epochs'] * info['samples']} views ({info['epochs']} epochs x "
                f"{info['samples']} samples), {_rows_what(info)} of {info['classes']} ({info['codec']}), "
                f"{human_bytes(info['bytes_on_disk'])}, "
-               f"{info['bytes_per_sample_epoch']:.0f} B/sample-epoch{share}")
+               f"{info['bytes_per_sample_epoch']:.0f} B/sample-epoch{share}"
+               + (f", {info['tokens']['bytes_per_token']:.1f} B/token" if info.get("tokens") else ""))
 
 
 # dump options that describe a new cache: the cache's own settings apply to an added teacher
@@ -550,10 +551,15 @@ def inspect(cache, project_samples, project_epochs, as_json):
         frames = f", {info['frames']} frames"
     if info.get("positions"):
         frames = f", a {'x'.join(map(str, info['positions']))} map ({info['frames']} positions)"
+    tok = info.get("tokens")
+    views, classes, per = f"{info['epochs']} epochs x {info['samples']} samples", f"{info['classes']} classes", ""
+    if tok:  # a token cache: windows of L positions over a vocabulary, sized per token
+        views += f" (windows of {tok['context']} tokens, {tok['tokens']} positions)"
+        classes, frames, per = f"a vocabulary of {tok['vocab_size']}", "", f", {tok['bytes_per_token']:.1f} B per token"
     click.echo(_kv_table([
         ("cache", f"{info['path']} ({info['backend']}, {'complete' if info['complete'] else 'INCOMPLETE'})"),
-        ("views", f"{info['epochs']} epochs x {info['samples']} samples"),
-        ("targets", (f"{_rows_what(info)} of {info['classes']} classes{frames}, {info['output_kind']}, "
+        ("views", views),
+        ("targets", (f"{_rows_what(info)} of {classes}{frames}, {info['output_kind']}, "
                      f"{info['aggregation']}" + (f", {info['value_dtype']} values, {info['index_dtype']} indices"
                                                  if info["codec"] == "topk" else ""))),
         ("codec", f"{info['codec']} {json.dumps(info['codec_options'])}, {info['target_row_bytes']} B raw per view "
@@ -562,7 +568,7 @@ def inspect(cache, project_samples, project_epochs, as_json):
         ("chunks", f"{info['chunk_rows']} rows each, {info['chunks_done']}/{info['chunks_total']} written"),
         ("size", (f"{human_bytes(info['bytes_on_disk'])} on disk "
                   f"({human_bytes(info['bytes_uncompressed'])} raw), "
-                  f"{info['bytes_per_sample_epoch']:.1f} B per sample-epoch{share}")),
+                  f"{info['bytes_per_sample_epoch']:.1f} B per sample-epoch{per}{share}")),
     ]))
     click.echo()
     click.echo("target sets:")
@@ -580,9 +586,10 @@ def _inspect_tables(info: dict) -> list[str]:
     """The per-target-set, per-epoch and projection tables of ``inspect`` (text)."""
     from logitcache.report import format_table, human_bytes
 
+    per = "bytes_per_token" if info.get("tokens") else "bytes_per_view"
     out = ["", format_table([[t["name"], human_bytes(t["stored_bytes"]), human_bytes(t["raw_bytes"]), t["ratio"],
-                              round(t["bytes_per_view"], 1)] for t in info.get("targets_table", [])],
-                            ["targets", "stored", "raw", "raw/stored", "B/view"])]
+                              round(t[per], 2 if info.get("tokens") else 1)] for t in info.get("targets_table", [])],
+                            ["targets", "stored", "raw", "raw/stored", "B/token" if info.get("tokens") else "B/view"])]
     if info.get("epochs_table"):
         out += ["", format_table([[e["epoch"], human_bytes(e["stored_bytes"]), round(e["bytes_per_view"], 1),
                                    e["chunks_done"]] for e in info["epochs_table"]],
@@ -927,13 +934,10 @@ def compare(run, cache, data, source, eval_data, teachers, state_dicts, teacher_
     click.echo(f"{run}: student {r['student']}, checkpoint after epoch {after}; targets: "
                f"{r['targets']}; {r['output_kind']}")
     v, e = r["views"], r["eval"]
-    rows = [["cached training views", v["views"], v["top1_agreement"], v["kl_mean"], v["map_vs_ensemble"],
-             v["student_vs_labels"], v["ensemble_vs_labels"]]]
-    if e:
-        rows.append(["held-out clips", e["clips"], e.get("top1_agreement"), e.get("kl_mean"),
-                     e.get("map_vs_ensemble"), e["student_vs_labels"], e.get("ensemble_vs_labels")])
-    click.echo(format_table(rows, ["where", "n", "top-1 = ensemble's", "KL(ens || student)", "mAP vs ensemble",
-                                   f"student {metric}", f"ensemble {metric}"]))
+    if r.get("modality") == "tokens":
+        click.echo(_token_compare_table(v, e))
+    else:
+        click.echo(_views_compare_table(v, e, metric))
     if r.get("heads"):
         click.echo()
         click.echo(_heads_table(v["heads"], (e or {}).get("heads")))
@@ -942,6 +946,33 @@ def compare(run, cache, data, source, eval_data, teachers, state_dicts, teacher_
         click.echo()
         click.echo(format_table([[_human_epoch(x), x.get("train_loss"), x.get(key)] for x in r["epochs"]],
                                 ["epoch", "train loss", f"held-out {key[len('eval_'):]}"]))
+
+
+def _views_compare_table(v: dict, e: dict | None, metric: str) -> str:
+    """compare's rows for audio and image caches: views and clips."""
+    from logitcache.report import format_table
+
+    rows = [["cached training views", v["views"], v["top1_agreement"], v["kl_mean"], v["map_vs_ensemble"],
+             v["student_vs_labels"], v["ensemble_vs_labels"]]]
+    if e:
+        rows.append(["held-out clips", e["clips"], e.get("top1_agreement"), e.get("kl_mean"),
+                     e.get("map_vs_ensemble"), e["student_vs_labels"], e.get("ensemble_vs_labels")])
+    return format_table(rows, ["where", "n", "top-1 = ensemble's", "KL(ens || student)", "mAP vs ensemble",
+                               f"student {metric}", f"ensemble {metric}"])
+
+
+def _token_compare_table(v: dict, e: dict | None) -> str:
+    """compare's rows for a token cache: windows, the unmasked positions every figure is a mean over,
+    next-token accuracy and perplexity (no mAP: one softmax per position)."""
+    from logitcache.report import format_table
+
+    rows = [["cached training windows", v["views"], v["positions"], v["top1_agreement"], v["kl_mean"],
+             v["student_vs_labels"], v["ensemble_vs_labels"], v["student_ppl"], v["ensemble_ppl"]]]
+    if e:
+        rows.append(["held-out windows", e["clips"], e["positions"], e.get("top1_agreement"), e.get("kl_mean"),
+                     e["student_vs_labels"], e.get("ensemble_vs_labels"), e["student_ppl"], e.get("ensemble_ppl")])
+    return format_table(rows, ["where", "windows", "positions", "top-1 = ensemble's", "KL(ens || student)",
+                               "student next-token top-1", "ensemble next-token top-1", "student ppl", "ensemble ppl"])
 
 
 def _heads_table(views: list[dict], held: list[dict] | None) -> str:
