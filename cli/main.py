@@ -798,7 +798,11 @@ def _fidelity_tables(r: dict) -> list[str]:
 
 # ---------------------------------------------------------------- plan
 @main.command()
-@click.option("--samples", type=int, required=True, metavar="N", help="Samples in the dataset.")
+@click.option("--samples", type=int, default=None, metavar="N",
+              help="Samples in the dataset (required unless --tokens).")
+@click.option("--tokens", type=int, default=None, metavar="N",
+              help="A token cache: tokens in the corpus (windows of --context; --classes is the vocabulary V).")
+@click.option("--context", type=int, default=None, metavar="L", help="With --tokens: tokens per window.")
 @click.option("--epochs", type=int, required=True, metavar="E", help="Augmented views to store per sample.")
 @click.option("--topk", type=int, required=True, metavar="K", help="Logits stored per view (and frame).")
 @click.option("--classes", type=int, required=True, metavar="C", help="Classes the teachers output.")
@@ -826,7 +830,7 @@ def _fidelity_tables(r: dict) -> list[str]:
 @click.option("--chunk-rows", type=int, default=None, metavar="R",
               help="As for dump (default: about 8 MiB of targets per chunk).")
 @_json_option
-def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, value_bits, sample_n, sample_head,
+def plan(samples, tokens, context, epochs, topk, classes, frames, members, value_dtype, codec, value_bits, sample_n, sample_head,
          sample_temperature, output_kind, augment,
          sample_rate, clip_seconds, audio_bytes, audio_hours, backends, chunk_rows, as_json):
     """Project a cache's size on disk before dumping it.
@@ -838,6 +842,7 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, va
     \b
     Example:
       logitcache plan --samples 2000000 --epochs 8 --topk 32 --classes 527 --members 3 --audio-hours 5500
+      logitcache plan --tokens 100000000 --context 1024 --classes 151936 --epochs 1 --topk 32 --members 2
     """
     from logitcache.plan import plan_cache
     from logitcache.report import format_table, human_bytes
@@ -847,21 +852,32 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, va
                         clip_seconds=clip_seconds, audio_bytes=audio_bytes, audio_hours=audio_hours,
                         backends=tuple(backends) or tuple(BACKENDS), chunk_rows=chunk_rows, codec=codec,
                         value_bits=value_bits, sample_n=sample_n, sample_head=sample_head,
-                        sample_temperature=sample_temperature)
+                        sample_temperature=sample_temperature, tokens=tokens, context=context)
     if as_json:
         _print_json(result)
         return
     r = result
     frame = f" x {r['frames']} frames" if r["frames"] else ""
+    unit = "windows" if r.get("tokens") else "samples"
+    if r.get("tokens"):
+        frame = f" x {r['frames']} positions"
     who = f"ensemble + {r['members']} member(s)" if r["members"] else "ensemble only"
-    click.echo(f"plan: {r['epochs']} epochs x {r['samples']:,} samples = {r['views']:,} views{frame}, "
+    click.echo(f"plan: {r['epochs']} epochs x {r['samples']:,} {unit} = {r['views']:,} views{frame}, "
                f"{_rows_what(r)} of {r['classes']} (codec {r['codec']}, {r['target_row_bytes']} B per target set; "
                f"{r['index_dtype']} indices, {r['value_dtype']} values), {who}, "
                f"{r['chunk_rows']}-row chunks")
-    rows = [[b["backend"], b["codec"], human_bytes(b["bytes_on_disk"]), round(b["bytes_per_sample_epoch"], 1),
-             b["ratio"], f"{100 * b['share_of_audio']:.3g}%" if b["share_of_audio"] else "-"]
-            for b in r["backends"]]
-    click.echo(format_table(rows, ["backend", "codec", "projected", "B/view", "raw/stored", "share of audio"]))
+    tok = r.get("tokens")
+    if tok:
+        click.echo(f"  (a token cache: {tok['tokens']:,} tokens in windows of {tok['context']}, "
+                   f"{tok['positions']:,} positions stored; classes = the vocabulary)")
+        rows = [[b["backend"], b["codec"], human_bytes(b["bytes_on_disk"]), round(tok["bytes_per_token"][b["backend"]], 2),
+                 b["ratio"]] for b in r["backends"]]
+        click.echo(format_table(rows, ["backend", "codec", "projected", "B/token", "raw/stored"]))
+    else:
+        rows = [[b["backend"], b["codec"], human_bytes(b["bytes_on_disk"]), round(b["bytes_per_sample_epoch"], 1),
+                 b["ratio"], f"{100 * b['share_of_audio']:.3g}%" if b["share_of_audio"] else "-"]
+                for b in r["backends"]]
+        click.echo(format_table(rows, ["backend", "codec", "projected", "B/view", "raw/stored", "share of audio"]))
     click.echo()
     parts = [[b["backend"], *[human_bytes(b["groups"][g]) for g in b["groups"]]] for b in r["backends"]]
     click.echo(format_table(parts, ["by part", *r["backends"][0]["groups"]]))

@@ -268,3 +268,30 @@ def test_vocabulary_of_262144_round_trips_through_the_cli(tmp_path):
         np.testing.assert_array_equal(np.sort(got, -1), np.sort(torch.topk(z[keep], 8).indices.numpy(), -1))
         top = max(top, int(got.max()))
     assert top >= 1 << 17  # above Megatron's cap and the 17-bit id mask, stored exactly
+
+
+def test_plan_sizes_a_token_cache_before_the_dump(cache):
+    p = json.loads(ok(run("plan", "--tokens", N, "--context", L, "--classes", V, "--topk", K, "--epochs", 2,
+                          "--members", 2, "--chunk-rows", 8, "--json")))
+    info = json.loads(ok(run("inspect", cache, "--json")))
+    assert p["samples"] == info["samples"] == 19 and p["frames"] == L and p["output_kind"] == "multiclass"
+    assert p["tokens"]["positions"] == info["tokens"]["tokens"] == 304
+    raw = next(b for b in p["backends"] if b["backend"] == "raw")
+    for group in ("ensemble", "members"):  # the raw bytes are exact: same arrays, shapes and dtypes
+        assert raw["groups"][group] == sum(a["raw_bytes"] for a in info["arrays"] if a["name"].startswith(group + "/"))
+    zarr = p["tokens"]["bytes_per_token"]["zarr"]
+    assert 0.5 < zarr / info["tokens"]["bytes_per_token"] < 2  # synthetic rows: about the real size
+    text = ok(run("plan", "--tokens", N, "--context", L, "--classes", V, "--topk", K, "--epochs", 1,
+                  "--backend", "zarr"))
+    assert "19 windows" in text and "x 8 positions" in text and "B/token" in text and "audio" not in text
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--tokens", "1000", "--context", "8", "--samples", "5"], ["--samples", "does not apply to a token cache"]),
+    (["--tokens", "1000", "--context", "8", "--audio-hours", "2"], ["--audio-hours", "does not apply to a token cache"]),
+    (["--tokens", "1000"], ["--context None", "must be"]),
+    (["--tokens", "1000", "--context", "8", "--augment", "ced_strong"], ["--augment 'ced_strong'", "offset"]),
+    ([], ["--samples", "--tokens and --context"]),
+])
+def test_plan_refusals_for_token_caches(args, needles):
+    assert_error(run("plan", "--classes", V, "--topk", K, "--epochs", 1, *args), *needles)
