@@ -459,8 +459,10 @@ def _rows_what(info: dict) -> str:
               help="members: one output head per stored member (shared body), each distilled from its own "
                    "member; the prediction combines the heads as the cache's ensemble combines the members.")
 @_recompose_options
-@click.option("--eval-data", default=None, metavar="DIR",
-              help="Labelled folder to report mAP (multilabel) or top-1 accuracy (multiclass) on after each epoch.")
+@click.option("--eval-data", default=None, metavar="PATH",
+              help="Labelled folder to report mAP (multilabel) or top-1 accuracy (multiclass) on after each epoch; "
+                   "for a token cache, a held-out corpus (.bin or its JSON) to report next-token perplexity on "
+                   "(eval_nll, eval_ppl over eval_tokens unmasked positions).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True)
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers replaying views.")
@@ -736,7 +738,10 @@ def fidelity(cache, data, source, teachers, state_dicts, teacher_args, samples, 
     rows += [[name, *[m[k] for k in keys]] for name, m in result["members"].items()]
     stored = (f"top-{result['topk']}, {result['value_dtype']} values" if result.get("per_k") is not None
               else f"codec {result['codec']}")
-    click.echo(f"{cache}: {result['samples_checked']} stored views re-run, {stored}; teachers match the manifest: "
+    views = f"{result['samples_checked']} stored views"
+    if result.get("modality") == "tokens":
+        views = f"{result['samples_checked']} stored windows ({result['samples_checked'] * result['frames']} positions)"
+    click.echo(f"{cache}: {views} re-run, {stored}; teachers match the manifest: "
                f"{'yes' if result['teachers_match'] else 'NO'}")
     headers = ["targets", "max |dz|", "mean |dz|", "top-k agree", "top-1 agree", "KL mean", "KL max"]
     click.echo(format_table(rows, headers))
@@ -766,12 +771,14 @@ def _fidelity_tables(r: dict) -> list[str]:
     if r["per_k"] is None:
         return ["", f"not applicable: {r['not_applicable']}"]
     softmax = r["output_kind"] == "multiclass"
-    out = ["", f"per k' (the cache truncated to its top k'; {r['rows_checked']} rows):",
+    tokens = r.get("modality") == "tokens"  # sizes per token (position), classes are token ids
+    per, unit = (r["frames"], "B/token") if tokens else (1, "B/view")
+    out = ["", f"per k' (the cache truncated to its top k'; {r['rows_checked']} {'positions' if tokens else 'rows'}):",
            format_table([[x["k"], x["kl_mean"], x["kl_max"], x["top1_agreement"], x["topk_agreement"],
                           x["covered_mass_mean"] if softmax else x["prob_max_abs_error"], x["tail_mass_mean"],
-                          round(x["bytes_per_view"], 1)] for x in r["per_k"]],
+                          round(x["bytes_per_view"] / per, 1)] for x in r["per_k"]],
                         ["k'", "KL mean", "KL max", "top-1 agree", "top-k' agree",
-                         "covered mass" if softmax else "max |dp|", "tail mass", "B/view"])]
+                         "covered mass" if softmax else "max |dp|", "tail mass", unit])]
     fp16 = {x["k"]: x for x in r["dtype_effect"]["float16"]}
     fp32 = {x["k"]: x for x in r["dtype_effect"]["float32"]}
     out += ["", "value dtype (the fresh logits' own top-k' rounded as each dtype stores it):",
@@ -791,7 +798,7 @@ def _fidelity_tables(r: dict) -> list[str]:
                               for n, v in d["member_vs_ensemble"].items()],
                              ["member", "top-1 = ensemble's", "KL(member || ensemble)"])]
     worst = sorted(r["per_class"], key=lambda x: x["coverage"])[:5]
-    out += ["", "least covered classes (share of their probability in the stored top-k): "
+    out += ["", f"least covered {'token ids' if tokens else 'classes'} (share of their probability in the stored top-k): "
             + ", ".join(f"{x['class']} {x['coverage']:.3g}" for x in worst)]
     return out
 
