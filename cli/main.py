@@ -258,15 +258,16 @@ def _recompose_kwargs(ensemble, ensemble_weights, ensemble_weight, aggregation, 
 
 def _source_option(f):
     return click.option("--source", default=None, metavar="KIND",
-                        help="The data's source kind: audio_folder, image_folder or manifest. [default: detected "
-                             "from --data]")(f)
+                        help="The data's source kind: audio_folder, image_folder, manifest or tokens. [default: "
+                             "detected from --data]")(f)
 
 
 # ---------------------------------------------------------------- dump
 @main.command()
 @click.option("--data", required=True, metavar="PATH",
-              help="Data: a folder (labels.csv + audio or images, or one image sub-folder per class) or a "
-                   ".csv/.jsonl manifest of files and labels.")
+              help="Data: a folder (labels.csv + audio or images, or one image sub-folder per class), a "
+                   ".csv/.jsonl manifest of files and labels, or a token corpus (a nanoGPT .bin beside its JSON, "
+                   "or a JSON naming a JSONL file and a tokenizers file).")
 @_source_option
 @click.option("--teacher", "teachers", multiple=True, metavar="T",
               help="Teacher: a .pt2 torch.export file, an .onnx model, a TorchScript file, "
@@ -278,10 +279,10 @@ def _source_option(f):
 @click.option("--out", required=True, metavar="CACHE",
               help="Cache to create (.zarr folder, or .h5 for HDF5).")
 @click.option("--epochs", default=1, show_default=True, help="Augmented views stored per sample.")
-@click.option("--topk", default=20, show_default=True, help="Logits stored per view (and frame).")
+@click.option("--topk", default=20, show_default=True, help="Logits stored per view (and frame, or token position).")
 @click.option("--augment", default=None, metavar="NAME|FILE",
-              help="Augmentation preset (audio: none, ced, strong) or a JSON/TOML ops file. [default: ced for "
-                   "audio, the image preset for images]")
+              help="Augmentation preset (audio: none, ced, strong; tokens: offset, none) or a JSON/TOML ops file. "
+                   "[default: ced for audio, the image preset for images, offset for tokens]")
 @click.option("--seed", default=0, show_default=True, help="Base seed of orders and augmentations.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
