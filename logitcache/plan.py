@@ -435,6 +435,9 @@ def _token_plan(tokens, context, samples, frames, augment, audio_bytes, audio_ho
     ``tokens`` cut into windows of ``context`` (a token source's slots); audio and frame options refused."""
     from logitcache.augment import SPEC_VERSION
 
+    if tokens is None or context is None:
+        raise LogitCacheError(f"{'--context' if context is None else '--tokens'}: a token cache needs both --tokens "
+                              f"(tokens in the corpus) and --context (tokens per window)")
     tokens, context = checks.whole("--tokens", tokens, 2), checks.whole("--context", context)
     for flag, value in (("--samples", samples), ("--frames", frames), ("--audio-bytes", audio_bytes),
                         ("--audio-hours", audio_hours)):

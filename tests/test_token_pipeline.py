@@ -289,7 +289,9 @@ def test_plan_sizes_a_token_cache_before_the_dump(cache):
 @pytest.mark.parametrize("args,needles", [
     (["--tokens", "1000", "--context", "8", "--samples", "5"], ["--samples", "does not apply to a token cache"]),
     (["--tokens", "1000", "--context", "8", "--audio-hours", "2"], ["--audio-hours", "does not apply to a token cache"]),
-    (["--tokens", "1000"], ["--context None", "must be"]),
+    (["--tokens", "1000"], ["--context: a token cache needs both --tokens", "--context (tokens per window)"]),
+    (["--context", "8"], ["--tokens: a token cache needs both"]),
+    (["--tokens", "1", "--context", "8"], ["--tokens 1: must be at least 2"]),
     (["--tokens", "1000", "--context", "8", "--augment", "ced_strong"], ["--augment 'ced_strong'", "offset"]),
     ([], ["--samples", "--tokens and --context"]),
 ])
