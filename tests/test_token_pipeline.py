@@ -147,12 +147,14 @@ def test_train_loss_falls_and_eval_perplexity_is_finite(cache, corpus, held_out,
                              "--eval-data", held_out, "--json")))
     log = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 6 and log[-1]["train_loss"] < log[0]["train_loss"]
+    c = open_cache(cache)
+    for line in log:  # the unmasked positions of the stored epoch replayed, every window once
+        assert line["tokens"] == sum(int(unmasked(window_start(c, s, line["stored_epoch"])).sum()) for s in c.ids)
     assert last["eval_tokens"] == 60 - 1 - 1  # every next token but the second document's start
     assert math.isfinite(last["eval_ppl"]) and last["eval_ppl"] == pytest.approx(math.exp(last["eval_nll"]))
     text = ok(run("compare", run_dir, "--eval-data", held_out, "--samples", 1000))
     assert "cached training windows" in text and "held-out windows" in text and "clips" not in text
     r = json.loads(ok(run("compare", run_dir, "--samples", 1000, "--json")))
-    c = open_cache(cache)
     expect = sum(int(unmasked(window_start(c, s, e)).sum()) for e in range(2) for s in c.ids)
     assert r["modality"] == "tokens" and r["views"]["views"] == 38 and r["views"]["positions"] == expect
     assert r["views"]["map_vs_ensemble"] is None and math.isfinite(r["views"]["student_ppl"])
