@@ -258,15 +258,16 @@ def _recompose_kwargs(ensemble, ensemble_weights, ensemble_weight, aggregation, 
 
 def _source_option(f):
     return click.option("--source", default=None, metavar="KIND",
-                        help="The data's source kind: audio_folder, image_folder or manifest. [default: detected "
-                             "from --data]")(f)
+                        help="The data's source kind: audio_folder, image_folder, manifest or tokens. [default: "
+                             "detected from --data]")(f)
 
 
 # ---------------------------------------------------------------- dump
 @main.command()
 @click.option("--data", required=True, metavar="PATH",
-              help="Data: a folder (labels.csv + audio or images, or one image sub-folder per class) or a "
-                   ".csv/.jsonl manifest of files and labels.")
+              help="Data: a folder (labels.csv + audio or images, or one image sub-folder per class), a "
+                   ".csv/.jsonl manifest of files and labels, or a token corpus (a nanoGPT .bin beside its JSON, "
+                   "or a JSON naming a JSONL file and a tokenizers file).")
 @_source_option
 @click.option("--teacher", "teachers", multiple=True, metavar="T",
               help="Teacher: a .pt2 torch.export file, an .onnx model, a TorchScript file, "
@@ -278,10 +279,10 @@ def _source_option(f):
 @click.option("--out", required=True, metavar="CACHE",
               help="Cache to create (.zarr folder, or .h5 for HDF5).")
 @click.option("--epochs", default=1, show_default=True, help="Augmented views stored per sample.")
-@click.option("--topk", default=20, show_default=True, help="Logits stored per view (and frame).")
+@click.option("--topk", default=20, show_default=True, help="Logits stored per view (and frame, or token position).")
 @click.option("--augment", default=None, metavar="NAME|FILE",
-              help="Augmentation preset (audio: none, ced, strong) or a JSON/TOML ops file. [default: ced for "
-                   "audio, the image preset for images]")
+              help="Augmentation preset (audio: none, ced, strong; tokens: offset, none) or a JSON/TOML ops file. "
+                   "[default: ced for audio, the image preset for images, offset for tokens]")
 @click.option("--seed", default=0, show_default=True, help="Base seed of orders and augmentations.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -387,7 +388,8 @@ def dump(data, source, teachers, add_teachers, out, epochs, topk, augment, seed,
     click.echo(f"{info['path']}: {info['epochs'] * info['samples']} views ({info['epochs']} epochs x "
                f"{info['samples']} samples), {_rows_what(info)} of {info['classes']} ({info['codec']}), "
                f"{human_bytes(info['bytes_on_disk'])}, "
-               f"{info['bytes_per_sample_epoch']:.0f} B/sample-epoch{share}")
+               f"{info['bytes_per_sample_epoch']:.0f} B/sample-epoch{share}"
+               + (f", {info['tokens']['bytes_per_token']:.1f} B/token" if info.get("tokens") else ""))
 
 
 # dump options that describe a new cache: the cache's own settings apply to an added teacher
@@ -459,8 +461,10 @@ def _rows_what(info: dict) -> str:
               help="members: one output head per stored member (shared body), each distilled from its own "
                    "member; the prediction combines the heads as the cache's ensemble combines the members.")
 @_recompose_options
-@click.option("--eval-data", default=None, metavar="DIR",
-              help="Labelled folder to report mAP (multilabel) or top-1 accuracy (multiclass) on after each epoch.")
+@click.option("--eval-data", default=None, metavar="PATH",
+              help="Labelled folder to report mAP (multilabel) or top-1 accuracy (multiclass) on after each epoch; "
+                   "for a token cache, a held-out corpus (.bin or its JSON) to report next-token perplexity on "
+                   "(eval_nll, eval_ppl over eval_tokens unmasked positions).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True)
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers replaying views.")
@@ -551,10 +555,15 @@ def inspect(cache, project_samples, project_epochs, as_json):
         frames = f", {info['frames']} frames"
     if info.get("positions"):
         frames = f", a {'x'.join(map(str, info['positions']))} map ({info['frames']} positions)"
+    tok = info.get("tokens")
+    views, classes, per = f"{info['epochs']} epochs x {info['samples']} samples", f"{info['classes']} classes", ""
+    if tok:  # a token cache: windows of L positions over a vocabulary, sized per token
+        views += f" (windows of {tok['context']} tokens, {tok['tokens']} positions)"
+        classes, frames, per = f"a vocabulary of {tok['vocab_size']}", "", f", {tok['bytes_per_token']:.1f} B per token"
     click.echo(_kv_table([
         ("cache", f"{info['path']} ({info['backend']}, {'complete' if info['complete'] else 'INCOMPLETE'})"),
-        ("views", f"{info['epochs']} epochs x {info['samples']} samples"),
-        ("targets", (f"{_rows_what(info)} of {info['classes']} classes{frames}, {info['output_kind']}, "
+        ("views", views),
+        ("targets", (f"{_rows_what(info)} of {classes}{frames}, {info['output_kind']}, "
                      f"{info['aggregation']}" + (f", {info['value_dtype']} values, {info['index_dtype']} indices"
                                                  if info["codec"] == "topk" else ""))),
         ("codec", f"{info['codec']} {json.dumps(info['codec_options'])}, {info['target_row_bytes']} B raw per view "
@@ -563,7 +572,7 @@ def inspect(cache, project_samples, project_epochs, as_json):
         ("chunks", f"{info['chunk_rows']} rows each, {info['chunks_done']}/{info['chunks_total']} written"),
         ("size", (f"{human_bytes(info['bytes_on_disk'])} on disk "
                   f"({human_bytes(info['bytes_uncompressed'])} raw), "
-                  f"{info['bytes_per_sample_epoch']:.1f} B per sample-epoch{share}")),
+                  f"{info['bytes_per_sample_epoch']:.1f} B per sample-epoch{per}{share}")),
     ]))
     click.echo()
     click.echo("target sets:")
@@ -581,9 +590,10 @@ def _inspect_tables(info: dict) -> list[str]:
     """The per-target-set, per-epoch and projection tables of ``inspect`` (text)."""
     from logitcache.report import format_table, human_bytes
 
+    per = "bytes_per_token" if info.get("tokens") else "bytes_per_view"
     out = ["", format_table([[t["name"], human_bytes(t["stored_bytes"]), human_bytes(t["raw_bytes"]), t["ratio"],
-                              round(t["bytes_per_view"], 1)] for t in info.get("targets_table", [])],
-                            ["targets", "stored", "raw", "raw/stored", "B/view"])]
+                              round(t[per], 2 if info.get("tokens") else 1)] for t in info.get("targets_table", [])],
+                            ["targets", "stored", "raw", "raw/stored", "B/token" if info.get("tokens") else "B/view"])]
     if info.get("epochs_table"):
         out += ["", format_table([[e["epoch"], human_bytes(e["stored_bytes"]), round(e["bytes_per_view"], 1),
                                    e["chunks_done"]] for e in info["epochs_table"]],
@@ -730,7 +740,10 @@ def fidelity(cache, data, source, teachers, state_dicts, teacher_args, samples, 
     rows += [[name, *[m[k] for k in keys]] for name, m in result["members"].items()]
     stored = (f"top-{result['topk']}, {result['value_dtype']} values" if result.get("per_k") is not None
               else f"codec {result['codec']}")
-    click.echo(f"{cache}: {result['samples_checked']} stored views re-run, {stored}; teachers match the manifest: "
+    views = f"{result['samples_checked']} stored views"
+    if result.get("modality") == "tokens":
+        views = f"{result['samples_checked']} stored windows ({result['samples_checked'] * result['frames']} positions)"
+    click.echo(f"{cache}: {views} re-run, {stored}; teachers match the manifest: "
                f"{'yes' if result['teachers_match'] else 'NO'}")
     headers = ["targets", "max |dz|", "mean |dz|", "top-k agree", "top-1 agree", "KL mean", "KL max"]
     click.echo(format_table(rows, headers))
@@ -760,12 +773,14 @@ def _fidelity_tables(r: dict) -> list[str]:
     if r["per_k"] is None:
         return ["", f"not applicable: {r['not_applicable']}"]
     softmax = r["output_kind"] == "multiclass"
-    out = ["", f"per k' (the cache truncated to its top k'; {r['rows_checked']} rows):",
+    tokens = r.get("modality") == "tokens"  # sizes per token (position), classes are token ids
+    per, unit = (r["frames"], "B/token") if tokens else (1, "B/view")
+    out = ["", f"per k' (the cache truncated to its top k'; {r['rows_checked']} {'positions' if tokens else 'rows'}):",
            format_table([[x["k"], x["kl_mean"], x["kl_max"], x["top1_agreement"], x["topk_agreement"],
                           x["covered_mass_mean"] if softmax else x["prob_max_abs_error"], x["tail_mass_mean"],
-                          round(x["bytes_per_view"], 1)] for x in r["per_k"]],
+                          round(x["bytes_per_view"] / per, 1)] for x in r["per_k"]],
                         ["k'", "KL mean", "KL max", "top-1 agree", "top-k' agree",
-                         "covered mass" if softmax else "max |dp|", "tail mass", "B/view"])]
+                         "covered mass" if softmax else "max |dp|", "tail mass", unit])]
     fp16 = {x["k"]: x for x in r["dtype_effect"]["float16"]}
     fp32 = {x["k"]: x for x in r["dtype_effect"]["float32"]}
     out += ["", "value dtype (the fresh logits' own top-k' rounded as each dtype stores it):",
@@ -785,14 +800,18 @@ def _fidelity_tables(r: dict) -> list[str]:
                               for n, v in d["member_vs_ensemble"].items()],
                              ["member", "top-1 = ensemble's", "KL(member || ensemble)"])]
     worst = sorted(r["per_class"], key=lambda x: x["coverage"])[:5]
-    out += ["", "least covered classes (share of their probability in the stored top-k): "
+    out += ["", f"least covered {'token ids' if tokens else 'classes'} (share of their probability in the stored top-k): "
             + ", ".join(f"{x['class']} {x['coverage']:.3g}" for x in worst)]
     return out
 
 
 # ---------------------------------------------------------------- plan
 @main.command()
-@click.option("--samples", type=int, required=True, metavar="N", help="Samples in the dataset.")
+@click.option("--samples", type=int, default=None, metavar="N",
+              help="Samples in the dataset (required unless --tokens).")
+@click.option("--tokens", type=int, default=None, metavar="N",
+              help="A token cache: tokens in the corpus (windows of --context; --classes is the vocabulary V).")
+@click.option("--context", type=int, default=None, metavar="L", help="With --tokens: tokens per window.")
 @click.option("--epochs", type=int, required=True, metavar="E", help="Augmented views to store per sample.")
 @click.option("--topk", type=int, required=True, metavar="K", help="Logits stored per view (and frame).")
 @click.option("--classes", type=int, required=True, metavar="C", help="Classes the teachers output.")
@@ -820,7 +839,7 @@ def _fidelity_tables(r: dict) -> list[str]:
 @click.option("--chunk-rows", type=int, default=None, metavar="R",
               help="As for dump (default: about 8 MiB of targets per chunk).")
 @_json_option
-def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, value_bits, sample_n, sample_head,
+def plan(samples, tokens, context, epochs, topk, classes, frames, members, value_dtype, codec, value_bits, sample_n, sample_head,
          sample_temperature, output_kind, augment,
          sample_rate, clip_seconds, audio_bytes, audio_hours, backends, chunk_rows, as_json):
     """Project a cache's size on disk before dumping it.
@@ -832,6 +851,7 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, va
     \b
     Example:
       logitcache plan --samples 2000000 --epochs 8 --topk 32 --classes 527 --members 3 --audio-hours 5500
+      logitcache plan --tokens 100000000 --context 1024 --classes 151936 --epochs 1 --topk 32 --members 2
     """
     from logitcache.plan import plan_cache
     from logitcache.report import format_table, human_bytes
@@ -841,21 +861,32 @@ def plan(samples, epochs, topk, classes, frames, members, value_dtype, codec, va
                         clip_seconds=clip_seconds, audio_bytes=audio_bytes, audio_hours=audio_hours,
                         backends=tuple(backends) or tuple(BACKENDS), chunk_rows=chunk_rows, codec=codec,
                         value_bits=value_bits, sample_n=sample_n, sample_head=sample_head,
-                        sample_temperature=sample_temperature)
+                        sample_temperature=sample_temperature, tokens=tokens, context=context)
     if as_json:
         _print_json(result)
         return
     r = result
     frame = f" x {r['frames']} frames" if r["frames"] else ""
+    unit = "windows" if r.get("tokens") else "samples"
+    if r.get("tokens"):
+        frame = f" x {r['frames']} positions"
     who = f"ensemble + {r['members']} member(s)" if r["members"] else "ensemble only"
-    click.echo(f"plan: {r['epochs']} epochs x {r['samples']:,} samples = {r['views']:,} views{frame}, "
+    click.echo(f"plan: {r['epochs']} epochs x {r['samples']:,} {unit} = {r['views']:,} views{frame}, "
                f"{_rows_what(r)} of {r['classes']} (codec {r['codec']}, {r['target_row_bytes']} B per target set; "
                f"{r['index_dtype']} indices, {r['value_dtype']} values), {who}, "
                f"{r['chunk_rows']}-row chunks")
-    rows = [[b["backend"], b["codec"], human_bytes(b["bytes_on_disk"]), round(b["bytes_per_sample_epoch"], 1),
-             b["ratio"], f"{100 * b['share_of_audio']:.3g}%" if b["share_of_audio"] else "-"]
-            for b in r["backends"]]
-    click.echo(format_table(rows, ["backend", "codec", "projected", "B/view", "raw/stored", "share of audio"]))
+    tok = r.get("tokens")
+    if tok:
+        click.echo(f"  (a token cache: {tok['tokens']:,} tokens in windows of {tok['context']}, "
+                   f"{tok['positions']:,} positions stored; classes = the vocabulary)")
+        rows = [[b["backend"], b["codec"], human_bytes(b["bytes_on_disk"]), round(tok["bytes_per_token"][b["backend"]], 2),
+                 b["ratio"]] for b in r["backends"]]
+        click.echo(format_table(rows, ["backend", "codec", "projected", "B/token", "raw/stored"]))
+    else:
+        rows = [[b["backend"], b["codec"], human_bytes(b["bytes_on_disk"]), round(b["bytes_per_sample_epoch"], 1),
+                 b["ratio"], f"{100 * b['share_of_audio']:.3g}%" if b["share_of_audio"] else "-"]
+                for b in r["backends"]]
+        click.echo(format_table(rows, ["backend", "codec", "projected", "B/view", "raw/stored", "share of audio"]))
     click.echo()
     parts = [[b["backend"], *[human_bytes(b["groups"][g]) for g in b["groups"]]] for b in r["backends"]]
     click.echo(format_table(parts, ["by part", *r["backends"][0]["groups"]]))
@@ -928,13 +959,10 @@ def compare(run, cache, data, source, eval_data, teachers, state_dicts, teacher_
     click.echo(f"{run}: student {r['student']}, checkpoint after epoch {after}; targets: "
                f"{r['targets']}; {r['output_kind']}")
     v, e = r["views"], r["eval"]
-    rows = [["cached training views", v["views"], v["top1_agreement"], v["kl_mean"], v["map_vs_ensemble"],
-             v["student_vs_labels"], v["ensemble_vs_labels"]]]
-    if e:
-        rows.append(["held-out clips", e["clips"], e.get("top1_agreement"), e.get("kl_mean"),
-                     e.get("map_vs_ensemble"), e["student_vs_labels"], e.get("ensemble_vs_labels")])
-    click.echo(format_table(rows, ["where", "n", "top-1 = ensemble's", "KL(ens || student)", "mAP vs ensemble",
-                                   f"student {metric}", f"ensemble {metric}"]))
+    if r.get("modality") == "tokens":
+        click.echo(_token_compare_table(v, e))
+    else:
+        click.echo(_views_compare_table(v, e, metric))
     if r.get("heads"):
         click.echo()
         click.echo(_heads_table(v["heads"], (e or {}).get("heads")))
@@ -943,6 +971,33 @@ def compare(run, cache, data, source, eval_data, teachers, state_dicts, teacher_
         click.echo()
         click.echo(format_table([[_human_epoch(x), x.get("train_loss"), x.get(key)] for x in r["epochs"]],
                                 ["epoch", "train loss", f"held-out {key[len('eval_'):]}"]))
+
+
+def _views_compare_table(v: dict, e: dict | None, metric: str) -> str:
+    """compare's rows for audio and image caches: views and clips."""
+    from logitcache.report import format_table
+
+    rows = [["cached training views", v["views"], v["top1_agreement"], v["kl_mean"], v["map_vs_ensemble"],
+             v["student_vs_labels"], v["ensemble_vs_labels"]]]
+    if e:
+        rows.append(["held-out clips", e["clips"], e.get("top1_agreement"), e.get("kl_mean"),
+                     e.get("map_vs_ensemble"), e["student_vs_labels"], e.get("ensemble_vs_labels")])
+    return format_table(rows, ["where", "n", "top-1 = ensemble's", "KL(ens || student)", "mAP vs ensemble",
+                               f"student {metric}", f"ensemble {metric}"])
+
+
+def _token_compare_table(v: dict, e: dict | None) -> str:
+    """compare's rows for a token cache: windows, the unmasked positions every figure is a mean over,
+    next-token accuracy and perplexity (no mAP: one softmax per position)."""
+    from logitcache.report import format_table
+
+    rows = [["cached training windows", v["views"], v["positions"], v["top1_agreement"], v["kl_mean"],
+             v["student_vs_labels"], v["ensemble_vs_labels"], v["student_ppl"], v["ensemble_ppl"]]]
+    if e:
+        rows.append(["held-out windows", e["clips"], e["positions"], e.get("top1_agreement"), e.get("kl_mean"),
+                     e["student_vs_labels"], e.get("ensemble_vs_labels"), e["student_ppl"], e.get("ensemble_ppl")])
+    return format_table(rows, ["where", "windows", "positions", "top-1 = ensemble's", "KL(ens || student)",
+                               "student next-token top-1", "ensemble next-token top-1", "student ppl", "ensemble ppl"])
 
 
 def _heads_table(views: list[dict], held: list[dict] | None) -> str:

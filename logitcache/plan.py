@@ -71,6 +71,47 @@ def synthetic_logits(rng: np.random.Generator, rows: int, classes: int, members:
     return out
 
 
+def synthetic_lm_logits(rng: np.random.Generator, positions: int, vocab: int, members: int,
+                        prior: np.ndarray) -> list[torch.Tensor]:
+    """``members`` LM teachers' logits ``[positions, V]`` for one block of a window's positions:
+    a Zipf-like prior over the vocabulary, a few likely next tokens per position far above it,
+    and per-teacher noise around the shared position (teachers mostly agree)."""
+    rank_weight = np.exp(prior - prior.max())
+    rank_weight /= rank_weight.sum()
+    base = prior[None, :] + rng.standard_normal((positions, vocab), dtype=np.float32)
+    likely = rng.choice(vocab, size=(positions, 3), p=rank_weight)
+    np.add.at(base, (np.repeat(np.arange(positions), 3), likely.ravel()),
+              rng.uniform(6.0, 14.0, 3 * positions).astype(np.float32))
+    return [torch.from_numpy(base + 0.5 * rng.standard_normal((positions, vocab), dtype=np.float32))
+            for _ in range(max(members, 1))]
+
+
+def _token_rows(rng, encoder, names: list[str], rows: int, frames: int, classes: int, topk: int,
+                prior: np.ndarray, seeds: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored target arrays of ``rows`` synthetic windows, generated and encoded a window and
+    a block of positions at a time, so [rows, L, V] never sits in memory (V = 151,936, L = 1,024
+    would be 600 MB a window and teacher)."""
+    from logitcache.codecs import target_set_seeds
+    from logitcache.layout import Layout
+    from logitcache.lm import position_blocks
+    from logitcache.targets import aggregate
+
+    parts: dict[str, list[np.ndarray]] = {}
+    for r in range(rows):
+        derived = target_set_seeds(seeds[r:r + 1], 1 + len(names))
+        window: dict[str, list[np.ndarray]] = {}
+        for a, b in position_blocks(1, frames, classes):
+            logits = synthetic_lm_logits(rng, b - a, classes, len(names), prior)
+            groups = [(Layout.target_set_of(None), aggregate(logits, "multiclass", "mean_logit"))]
+            groups += [(Layout.target_set_of(n), z) for n, z in zip(names, logits)]
+            for g, (prefix, z) in enumerate(groups):
+                for f, x in _encoded_rows(encoder, z[None], topk, "multiclass", derived[g]).items():
+                    window.setdefault(Layout.target_path(prefix, f), []).append(x)
+        for f, blocks in window.items():
+            parts.setdefault(f, []).append(np.concatenate(blocks, axis=1))
+    return {f: np.concatenate(x) for f, x in parts.items()}
+
+
 def synthetic_targets(z: torch.Tensor, k: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``topk_targets`` for planning: the same values, indices and (up to float rounding) stat.
 
@@ -164,22 +205,24 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
     from logitcache.codecs import target_set_seeds
     from logitcache.layout import MEMBER_STATS, MOMENTS, Layout, new_manifest
     from logitcache.targets import aggregate
+    from logitcache.vocabulary import Vocabulary
 
     rng = np.random.default_rng(seed)
-    ids = [f"audio/{i:08d}.flac" for i in rng.choice(sample_of, size=samples, replace=False)]
+    tokens = getattr(augmenter, "modality", None) == "tokens"
+    ids = [f"w{i}" if tokens else f"audio/{i:08d}.flac" for i in rng.choice(sample_of, size=samples, replace=False)]
     hashes = id_hashes(ids)
     names = [f"teacher_{i + 1}" for i in range(members)]
     teachers = [{"name": n, "source": f"/planned/teachers/{n}.pt2", "sha256": "0" * 64} for n in (names or ["teacher_1"])]
     manifest = new_manifest(
         dataset={"fingerprint": "0" * 64, "num_samples": samples, "audio_bytes": 0, "path": "/planned/dataset/train"},
-        classes=[f"class {c:04d}" for c in range(classes)], augmenter=augmenter, teachers=teachers, members=names,
+        classes=Vocabulary(classes) if tokens else [f"class {c:04d}" for c in range(classes)], augmenter=augmenter, teachers=teachers, members=names,
         output_kind=output_kind, aggregation="mean_prob", weights=None, topk=topk, frames=frames,
         value_dtype=value_dtype, epochs=epochs, seed=seed, chunk_rows=chunk_rows, codec=codec,
         run={"precision": "fp32", "device": "cpu"})
     manifest["order_dtype"] = "uint32" if sample_of < 2**32 else "uint64"  # sized to the planned dataset
     encoder = Layout(manifest, augmenter.param_specs).codec
     # Augmentation parameters: drawn for a subset of views and resampled, because drawing is slow.
-    ctx = augmenter.context(num_samples=sample_of, sample_index=0, source_samples=augmenter.clip_samples)
+    ctx = augmenter.context(num_samples=sample_of, sample_index=0, source_samples=getattr(augmenter, "clip_samples", 0))
     draws = [augmenter.draw(int(x), ctx)
              for x in rng.integers(0, 2**63, size=min(samples * epochs, _PARAM_DRAWS), dtype=np.uint64)]
     prior = -3.0 - 1.2 * np.log1p(rng.permutation(classes)).astype(np.float32)
@@ -199,7 +242,9 @@ def _synthetic_cache(*, samples: int, epochs: int, topk: int, classes: int, fram
             # Generated in slices so [rows, frames, C] logits never sit in memory whole.
             step = max(1, 4096 // (frames or 1))
             parts: dict[str, list[np.ndarray]] = {}
-            for s in range(a, b, step):
+            if tokens:
+                block.update(_token_rows(rng, encoder, names, b - a, frames, classes, topk, prior, seeds[a:b]))
+            for s in range(a, b, step) if not tokens else ():
                 logits = synthetic_logits(rng, min(step, b - s), classes, members, frames, prior)
                 # mean_logit, not the dump's default mean_prob: as teacher-like and 3x cheaper.
                 groups = [(Layout.target_set_of(None), aggregate(logits, output_kind, "mean_logit"))]
@@ -247,13 +292,13 @@ def _write_and_measure(path: Path, backend: str, manifest: dict, ids: list[str],
 
 
 # ---------------------------------------------------------------- the plan
-def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: int | None = None, members: int = 0,
+def plan_cache(samples: int | None, epochs: int, topk: int, classes: int, *, frames: int | None = None, members: int = 0,
                value_dtype: str = "float16", output_kind: str = "multilabel", augment: str = "ced",
                sample_rate: int = 16000, clip_seconds: float = 10.0, audio_bytes: int | None = None,
                audio_hours: float | None = None, backends: tuple[str, ...] = ("zarr", "hdf5"),
                chunk_rows: int | None = None, seed: int = 0, codec: str = "topk",
                value_bits: int | None = None, sample_n: int | None = None, sample_head: int | None = None,
-               sample_temperature: float | None = None) -> dict:
+               sample_temperature: float | None = None, tokens: int | None = None, context: int | None = None) -> dict:
     """Projected size of a cache per backend (and uncompressed), measured on a synthetic sample.
 
     ``codec`` (and ``value_bits`` for compact, ``sample_n``, ``sample_head``,
@@ -277,6 +322,13 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     from logitcache.storage import BACKENDS
     from logitcache.targets import KINDS, index_dtype
 
+    token_spec = None
+    if tokens is not None or context is not None:  # a token cache: windows of L positions over V ids
+        samples, frames, output_kind, token_spec = _token_plan(tokens, context, samples, frames, augment,
+                                                               audio_bytes, audio_hours)
+        augment = "offset" if augment == "ced" else augment
+    elif samples is None:
+        raise LogitCacheError("--samples: give the samples in the dataset (or --tokens and --context for a token cache)")
     samples, epochs = checks.whole("--samples", samples), checks.whole("--epochs", epochs)
     classes = checks.whole("--classes", classes)
     if not (checks.is_whole(topk) and 1 <= topk <= classes):
@@ -298,7 +350,10 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
     for b in backends:
         if b not in BACKENDS:
             raise LogitCacheError(f"backend {b!r}: choose from {', '.join(BACKENDS)}")
-    augmenter = Augmenter(load_ops_spec(augment), sample_rate, clip_seconds)
+    if token_spec is None:
+        augmenter = Augmenter(load_ops_spec(augment), sample_rate, clip_seconds)
+    else:
+        augmenter = Augmenter.from_spec({**token_spec, "vocab_size": classes})
 
     idx_dtype = index_dtype(classes)
     entries = codec_entries(codec, value_dtype, idx_dtype, value_bits, sample_n, sample_head, sample_temperature)
@@ -317,7 +372,8 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
         # the one-value-per-view arrays (stat, seeds, params) only reach their full-scale ratio
         # with tens of KiB per chunk (measured: 3-6% worse at 4096 rows than at 16384).
         want = max(1, -(-SAMPLE_ROWS // (frames or 1)))
-        s_chunk = min(R, max(want, SAMPLE_CHUNK))
+        # token windows: each row is already L positions, so a few windows are the sample
+        s_chunk = min(R, want if token_spec else max(want, SAMPLE_CHUNK))
         s_samples, s_epochs = min(samples, s_chunk * -(-want // s_chunk)), 1
     started = time.perf_counter()
     manifest, ids, blocks = _synthetic_cache(samples=s_samples, epochs=s_epochs, topk=topk, classes=classes,
@@ -336,7 +392,7 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
         basis = f"{audio_hours:g} h as 16-bit mono PCM at {sample_rate} Hz"
     else:
         basis = "stated (--audio-bytes)" if audio_bytes is not None else None
-    id_bytes = len("audio/00000000.flac") * samples
+    id_bytes = (len(f"w{samples}") if token_spec else len("audio/00000000.flac")) * samples
     full = {**manifest, "dataset": {**manifest["dataset"], "num_samples": samples}, "epochs": epochs,
             "chunk_rows": R, "order_dtype": "uint32" if samples < 2**32 else "uint64"}
     raw = Layout(full, augmenter.param_specs).raw_bytes(id_bytes)
@@ -370,7 +426,35 @@ def plan_cache(samples: int, epochs: int, topk: int, classes: int, *, frames: in
         "audio_bytes": audio_bytes,
         "audio_basis": basis,
         "backends": rows,
+        "tokens": None if token_spec is None else _token_sizes(tokens, context, views, rows),
     }
+
+
+def _token_plan(tokens, context, samples, frames, augment, audio_bytes, audio_hours):
+    """(samples, frames, output kind, augmentation spec) of a planned token cache: the corpus of
+    ``tokens`` cut into windows of ``context`` (a token source's slots); audio and frame options refused."""
+    from logitcache.augment import SPEC_VERSION
+
+    if tokens is None or context is None:
+        raise LogitCacheError(f"{'--context' if context is None else '--tokens'}: a token cache needs both --tokens "
+                              f"(tokens in the corpus) and --context (tokens per window)")
+    tokens, context = checks.whole("--tokens", tokens, 2), checks.whole("--context", context)
+    for flag, value in (("--samples", samples), ("--frames", frames), ("--audio-bytes", audio_bytes),
+                        ("--audio-hours", audio_hours)):
+        if value is not None:
+            raise LogitCacheError(f"{flag}: does not apply to a token cache (--tokens and --context size it)")
+    if augment not in ("offset", "none", "ced"):  # ced: the CLI's audio default, not chosen for tokens
+        raise LogitCacheError(f"--augment {augment!r}: a token cache takes offset (the default) or none")
+    ops = [] if augment == "none" else [{"op": "window"}]
+    spec = {"version": SPEC_VERSION, "modality": "tokens", "context": context, "ops": ops}
+    return -(-(tokens - 1) // context), context, "multiclass", spec
+
+
+def _token_sizes(tokens: int, context: int, views: int, rows: list[dict]) -> dict:
+    """Per-token figures of a token plan: bytes per stored position, per backend."""
+    positions = views * context
+    return {"tokens": tokens, "context": context, "positions": positions,
+            "bytes_per_token": {b["backend"]: b["bytes_on_disk"] / positions for b in rows}}
 
 
 __all__ = ["plan_cache", "scale_arrays", "synthetic_logits"]

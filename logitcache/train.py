@@ -321,9 +321,10 @@ def train(
                                  members=c.members if heads == "members" else None, **recomposed)
             loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda",
                                 prefetch_factor=4 if num_workers else None)
-            started, seen, total, done, before = time.perf_counter(), 0, 0.0, skip, 0.0
+            started, seen, total, done, before, tokens = time.perf_counter(), 0, 0.0, skip, 0.0, 0
             if skip and ctx.rank == 0:  # the epoch's loss covers the batches before the resume too
                 total, seen, before = so_far["loss_sum"], so_far["samples"], so_far["seconds"]
+                tokens = so_far["tokens"]
             batches = itertools.islice(one_line_worker_errors(loader), steps_per_epoch - skip)
             bar = tqdm(batches, total=steps_per_epoch, initial=skip, unit="batch",
                        desc=f"train {epoch + 1}/{epochs}", disable=not progress, dynamic_ncols=True)
@@ -334,6 +335,7 @@ def train(
                     raise LogitCacheError(_diverged(out, loss, epoch, done))
                 schedule.step()
                 seen += len(batch["wave"])
+                tokens += int(batch["mask"].sum()) if "mask" in batch else 0  # token caches: unmasked positions
                 total += loss * len(batch["wave"])
                 steps += 1
                 if record_steps:
@@ -341,15 +343,17 @@ def train(
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if checkpoint_every and steps % checkpoint_every == 0 and done < steps_per_epoch:
                     save(epoch, {"epoch": epoch, "batch": done, "steps": steps},
-                         _sums(ctx, total, seen, before + time.perf_counter() - started, dev))
+                         _sums(ctx, total, seen, before + time.perf_counter() - started, dev, tokens))
                 if max_steps and steps >= max_steps:
                     break
             seconds = before + time.perf_counter() - started
             if ctx.active:  # the job's figures, not this rank's
-                total, seen = _rank_sum(ctx, [total, seen], dev)
-                seen = int(seen)
+                total, seen, tokens = _rank_sum(ctx, [total, seen, tokens], dev)
+                seen, tokens = int(seen), int(tokens)
             metrics = {"epoch": epoch, "stored_epoch": stored_epoch, "train_loss": total / max(seen, 1),
                        "samples": seen, "seconds": round(seconds, 3), "samples_per_s": round(seen / seconds, 1)}
+            if (c.manifest.get("augment") or {}).get("modality") == "tokens":  # an LM user counts tokens
+                metrics.update(tokens=tokens, tokens_per_s=round(tokens / seconds, 1))
             if eval_folder is not None and lead:
                 metrics.update({f"eval_{k}": v for k, v in evaluate(model, eval_folder, augmenter, kind, dev).items()})
             if lead:
@@ -359,7 +363,7 @@ def train(
                 save(epoch, {"epoch": epoch + 1, "batch": 0, "steps": steps})
             else:  # total and seen are the job's already
                 save(epoch, {"epoch": epoch, "batch": done, "steps": steps},
-                     {"loss_sum": total, "samples": seen, "seconds": seconds})
+                     {"loss_sum": total, "samples": seen, "seconds": seconds, "tokens": tokens})
             if max_steps and steps >= max_steps:
                 break
     finally:
@@ -406,14 +410,15 @@ def _diverged(out: Path, loss: float, epoch: int, batch: int) -> str:
             f"--precision fp32, or check the cache with 'logitcache verify')")
 
 
-_NO_SUMS = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+_NO_SUMS = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0, "tokens": 0}  # tokens: absent from older checkpoints
 
 
-def _sums(ctx, total: float, seen: int, seconds: float, dev: torch.device) -> dict:
-    """The job's running loss sum and samples of the epoch so far (what a resume continues from)."""
+def _sums(ctx, total: float, seen: int, seconds: float, dev: torch.device, tokens: int = 0) -> dict:
+    """The job's running loss sum, samples (and unmasked token positions) of the epoch so far (what a
+    resume continues from)."""
     if ctx.active:
-        total, seen = _rank_sum(ctx, [total, seen], dev)
-    return {"loss_sum": total, "samples": int(seen), "seconds": seconds}
+        total, seen, tokens = _rank_sum(ctx, [total, seen, tokens], dev)
+    return {"loss_sum": total, "samples": int(seen), "seconds": seconds, "tokens": int(tokens)}
 
 
 def _restore(path: Path, config: dict, model, optimizer, schedule) -> tuple[dict, dict]:

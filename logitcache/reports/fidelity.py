@@ -457,6 +457,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         "path": str(cache_location(path)),
         "classes": layout_classes(m),
         "frames": m.get("frames"),
+        "modality": (m.get("augment") or {}).get("modality", "audio"),
         "codec": cache.spec.codec,
         "recomposed": recomposed.result(),
         **(acc.result(cache.classes, size_of) if cache.codec.triple else _not_topk_report(len(flat))),

@@ -64,7 +64,8 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
     bytes_per_view, chunks_done; empty where the backend cannot split by epoch), projection, and
     provenance (per target set: how, when and from what teacher it was written, whether the
     ensemble aggregates it; dropped members; an unfinished addition: see
-    :func:`provenance`).
+    :func:`provenance`), modality, and tokens (None unless a token cache: context L, vocab_size,
+    tokens = views x L, bytes_per_token on disk; each targets_table row then has bytes_per_token).
 
     ``projection`` (None unless ``project_samples`` or ``project_epochs`` is given) scales this
     cache's measured bytes to that many samples and epochs (each defaults to this cache's):
@@ -112,6 +113,7 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
                 b = sum(x[e] for x in per_epoch)
                 epochs_table.append({"epoch": e, "stored_bytes": b, "bytes_per_view": b / max(samples, 1),
                                      "chunks_done": None if done_rows[e] is None else int(done_rows[e])})
+        tokens = _token_sizes(m, views * (cache.frames or 1), on_disk, targets_table)
         projection = None
         if project_samples is not None or project_epochs is not None:
             from logitcache.cache import choose_chunk_rows
@@ -160,7 +162,20 @@ def inspect_cache(path: str | Path, project_samples: int | None = None, project_
             "epochs_table": epochs_table,
             "projection": projection,
             "provenance": provenance(m),
+            "modality": (m.get("augment") or {}).get("modality", "audio"),
+            "tokens": tokens,
         }
+
+
+def _token_sizes(m: dict, positions: int, on_disk: int, targets_table: list[dict]) -> dict | None:
+    """A token cache's sizes per stored position (the unit LM users count in), else None."""
+    spec = m.get("augment") or {}
+    if spec.get("modality") != "tokens":
+        return None
+    for t in targets_table:
+        t["bytes_per_token"] = t["stored_bytes"] / max(positions, 1)
+    return {"context": spec.get("context"), "vocab_size": num_classes(m), "tokens": positions,
+            "bytes_per_token": on_disk / max(positions, 1)}
 
 
 ENSEMBLE = Layout.target_set_of(None)
