@@ -742,7 +742,8 @@ def fidelity(cache, data, source, teachers, state_dicts, teacher_args, samples, 
               else f"codec {result['codec']}")
     views = f"{result['samples_checked']} stored views"
     if result.get("modality") == "tokens":
-        views = f"{result['samples_checked']} stored windows ({result['samples_checked'] * result['frames']} positions)"
+        views = (f"{result['samples_checked']} stored windows ({result['positions']} unmasked positions of "
+                 f"{result['samples_checked'] * result['frames']}; every figure is a mean over them)")
     click.echo(f"{cache}: {views} re-run, {stored}; teachers match the manifest: "
                f"{'yes' if result['teachers_match'] else 'NO'}")
     headers = ["targets", "max |dz|", "mean |dz|", "top-k agree", "top-1 agree", "KL mean", "KL max"]

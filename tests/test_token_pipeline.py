@@ -136,7 +136,7 @@ def test_fidelity_is_exact_on_the_dumped_teachers(cache, corpus):
 
     f = fidelity(cache, corpus, ["toy_lm_teachers:gpt_a", "toy_lm_teachers:gpt_b"], samples=5,
                  teacher_args={"vocab_size": V, "context": L})
-    assert f["teachers_match"] and f["samples_checked"] == 5 and f["rows_checked"] == 5 * L
+    assert f["teachers_match"] and f["samples_checked"] == 5 and f["rows_checked"] == f["positions"] <= 5 * L
     assert f["topk_index_agreement"] == 1.0 and f["top1_agreement"] == 1.0 and f["max_abs_logit_error"] < 4e-3
 
 

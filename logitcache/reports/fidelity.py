@@ -326,7 +326,9 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
     KL is KL(fresh teacher || reconstruction from the cache): it includes the top-k
     truncation, so it is ~0 only when k == C.
 
-    The report part (rows = views, or view frames for frame-level teachers):
+    The report part (rows = views, or view frames for frame-level teachers; for token windows
+    the unmasked positions, as every figure of a token cache is: padding and document starts are
+    left out, and ``positions`` counts the rest):
 
     * ``per_k``: for each k' of ``k_grid`` (k' <= k, the cache truncated to its top k'): kl_mean,
       kl_max, top1_agreement, topk_agreement (stored top-k' classes among the fresh top-k'),
@@ -412,6 +414,7 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         which = np.searchsorted(ends, pick, side="right")
         flat = done[which, 0] * N + done[which, 1] * R + (pick - (ends[which] - rows[which]))
         source = ViewSource(folder, augmenter, SourceContent.of_cache(cache))
+        tokens, positions = getattr(augmenter, "modality", None) == "tokens", 0
         parts: dict[str, list] = {"ensemble": [], **{n: [] for n in member_of.values()}}
         acc = _ReportAccumulator(kind, layout_classes(m), cache.topk, [t.name for t in loaded])
         size_of = _size_model(cache)
@@ -421,27 +424,34 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
                 pos = flat[flat // N == epoch] % N
                 for a in range(0, len(pos), batch_size):
                     ids = [cache.ids[i] for i in cache.order(int(epoch))[pos[a:a + batch_size]]]
-                    params = cache.params(int(epoch), ids)
-                    wave = torch.stack([source.replay(folder.index[s], {n: v[r] for n, v in params.items()})
-                                        for r, s in enumerate(ids)]).to(dev)
+                    wave, mask = _replayed(source, folder, ids, cache.params(int(epoch), ids), tokens)
+                    bar.update(len(ids))
+                    if mask is not None and not bool(mask.any()):
+                        continue  # every position masked: nothing here is a target anything trains on
                     with torch.inference_mode(), autocast(dev, m.get("precision", "fp32")):
-                        logits = run_teachers(loaded, wave, lambda: ids)
-                    ens = ensemble_logits(logits, kind, stored_aggregation, weights, coverage(loaded))
+                        logits = run_teachers(loaded, wave.to(dev), lambda: ids)
+                    logits = [_kept(x, mask) for x in logits]
+                    ens = ensemble_logits(logits, kind, stored_aggregation, weights, coverage(loaded)).cpu()
+                    logits = [x.cpu() for x in logits]
                     groups = [("ensemble", None, ens)]
-                    recomposed.add(int(epoch), ids, logits)
+                    recomposed.add(int(epoch), ids, logits, mask)
                     groups += [(n, n, logits[i]) for i, n in member_of.items()]
+                    positions += int(mask.sum()) if mask is not None else 0
                     for key, member, z in groups:
                         t = cache.targets(int(epoch), ids, member=member)
                         if not cache.codec.triple:
-                            parts[key].append(_compare_dense(cache.codec.dense(t), z.cpu(), kind))
+                            parts[key].append(_compare_dense(_kept(cache.codec.dense(t), mask), z, kind))
                             continue
-                        stored = {f: torch.from_numpy(np.asarray(getattr(t, f))) for f in ("values", "indices", "stat")}
-                        parts[key].append(_compare(stored, z.cpu(), kind))
+                        stored = {f: _kept(torch.from_numpy(np.asarray(getattr(t, f))), mask)
+                                  for f in ("values", "indices", "stat")}
+                        parts[key].append(_compare(stored, z, kind))
                         if member is None:
-                            acc.add(stored, z.cpu(), [x.cpu() for x in logits])
-                    bar.update(len(ids))
+                            acc.add(stored, z, logits)
         finally:
             bar.close()
+    if tokens and not positions:
+        raise LogitCacheError(f"{cache_location(path)}: the {len(flat)} window(s) checked hold no unmasked position "
+                              f"(every next token is padding or starts a document); give more --samples")
 
     return {
         "samples_checked": len(flat),
@@ -460,8 +470,27 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         "modality": (m.get("augment") or {}).get("modality", "audio"),
         "codec": cache.spec.codec,
         "recomposed": recomposed.result(),
-        **(acc.result(cache.classes, size_of) if cache.codec.triple else _not_topk_report(len(flat))),
+        **({"positions": positions} if tokens else {}),
+        **(acc.result(cache.classes, size_of) if cache.codec.triple
+           else _not_topk_report(positions if tokens else len(flat))),
     }
+
+
+def _replayed(source, folder, ids: list[str], params: dict, tokens: bool):
+    """(the batch of replayed views, and for token windows the mask ``[S, L]`` of the positions a
+    loss counts; None for other views, whose every row counts)."""
+    rows = [{n: v[r] for n, v in params.items()} for r in range(len(ids))]
+    if not tokens:
+        return torch.stack([source.replay(folder.index[s], p) for s, p in zip(ids, rows)]), None
+    x, _, mask = (torch.stack(t) for t in zip(*(source.replay_tokens(folder.index[s], p) for s, p in zip(ids, rows))))
+    return x, mask
+
+
+def _kept(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``t [S, L, ...]`` at unmasked positions, ``[P, ...]`` (padding and document
+    starts are no target anything trains on, so no figure averages over them); all of ``t``
+    without a mask."""
+    return t if mask is None else t[mask.to(t.device)]
 
 
 def _not_topk_report(rows: int) -> dict:

@@ -1,10 +1,11 @@
 """``fidelity`` of recompositions: each composition of stored members (``logitcache.recompose``)
 against the same composition of the re-run teachers, on the same replayed views.
 
-Figures per composition (rows = views, or view frames): ``kl_mean``, ``kl_max`` of
-KL(true recomposed || recomposed from the cache) (``targets.kl_divergence`` on the dense
-reconstruction, tail spread evenly, as fidelity's own figures), ``top1_agreement`` of the two,
-and ``width`` (classes listed per recomposed row, min(M k, C)). ~0 when k == C.
+Figures per composition (rows = views, view frames, or the unmasked positions of token windows):
+``kl_mean``, ``kl_max`` of KL(true recomposed || recomposed from the cache)
+(``targets.kl_divergence`` on the dense reconstruction, tail spread evenly, as fidelity's own
+figures), ``top1_agreement`` of the two, and ``width`` (classes listed per recomposed row,
+min(M k, C)). ~0 when k == C.
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ class Recompositions:
         self.position = {name: i for i, name in enumerate(cache.members)}
         self.parts: list[list[dict[str, torch.Tensor]]] = [[] for _ in self.comps]
 
-    def add(self, epoch: int, ids: list[str], logits: list[torch.Tensor]) -> None:
-        from logitcache.reports.fidelity import _dense_log_targets
+    def add(self, epoch: int, ids: list[str], logits: list[torch.Tensor], mask: torch.Tensor | None = None) -> None:
+        """``logits``: the re-run members' rows; with ``mask`` (token windows, ``[S, L]``) only the
+        unmasked positions', as fidelity's :func:`~logitcache.reports.fidelity._kept` gives them."""
+        from logitcache.reports.fidelity import _dense_log_targets, _kept
 
         for comp, parts in zip(self.comps, self.parts):
             true = dense_ensemble([logits[self.position[n]].cpu() for n in comp.members], self.kind, comp)
-            v, i, s = (torch.from_numpy(np.asarray(x)) for x in recomposed_targets(self.cache, epoch, ids, comp))
+            v, i, s = (_kept(torch.from_numpy(np.asarray(x)), mask)
+                       for x in recomposed_targets(self.cache, epoch, ids, comp))
             rec = _dense_log_targets(v, i, s, self.C, self.kind)
             z = true.double().reshape(-1, self.C)
             rec = rec.reshape(-1, self.C)
