@@ -77,17 +77,9 @@ def stream_encode(teachers, x: torch.Tensor, sample_ids, dev, precision: str, co
                   weights, members: bool, view_seeds=None, moments: bool = False):
     """(bad [M, B] non-finite teacher rows, encoded {field: [G, B, L, ...]} with G = ensemble then
     members, per-member moments [M, B, 3] or None) of one batch of windows (see the module doc)."""
-    w = checks.ensemble_weights(weights, len(teachers), option="ensemble weights")
-    w = [x_ / sum(w) for x_ in w] if w else [1.0 / len(teachers)] * len(teachers)
     G = 1 + (len(teachers) if members else 0)
     seeds = row_seeds(view_seeds, G, x.shape[0], x.shape[1], dev)
-    acc: list[torch.Tensor] = []  # the running ensemble, made at the first teacher's output shape
-
-    def fold(m: int, a: int, b: int, zb: torch.Tensor) -> None:
-        if not acc:
-            acc.append(torch.empty((*x.shape[:2], zb.shape[-1]), dtype=torch.float32, device=zb.device))
-        _fold(acc[0][:, a:b], zb, w[m], m == 0, aggregation)
-
+    acc, fold = _running_ensemble(x, len(teachers), aggregation, weights)
     bad, parts, stats = _members(teachers, x, sample_ids, dev, precision, codec,
                                  None if seeds is None else seeds[1:], members, moments, fold)
     ensemble = [codec.encode(acc[0][:, a:b], None if seeds is None else seeds[0, :, a:b])
@@ -95,6 +87,35 @@ def stream_encode(teachers, x: torch.Tensor, sample_ids, dev, precision: str, co
     acc.clear()
     encoded = _joined([ensemble] + parts)
     return bad, encoded, stats
+
+
+@torch.inference_mode()
+def stream_ensemble(teachers, x: torch.Tensor, sample_ids, dev, precision: str, aggregation: str, weights,
+                    each=None) -> torch.Tensor:
+    """The ensemble's logits float32 ``[B, L, V]`` of ``teachers`` on windows ``x``, the teachers run
+    one at a time and folded in block by block as the dump does (see the module doc), so no more
+    than one teacher's output is held beside it. ``each(m, a, b, zb)`` sees teacher m's logits of
+    positions [a, b) on the way (compare's per-teacher heads), before they are dropped."""
+    acc, fold = _running_ensemble(x, len(teachers), aggregation, weights, each)
+    _members(teachers, x, sample_ids, dev, precision, None, None, False, False, fold)
+    return acc[0]
+
+
+def _running_ensemble(x: torch.Tensor, members: int, aggregation: str, weights, each=None):
+    """(a list that will hold the running ensemble ``[B, L, V]``, made at the first teacher's output,
+    and the ``fold(m, a, b, zb)`` that adds teacher m's block of positions to it, then calls ``each``)."""
+    w = checks.ensemble_weights(weights, members, option="ensemble weights")
+    w = [x_ / sum(w) for x_ in w] if w else [1.0 / members] * members
+    acc: list[torch.Tensor] = []
+
+    def fold(m: int, a: int, b: int, zb: torch.Tensor) -> None:
+        if not acc:
+            acc.append(torch.empty((*x.shape[:2], zb.shape[-1]), dtype=torch.float32, device=zb.device))
+        _fold(acc[0][:, a:b], zb, w[m], m == 0, aggregation)
+        if each is not None:
+            each(m, a, b, zb)
+
+    return acc, fold
 
 
 @torch.inference_mode()

@@ -335,8 +335,10 @@ def train(
                     raise LogitCacheError(_diverged(out, loss, epoch, done))
                 schedule.step()
                 seen += len(batch["wave"])
-                tokens += int(batch["mask"].sum()) if "mask" in batch else 0  # token caches: unmasked positions
-                total += loss * len(batch["wave"])
+                unmasked = int(batch["mask"].sum()) if "mask" in batch else 0  # token caches: positions trained
+                tokens += unmasked
+                # The batch's loss is a mean over its unmasked positions: an LM's epoch loss is per token.
+                total += loss * (unmasked if "mask" in batch else len(batch["wave"]))
                 steps += 1
                 if record_steps:
                     step_losses.append(_rank_mean(ctx, loss, dev))
@@ -350,9 +352,11 @@ def train(
             if ctx.active:  # the job's figures, not this rank's
                 total, seen, tokens = _rank_sum(ctx, [total, seen, tokens], dev)
                 seen, tokens = int(seen), int(tokens)
-            metrics = {"epoch": epoch, "stored_epoch": stored_epoch, "train_loss": total / max(seen, 1),
-                       "samples": seen, "seconds": round(seconds, 3), "samples_per_s": round(seen / seconds, 1)}
-            if (c.manifest.get("augment") or {}).get("modality") == "tokens":  # an LM user counts tokens
+            lm = (c.manifest.get("augment") or {}).get("modality") == "tokens"
+            metrics = {"epoch": epoch, "stored_epoch": stored_epoch,
+                       "train_loss": total / max(tokens if lm else seen, 1), "samples": seen,
+                       "seconds": round(seconds, 3), "samples_per_s": round(seen / seconds, 1)}
+            if lm:  # an LM user counts tokens
                 metrics.update(tokens=tokens, tokens_per_s=round(tokens / seconds, 1))
             if eval_folder is not None and lead:
                 metrics.update({f"eval_{k}": v for k, v in evaluate(model, eval_folder, augmenter, kind, dev).items()})

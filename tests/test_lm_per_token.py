@@ -83,7 +83,8 @@ def test_fidelity_figures_are_means_over_unmasked_positions(cache, corpus):
         member_kl.append(torch.stack([_kl(F.log_softmax(z, -1), lp) for z in zm]))
     positions = sum(len(x) for x in kl)
     assert f["samples_checked"] == 38 and f["positions"] == f["rows_checked"] == positions
-    assert 250 < positions < 38 * L and f["recomposed"][0]["rows"] == positions  # padding, document starts left out
+    assert 250 < positions < 38 * L  # padding and document starts are left out
+    assert f["recomposed"][0]["rows"] == positions
     assert f["kl_mean"] == pytest.approx(float(torch.cat(kl).mean()), rel=1e-6)
     assert f["top1_agreement"] == pytest.approx(float(torch.cat(top1).mean()), abs=1e-12)
     at_k = next(x for x in f["per_k"] if x["k"] == K)
@@ -96,10 +97,10 @@ def test_fidelity_figures_are_means_over_unmasked_positions(cache, corpus):
     assert row["kl_mean"] == pytest.approx(float(torch.cat(fresh_kl).mean()), rel=1e-6)
     per_member = torch.cat(member_kl, dim=1).mean(1)
     ours = f["disagreement"]["member_vs_ensemble"]
-    assert [ours["gpt_a"]["kl_to_ensemble"], ours["gpt_b"]["kl_to_ensemble"]] == pytest.approx(per_member.tolist(),
-                                                                                              rel=1e-6)
-    text = run("fidelity", cache, "--data", corpus, "--teacher", NAMES[0], "--teacher", NAMES[1], "--samples", 1000,
-               "--teacher-arg", f"vocab_size={V}", "--teacher-arg", f"context={L}")
+    got_members = [ours["gpt_a"]["kl_to_ensemble"], ours["gpt_b"]["kl_to_ensemble"]]
+    assert got_members == pytest.approx(per_member.tolist(), rel=1e-6)
+    text = run("fidelity", cache, "--data", corpus, "--teacher", NAMES[0], "--teacher", NAMES[1],
+               "--samples", 1000, "--teacher-arg", f"vocab_size={V}", "--teacher-arg", f"context={L}")
     assert text.exit_code == 0, text.output
     assert f"38 stored windows ({positions} unmasked positions of {38 * L}" in text.stdout
 
@@ -125,3 +126,99 @@ def test_fidelity_of_a_sampled_token_cache_counts_unmasked_positions(corpus, tmp
     expect = sum(int(keep.sum()) for *_, keep in _windows(out, corpus))
     assert f["samples_checked"] == 19 and f["positions"] == f["rows_checked"] == expect < 19 * L
     assert f["per_k"] is None and 0 < f["top1_agreement"] <= 1 and math.isfinite(f["kl_mean"])
+
+
+def test_train_loss_of_a_token_run_is_per_unmasked_token(cache, corpus, tmp_path):
+    """train_loss is the mean over the epoch's unmasked positions: each batch's loss (a mean over
+    its own unmasked positions) weighted by how many it has, not by its window count."""
+    from logitcache.train import train
+
+    m = train(cache, corpus, "gpt_tiny", tmp_path / "run", epochs=1, batch_size=8, lr=0.01, record_steps=True,
+              progress=False)
+    c = open_cache(cache)
+    order = c.order(0)
+    per_batch = [sum(int(unmasked(window_start(c, c.ids[i], 0)).sum()) for i in order[a:a + 8])
+                 for a in range(0, len(order), 8)]
+    losses = m["step_losses"]
+    assert len(losses) == len(per_batch) == 3 and len(set(per_batch)) > 1
+    per_token = sum(x * n for x, n in zip(losses, per_batch)) / sum(per_batch)
+    per_window = sum(x * len(order[a:a + 8]) for x, a in zip(losses, range(0, len(order), 8))) / len(order)
+    assert m["tokens"] == sum(per_batch)
+    assert m["train_loss"] == pytest.approx(per_token, rel=1e-12)
+    assert per_token != pytest.approx(per_window, rel=1e-9)  # the old figure: this cache tells them apart
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_the_optimised_loss_pools_a_batch_per_token(cache, corpus, alpha):
+    """The loss a step optimises is one mean over every unmasked position of the batch (windows
+    with fewer of them weigh less), for the KD term and the next-token term alike."""
+    from logitcache.models import create_model
+    from logitcache.train import distill_step
+    from logitcache.views import CacheStream
+
+    c = open_cache(cache)
+    uneven = (b for b in CacheStream(cache, corpus, 0, batch_size=8) if len(set(b["mask"].sum(1).tolist())) > 1)
+    batch = next(uneven)  # windows with different numbers of unmasked positions
+    model = create_model("gpt_tiny", num_classes=V, frames=L, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    got = distill_step(model, opt, batch, "multiclass", torch.device("cpu"), 1.0, alpha, codec=c.codec)
+    with torch.no_grad():
+        logq = F.log_softmax(model(batch["tokens"]).double(), -1)
+    mask = batch["mask"]
+    if alpha == 1.0:
+        per_position = -logq.gather(-1, batch["labels"].clamp_min(0)[..., None])[..., 0]
+    else:  # KL(stored top-k + tail bucket || student's top-k + tail bucket)
+        i = batch["indices"].long()
+        logp = batch["values"].double() - batch["stat"].double()[..., None]
+        p_tail = (1 - logp.exp().sum(-1)).clamp_min(1e-300)
+        q_top = logq.gather(-1, i)
+        q_tail = (1 - q_top.exp().sum(-1)).clamp_min(1e-300)
+        per_position = (logp.exp() * (logp - q_top)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+    pooled = float(per_position[mask].mean())
+    by_window = float(torch.stack([per_position[w][mask[w]].mean() for w in range(len(mask))]).mean())
+    assert got == pytest.approx(pooled, rel=1e-5) and pooled != pytest.approx(by_window, rel=1e-4)
+
+
+def test_compare_streams_the_rerun_teachers_with_the_same_figures(cache, corpus, tmp_path, monkeypatch):
+    """compare --teacher on a token cache runs one teacher at a time and folds its output into the
+    ensemble two positions at a time (a tiny block), and every held-out figure, per head too,
+    equals the unstreamed computation written here: every teacher's full logits, log mean p."""
+    import logitcache.lm as lm
+    from logitcache.report import compare
+    from logitcache.students import load_student
+    from logitcache.train import train
+
+    held_n, held_docs = 60, [0, 30]
+    held = write_bin(tmp_path / "held", n=held_n, docs=held_docs)
+    run_dir = tmp_path / "run"
+    train(cache, corpus, "gpt_tiny", run_dir, batch_size=8, max_steps=2, lr=0.01, heads="members", progress=False)
+    calls = []
+    real = lm.run_teachers
+    monkeypatch.setattr(lm, "run_teachers", lambda ts, *a: calls.append(len(ts)) or real(ts, *a))
+    monkeypatch.setattr(lm, "BLOCK_VALUES", 2 * 5 * V)  # two positions of a batch of 5 windows per block
+    e = compare(run_dir, samples=1, batch_size=5, eval_data=held, teachers=NAMES, teacher_args=ARGS)["eval"]
+    windows = -(-held_n // L)
+    assert calls == [1] * (2 * -(-windows // 5))  # each teacher alone, for every batch
+
+    config = json.loads((run_dir / "config.json").read_text())
+    net = load_student(run_dir, config["student"], V, None, L, config, "multiclass")
+    toks = np.concatenate([np.fromfile(held, np.uint16).astype(np.int64), np.zeros(L, np.int64)])
+    ids = torch.from_numpy(np.stack([toks[s * L:(s + 1) * L] for s in range(windows)]))
+    keep = torch.from_numpy(np.stack([unmasked(s * L, held_n, held_docs) for s in range(windows)]))
+    nxt = torch.from_numpy(np.stack([toks[s * L + 1:(s + 1) * L + 1] for s in range(windows)]))[keep]
+    with torch.no_grad():
+        zt = [F.log_softmax(m(ids).double(), -1)[keep] for m in teachers().values()]
+        zs, zh = net(ids).double()[keep], net(ids, all_heads=True).double()[:, keep]
+    lp = torch.logsumexp(torch.stack(zt), 0) - math.log(2)
+    ls = F.log_softmax(zs, -1)
+    assert e["positions"] == int(keep.sum()) == held_n - 2
+    assert e["top1_agreement"] == pytest.approx(float((ls.argmax(-1) == lp.argmax(-1)).double().mean()), abs=1e-12)
+    assert e["kl_mean"] == pytest.approx(float(_kl(lp, ls).mean()), rel=1e-5)
+    assert e["ensemble_nll"] == pytest.approx(float(-lp.gather(-1, nxt[:, None]).mean()), rel=1e-6)
+    assert e["ensemble_vs_labels"] == pytest.approx(float((lp.argmax(-1) == nxt).double().mean()), abs=1e-12)
+    for h, (row, t) in enumerate(zip(e["heads"], zt)):
+        lh = F.log_softmax(zh[h], -1)
+        assert row["teacher"] == ["gpt_a", "gpt_b"][h]
+        assert row["kl_mean"] == pytest.approx(float(_kl(t, lh).mean()), rel=1e-5)
+        assert row["top1_agreement"] == pytest.approx(float((lh.argmax(-1) == t.argmax(-1)).double().mean()),
+                                                      abs=1e-12)

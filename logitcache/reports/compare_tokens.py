@@ -152,14 +152,33 @@ def cached_views(c, net, source, picks, batch_size: int, dev, kind: str, targets
     return out
 
 
+def _against_teachers(tally: _Tally, loaded, manifest, x: torch.Tensor, sample_ids, dev, mask: torch.Tensor,
+                      zs: torch.Tensor, zh: torch.Tensor | None, nxt: torch.Tensor) -> None:
+    """The ensemble figures of one batch of windows (and each head's against its own teacher, with
+    ``zh``) against the re-run teachers, streamed as the dump streams them: one teacher and one
+    block of positions at a time (:func:`logitcache.lm.stream_ensemble`), so a batch holds the
+    running ensemble and one teacher's output, not every teacher's ``[B, L, V]``."""
+    from logitcache.lm import position_blocks, stream_ensemble
+
+    def head_rows(m: int, a: int, b: int, zb: torch.Tensor) -> None:
+        keep = mask[:, a:b]
+        rows = _against_logits(zb[keep.to(zb.device)].cpu(), zh[m][:, a:b][keep], nxt[:, a:b][keep])
+        tally.heads[m].append(rows[:2])
+
+    ze = stream_ensemble(loaded, x, sample_ids, dev, manifest.get("precision", "fp32"),
+                         manifest["aggregation"], manifest.get("weights"), head_rows if zh is not None else None)
+    for a, b in position_blocks(*ze.shape):
+        keep = mask[:, a:b]
+        agree, kl, e_nll, e_hit = _against_logits(ze[:, a:b][keep.to(ze.device)].cpu(), zs[:, a:b][keep],
+                                                  nxt[:, a:b][keep])
+        tally.add(top1=agree, kl=kl, e_nll=e_nll, e_hit=e_hit)
+
+
 def held_out(net, held, augmenter, loaded, manifest, batch_size: int, dev, heads: list[str] | None,
              eval_data) -> dict:
     """The ``eval`` part for token data: every window of ``held`` at offset 0 (as ``train
     --eval-data`` scores it); with re-run teachers (``loaded``, probed by the caller) the exact
     ensemble of the manifest's aggregation, and per head its own teacher."""
-    from logitcache.device import autocast
-    from logitcache.hetero import ensemble_logits
-    from logitcache.teachers import run_teachers
     from logitcache.views import ViewSource
 
     plain = ViewSource(held, augmenter)
@@ -173,13 +192,8 @@ def held_out(net, held, augmenter, loaded, manifest, batch_size: int, dev, heads
         n = nxt[mask]
         tally.add(**_student_rows(zs[mask], n))
         if loaded:
-            with torch.inference_mode(), autocast(dev, manifest.get("precision", "fp32")):
-                z = [t.cpu() for t in run_teachers(loaded, x.to(dev), lambda: [held.ids[i] for i in slots])]
-            ze = ensemble_logits(z, "multiclass", manifest["aggregation"], manifest.get("weights")).float()
-            agree, kl, e_nll, e_hit = _against_logits(ze[mask], zs[mask], n)
-            tally.add(top1=agree, kl=kl, e_nll=e_nll, e_hit=e_hit)
-            for h in range(len(tally.heads)):
-                tally.heads[h].append(_against_logits(z[h][mask], zh[h][mask], n)[:2])
+            _against_teachers(tally, loaded, manifest, x.to(dev), lambda: [held.ids[i] for i in slots], dev,
+                              mask, zs, zh if per_head else None, nxt)
     out = {"data": str(eval_data), "clips": len(held), "teachers": [t.name for t in loaded],
            **tally.result(bool(loaded)), "per_class": []}
     if per_head:

@@ -450,8 +450,8 @@ def fidelity(path: str | Path, data_dir: str | Path, teachers: list[str], sample
         finally:
             bar.close()
     if tokens and not positions:
-        raise LogitCacheError(f"{cache_location(path)}: the {len(flat)} window(s) checked hold no unmasked position "
-                              f"(every next token is padding or starts a document); give more --samples")
+        raise LogitCacheError(f"{cache_location(path)}: the {len(flat)} window(s) checked hold no unmasked "
+                              f"position (every next token is padding or starts a document); give more --samples")
 
     return {
         "samples_checked": len(flat),
@@ -482,7 +482,8 @@ def _replayed(source, folder, ids: list[str], params: dict, tokens: bool):
     rows = [{n: v[r] for n, v in params.items()} for r in range(len(ids))]
     if not tokens:
         return torch.stack([source.replay(folder.index[s], p) for s, p in zip(ids, rows)]), None
-    x, _, mask = (torch.stack(t) for t in zip(*(source.replay_tokens(folder.index[s], p) for s, p in zip(ids, rows))))
+    windows = (source.replay_tokens(folder.index[s], p) for s, p in zip(ids, rows))
+    x, _, mask = (torch.stack(t) for t in zip(*windows))
     return x, mask
 
 
