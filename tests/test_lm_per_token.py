@@ -222,3 +222,26 @@ def test_compare_streams_the_rerun_teachers_with_the_same_figures(cache, corpus,
         assert row["kl_mean"] == pytest.approx(float(_kl(t, lh).mean()), rel=1e-5)
         assert row["top1_agreement"] == pytest.approx(float((lh.argmax(-1) == t.argmax(-1)).double().mean()),
                                                       abs=1e-12)
+
+
+def test_a_resumed_token_epoch_logs_the_same_per_token_loss(cache, corpus, tmp_path, monkeypatch):
+    """A token run stopped mid-epoch and resumed logs the epoch's per-token loss and token count
+    of the run that never stopped (the checkpoint carries the token-weighted sum)."""
+    import logitcache.train as train_mod
+
+    kw = dict(epochs=1, batch_size=8, seed=0, lr=0.01, progress=False, checkpoint_every=1)
+    whole = train_mod.train(cache, corpus, "gpt_tiny", tmp_path / "whole", **kw)
+    real_step, calls = train_mod.distill_step, []
+
+    def dies_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the checkpoint after batch 2 is the latest
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_mod, "distill_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cache, corpus, "gpt_tiny", tmp_path / "cut", **kw)
+    monkeypatch.setattr(train_mod, "distill_step", real_step)
+    cut = train_mod.train(cache, corpus, "gpt_tiny", tmp_path / "cut", resume=True, **kw)
+    assert cut["tokens"] == whole["tokens"] and cut["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)

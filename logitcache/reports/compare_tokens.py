@@ -14,7 +14,10 @@ The dense ensemble rows are built a block of positions at a time (at most ``BLOC
 probabilities), so V = 262,144 costs a few 16-MB temporaries, not ``[B, L, V]`` more; and the
 windows run in batches of at most ``WINDOW_VALUES`` logits per model output (one window at
 V = 151,936 and L = 1,024), whatever ``batch_size`` says, so the student's, the heads' and the
-re-run teachers' outputs stay bounded too.
+re-run teachers' outputs stay bounded too. The re-run teachers of ``--teacher`` run one at a time
+and are folded into the ensemble a block of positions at a time, as the dump does
+(:func:`logitcache.lm.stream_ensemble`): a batch holds the running ensemble and one teacher's
+output, not every teacher's.
 """
 
 from __future__ import annotations
