@@ -236,7 +236,9 @@ def fidelity_section(f: dict) -> str:
     stored = (f"top-{k} of {f['classes']} classes, {html.escape(f['output_kind'])}, "
               f"{html.escape(f['value_dtype'])} values" if f.get("per_k") is not None
               else f"codec {html.escape(str(f.get('codec')))}, {f['classes']} classes, {html.escape(f['output_kind'])}")
-    head = (f"<p>{f['samples_checked']} stored views re-run ({f['rows_checked']} rows), {stored}; teachers match the "
+    rows = (f"{f['samples_checked']} stored windows re-run ({f['positions']} unmasked positions)"
+            if "positions" in f else f"{f['samples_checked']} stored views re-run ({f['rows_checked']} rows)")
+    head = (f"<p>{rows}, {stored}; teachers match the "
             f"manifest: <b>{'yes' if f['teachers_match'] else 'NO'}</b>.</p>")
     summary = table([["ensemble", f["max_abs_logit_error"], f["mean_abs_logit_error"], f["topk_index_agreement"],
                       f["top1_agreement"], f["kl_mean"], f["kl_max"]]]

@@ -103,6 +103,9 @@ def test_fidelity_figures_are_means_over_unmasked_positions(cache, corpus):
                "--samples", 1000, "--teacher-arg", f"vocab_size={V}", "--teacher-arg", f"context={L}")
     assert text.exit_code == 0, text.output
     assert f"38 stored windows ({positions} unmasked positions of {38 * L}" in text.stdout
+    from logitcache.html import fidelity_section
+
+    assert f"38 stored windows re-run ({positions} unmasked positions)" in fidelity_section(f)
 
 
 def test_fidelity_of_windows_without_an_unmasked_position_is_one_line(tmp_path):
