@@ -52,14 +52,26 @@ class Pending:
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # host-made rows (order, params, content)
 
 
+def host_buffers(tensors: dict[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:
+    """Empty host tensors shaped like ``tensors``, carved from one buffer: one (pinned) allocation per
+    batch, not one per field (clip level holds thousands of batches in flight per chunk; small
+    pinned blocks each cost a page and a driver call)."""
+    sizes = [t.numel() * t.element_size() for t in tensors.values()]
+    starts = np.concatenate([[0], np.cumsum([-(-n // 64) * 64 for n in sizes])])  # aligned for any dtype
+    buf = torch.empty(int(starts[-1]), dtype=torch.uint8, pin_memory=pin)
+    return {name: buf[int(a):int(a) + n].view(t.dtype).view(t.shape)
+            for (name, t), a, n in zip(tensors.items(), starts, sizes)}
+
+
 class Streams:
     """Copies to and from a CUDA device on side streams, through pinned host buffers; on any other
     device the views are used where they are and results read in place (no streams).
 
-    Each batch's results get fresh pinned buffers (torch's caching host allocator: a buffer comes
-    back for reuse once freed and its copy is done), because a chunk's rows are copied out of them
-    on the writer thread, whenever it gets to them (:class:`ChunkParts`); the writer's bounded
-    queue bounds how many are held."""
+    Each batch's results get a fresh pinned buffer (:func:`host_buffers`, from torch's caching host
+    allocator: a buffer comes back for reuse once freed and its copy is done), because a chunk's
+    rows are copied out of them on the writer thread, whenever it gets to them (:class:`ChunkParts`);
+    the writer's bounded queue bounds how many are held (the batches of the chunk being filled and
+    of at most ``queue_size`` + 1 chunks handed over)."""
 
     def __init__(self, dev: torch.device):
         self.dev, self.cuda = dev, dev.type == "cuda"
@@ -81,10 +93,10 @@ class Streams:
         if not self.cuda:
             return {name: t.cpu() for name, t in tensors.items()}, None
         self.d2h.wait_stream(torch.cuda.current_stream(self.dev))
-        host = {}
+        host = host_buffers(tensors, pin=True)
         with torch.cuda.stream(self.d2h):
             for name, t in tensors.items():
-                host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                host[name].copy_(t, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(self.d2h)
         return host, ready

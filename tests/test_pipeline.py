@@ -236,3 +236,23 @@ def test_a_param_off_its_grid_is_refused_as_is_and_earlier_chunks_are_kept(datas
     assert "write failed" not in str(e.value)
     with logitcache.open_cache(out) as c:
         assert c.chunks_done().tolist() == [[True, False, False]]
+
+
+def test_host_buffers_of_one_batch_hold_every_field_apart():
+    """CUDA copies a batch's results into one pinned buffer carved per field (tested unpinned here):
+    each field gets its own bytes, shape and dtype, and holds exactly what is copied into it."""
+    from logitcache.pipeline import host_buffers
+
+    g = torch.Generator().manual_seed(0)
+    fields = {"bad": torch.rand(3, 5, generator=g) > 0.5, "values": torch.randn(4, 5, 7, generator=g).half(),
+              "indices": torch.randint(0, 500, (4, 5, 7), generator=g, dtype=torch.int16),
+              "moments": torch.randn(3, 5, 3, generator=g, dtype=torch.float64), "empty": torch.zeros(0, 2),
+              "stat": torch.randn(4, 5, generator=g)[:, ::2]}  # not contiguous
+    host = host_buffers(fields, pin=False)
+    for name, t in fields.items():
+        host[name].copy_(t)
+    arrays = {name: h.numpy() for name, h in host.items()}
+    for name, t in fields.items():
+        assert arrays[name].dtype == t.numpy().dtype and np.array_equal(arrays[name], t.numpy()), name
+    full = [a for a in arrays.values() if a.size]
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(full) for b in full[i + 1:])
