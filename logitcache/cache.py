@@ -49,6 +49,8 @@ from logitcache.vocabulary import Vocabulary
 from logitcache.storage import (ArrayStore, backend_for_new, cache_location, chunk_error, chunk_name, is_url,
                                 location_exists, open_store)
 
+Block = dict[str, np.ndarray]  # one chunk's rows: array name -> rows
+
 
 def choose_chunk_rows(row_bytes: int, num_samples: int, target_bytes: int = 8 << 20) -> int:
     """Rows per chunk: the power of two at or below ``target_bytes`` of targets (values + indices,
@@ -462,7 +464,7 @@ class CacheWriter:
 
     _spec: Manifest | None = None  # the typed manifest, made on the first put
 
-    def put(self, epoch: int, chunk: int, block: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]]) -> None:
+    def put(self, epoch: int, chunk: int, block: Block | Callable[[], Block]) -> None:
         """Queue one whole chunk: ``block`` maps array name -> rows of that chunk, or is a callable
         that returns that mapping (``pipeline.ChunkParts``), called on the writer thread so that the
         chunk's assembly costs the caller nothing."""
@@ -471,14 +473,14 @@ class CacheWriter:
             self._spec = Manifest.from_json(self.manifest)
         self._queue.put((epoch, chunk, block if callable(block) else self._spec.stored_rows(block)))
 
-    def _assembled(self, block) -> dict[str, np.ndarray]:
+    def _assembled(self, block: Block | Callable[[], Block]) -> Block:
         """A queued chunk's arrays. A bad row found here (a param off its grid) is the caller's error,
         raised as is on its next put, not a write failure."""
         if not callable(block):
             return block
         try:
             return self._spec.stored_rows(block())
-        except LogitCacheError as e:
+        except LogitCacheError:
             self._input_error = True
             raise
 

@@ -6,8 +6,8 @@ side stream, overlapping the forward still running), the teachers' forward and t
 (the compute stream), the copy of its rows and bad-row flags into pinned host buffers (another
 side stream); only then does it materialise the *previous* batch's rows (wait for their copy,
 check them, pack them, add them to their chunk, which the writer thread assembles). The one wait
-per batch is where the data is needed, and by then the device already holds the next batch's work. On CPU the streams are no-ops
-and the same code runs in the same order, so the tests exercise it.
+per batch is where the data is needed, and by then the device already holds the next batch's work.
+On CPU the streams are no-ops and the same code runs in the same order, so the tests exercise it.
 
 :func:`run_epoch` is the loop, :class:`TeacherPass` the device side, :class:`ChunkRows` the chunk
 bookkeeping (:class:`ChunkParts`, assembled on the writer thread); ``benchmarks/bench_dump_host.py``
