@@ -42,8 +42,8 @@ ratio of their own CPU.
 Settings run in interleaved rounds (their order alternating) and the medians are printed, as the
 shared machine's load drifts; ``--profile`` adds a cProfile of one k=20 clip-level epoch.
 
-    python benchmarks/bench_dump_host.py --quick   # ~1 min on 2 idle cores
-    python benchmarks/bench_dump_host.py           # ~4 min on 2 idle cores
+    python benchmarks/bench_dump_host.py --quick   # ~1.5 min on 2 shared cores (load 4)
+    python benchmarks/bench_dump_host.py           # ~4.5 min on 2 shared cores (load 4)
 """
 
 from __future__ import annotations
