@@ -35,6 +35,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -47,6 +48,8 @@ from logitcache.lock import DumpLock
 from logitcache.vocabulary import Vocabulary
 from logitcache.storage import (ArrayStore, backend_for_new, cache_location, chunk_error, chunk_name, is_url,
                                 location_exists, open_store)
+
+Block = dict[str, np.ndarray]  # one chunk's rows: array name -> rows
 
 
 def choose_chunk_rows(row_bytes: int, num_samples: int, target_bytes: int = 8 << 20) -> int:
@@ -461,12 +464,25 @@ class CacheWriter:
 
     _spec: Manifest | None = None  # the typed manifest, made on the first put
 
-    def put(self, epoch: int, chunk: int, block: dict[str, np.ndarray]) -> None:
-        """Queue one whole chunk: ``block`` maps array name -> rows of that chunk."""
+    def put(self, epoch: int, chunk: int, block: Block | Callable[[], Block]) -> None:
+        """Queue one whole chunk: ``block`` maps array name -> rows of that chunk, or is a callable
+        that returns that mapping (``pipeline.ChunkParts``), called on the writer thread so that the
+        chunk's assembly costs the caller nothing."""
         self._raise_if_failed()
         if self._spec is None:
             self._spec = Manifest.from_json(self.manifest)
-        self._queue.put((epoch, chunk, self._spec.stored_rows(block)))
+        self._queue.put((epoch, chunk, block if callable(block) else self._spec.stored_rows(block)))
+
+    def _assembled(self, block: Block | Callable[[], Block]) -> Block:
+        """A queued chunk's arrays. A bad row found here (a param off its grid) is the caller's error,
+        raised as is on its next put, not a write failure."""
+        if not callable(block):
+            return block
+        try:
+            return self._spec.stored_rows(block())
+        except LogitCacheError:
+            self._input_error = True
+            raise
 
     def _run(self) -> None:
         while True:
@@ -477,6 +493,7 @@ class CacheWriter:
                 continue  # drain so producers never block on a dead writer
             epoch, chunk, block = item
             try:
+                block = self._assembled(block)
                 self._check_space(block)
                 start = chunk * self.manifest["chunk_rows"]
                 for name, rows in block.items():
@@ -517,10 +534,12 @@ class CacheWriter:
             raise OSError(errno.ENOSPC, f"No space left on device: {free >> 10} KiB free, less than the "
                                         f"{need >> 10} KiB kept in reserve (LOGITCACHE_MIN_FREE_BYTES{floor})")
 
+    _input_error = False  # set when the error is in the rows handed over, not in writing them
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             e = self._error
-            if isinstance(e, Exception):  # OSError, or h5py's RuntimeError around one
+            if isinstance(e, Exception) and not self._input_error:  # OSError, or h5py's RuntimeError around one
                 raise _write_failed(self.path, e) from e
             raise e
 

@@ -395,7 +395,7 @@ class _Encoder:
         self.sets = list(plan.sets)
         self.groups = np.array([plan.sets[ts]["seed_group"] for ts in self.sets])
         self.stats = {ts: _stats_path(manifest, ts) for ts in self.sets if _stats_path(manifest, ts)}
-        self.streams = Streams(dev)  # pinned host buffers on CUDA, reused batch after batch
+        self.streams = Streams(dev)  # on CUDA a pinned buffer per batch, kept until its chunk is assembled
 
     def __call__(self, wave: torch.Tensor, index: np.ndarray, view_seeds: np.ndarray) -> dict[str, np.ndarray]:
         def ids(rows=None) -> list[str]:

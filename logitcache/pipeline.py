@@ -5,12 +5,13 @@ For each batch the main process queues, in this order: the copy of its views to 
 side stream, overlapping the forward still running), the teachers' forward and the codec's encode
 (the compute stream), the copy of its rows and bad-row flags into pinned host buffers (another
 side stream); only then does it materialise the *previous* batch's rows (wait for their copy,
-check them, pack them, copy them into their chunk). The one wait per batch is where the data is
-needed, and by then the device already holds the next batch's work. On CPU the streams are no-ops
-and the same code runs in the same order, so the tests exercise it.
+check them, pack them, add them to their chunk, which the writer thread assembles). The one wait
+per batch is where the data is needed, and by then the device already holds the next batch's work.
+On CPU the streams are no-ops and the same code runs in the same order, so the tests exercise it.
 
 :func:`run_epoch` is the loop, :class:`TeacherPass` the device side, :class:`ChunkRows` the chunk
-assembly; ``benchmarks/bench_dump_host.py`` drives exactly these on premade batches.
+bookkeeping (:class:`ChunkParts`, assembled on the writer thread); ``benchmarks/bench_dump_host.py``
+drives exactly these on premade batches.
 """
 
 from __future__ import annotations
@@ -51,21 +52,31 @@ class Pending:
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # host-made rows (order, params, content)
 
 
+def host_buffers(tensors: dict[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:
+    """Empty host tensors shaped like ``tensors``, carved from one buffer: one (pinned) allocation per
+    batch, not one per field (clip level holds thousands of batches in flight per chunk; small
+    pinned blocks each cost a page and a driver call)."""
+    sizes = [t.numel() * t.element_size() for t in tensors.values()]
+    starts = np.concatenate([[0], np.cumsum([-(-n // 64) * 64 for n in sizes])])  # aligned for any dtype
+    buf = torch.empty(int(starts[-1]), dtype=torch.uint8, pin_memory=pin)
+    return {name: buf[int(a):int(a) + n].view(t.dtype).view(t.shape)
+            for (name, t), a, n in zip(tensors.items(), starts, sizes)}
+
+
 class Streams:
-    """Copies to and from a CUDA device on side streams, through reusable pinned host buffers; on
-    any other device the views are used where they are and results read in place (no streams).
+    """Copies to and from a CUDA device on side streams, through pinned host buffers; on any other
+    device the views are used where they are and results read in place (no streams).
 
-    Host buffers alternate between two slots: a batch's rows are read (copied into their chunk)
-    before the batch after next is queued, which is when its slot is written again."""
-
-    SLOTS = 2
+    Each batch's results get a fresh pinned buffer (:func:`host_buffers`, from torch's caching host
+    allocator: a buffer comes back for reuse once freed and its copy is done), because a chunk's
+    rows are copied out of them on the writer thread, whenever it gets to them (:class:`ChunkParts`);
+    the writer's bounded queue bounds how many are held (the batches of the chunk being filled and
+    of at most ``queue_size`` + 1 chunks handed over)."""
 
     def __init__(self, dev: torch.device):
         self.dev, self.cuda = dev, dev.type == "cuda"
         if self.cuda:
             self.h2d, self.d2h = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
-        self.slots: list[dict[tuple, torch.Tensor]] = [{} for _ in range(self.SLOTS)]
-        self.turn = 0
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
@@ -81,25 +92,17 @@ class Streams:
         """(host tensors, event set once they hold the values; None when they already do)."""
         if not self.cuda:
             return {name: t.cpu() for name, t in tensors.items()}, None
-        slot = self.slots[self.turn]
-        self.turn = (self.turn + 1) % self.SLOTS
-        if len(slot) > 64:  # batch shapes vary only at an epoch's end: a few keys in practice
-            slot.clear()
         self.d2h.wait_stream(torch.cuda.current_stream(self.dev))
-        host = {}
+        host = host_buffers(tensors, pin=True)
         with torch.cuda.stream(self.d2h):
             for name, t in tensors.items():
-                key = (name, tuple(t.shape), t.dtype)
-                if key not in slot:
-                    slot[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                host[name] = slot[key].copy_(t, non_blocking=True)
+                host[name].copy_(t, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(self.d2h)
         return host, ready
 
     def fetch(self, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """``to_host`` and the wait at once; the arrays may share memory with a host buffer slot, so
-        they must be copied before the slot comes round again (two calls later)."""
+        """``to_host`` and the wait at once."""
         host, ready = self.to_host(tensors)
         if ready is not None:
             ready.synchronize()
@@ -184,7 +187,7 @@ class TeacherPass:
 
     def rows(self, pending: Pending) -> dict[str, np.ndarray]:
         """The batch's stored rows (array name -> [B, ...]), once its copy to the host is done. They
-        may share memory with the pinned buffers: copy them before the batch after next is submitted."""
+        are views of this batch's own host buffers (never written again), so they can be kept."""
         if pending.ready is not None:
             pending.ready.synchronize()
         host = {name: t.numpy() for name, t in pending.host.items()}
@@ -215,18 +218,45 @@ class TeacherPass:
                                       f"{', '.join(self.names(index, row_bad)[:5])}{hint}")
 
 
+class ChunkParts:
+    """One chunk's rows as the batches gave them (references, no copy), assembled when called:
+    on the writer thread, so the main thread never copies a row (at frame level, T = 250, that
+    copy was 84-404 KB per view). Each array is allocated once and filled in place, in position
+    order; ``per_chunk`` arrays (member logit sums, one row per view here) are then summed into the
+    chunk's one row, so the sum does not depend on how the chunk's views were batched.
+
+    The rows must not change after they are added: fresh arrays per batch (the encode's outputs on
+    CPU, a fresh pinned buffer per batch on CUDA: :class:`Streams`)."""
+
+    def __init__(self, size: int, per_chunk: set[str]):
+        self.size, self.per_chunk = size, per_chunk
+        self.parts: list[tuple[int, dict[str, np.ndarray], int, int]] = []  # (offset, rows, a, b)
+
+    def add(self, offset: int, rows: dict[str, np.ndarray], a: int, b: int) -> None:
+        self.parts.append((offset, rows, a, b))
+
+    def __call__(self) -> dict[str, np.ndarray]:
+        first = self.parts[0][1]
+        block = {k: np.empty((self.size, *v.shape[1:]), v.dtype) for k, v in first.items()}
+        for o, rows, a, b in self.parts:
+            for k, v in rows.items():
+                block[k][o:o + b - a] = v[a:b]
+        self.parts = []  # the batches' buffers go back as soon as the chunk holds their rows
+        for k in self.per_chunk & set(block):
+            block[k] = block[k].sum(0, keepdims=True)
+        return block
+
+
 class ChunkRows:
     """Rows of one epoch in stored order -> whole chunks handed to the writer as they fill.
 
-    Batches may straddle chunk edges. Each chunk's arrays are allocated once, at its first rows,
-    and filled in place: one copy per row, and the rows no longer share memory with the host
-    buffers they came from. ``per_chunk`` arrays (member logit sums, one row per view here) are
-    summed into the chunk's one row, in position order, so the sum does not depend on how the
-    chunk's views were batched."""
+    Batches may straddle chunk edges. A chunk is handed over as its :class:`ChunkParts` (the
+    writer assembles it on its thread); the writer's bounded queue holds the main thread back when
+    it falls behind, as it does for assembled chunks."""
 
     def __init__(self, writer, epoch: int, rows: int, num_samples: int, per_chunk: set[str]):
         self.writer, self.epoch, self.R, self.N, self.per_chunk = writer, epoch, rows, num_samples, per_chunk
-        self.chunk, self.block = -1, {}
+        self.chunk, self.parts = -1, ChunkParts(0, per_chunk)
 
     def add(self, pos: np.ndarray, rows: dict[str, np.ndarray]) -> None:
         a, R = 0, self.R
@@ -235,23 +265,15 @@ class ChunkRows:
             c = p // R
             b = min(len(pos), a + (c + 1) * R - p)  # positions within one chunk are consecutive
             if c != self.chunk:
-                self._start(c, rows)
-            o = p - c * R
-            for k, v in rows.items():
-                self.block[k][o:o + b - a] = v[a:b]
+                self.chunk, self.parts = c, ChunkParts(min(R, self.N - c * R), self.per_chunk)
+            self.parts.add(p - c * R, rows, a, b)
             if int(pos[b - 1]) + 1 == min((c + 1) * R, self.N):
-                self.writer.put(self.epoch, c, self._done())
+                parts, self.chunk, self.parts = self.parts, -1, ChunkParts(0, self.per_chunk)
+                self.hand_over(c, parts)
             a = b
 
-    def _start(self, c: int, rows: dict[str, np.ndarray]) -> None:
-        size = min(self.R, self.N - c * self.R)
-        self.chunk, self.block = c, {k: np.empty((size, *v.shape[1:]), v.dtype) for k, v in rows.items()}
-
-    def _done(self) -> dict[str, np.ndarray]:
-        block, self.chunk, self.block = self.block, -1, {}
-        for k in self.per_chunk & set(block):
-            block[k] = block[k].sum(0, keepdims=True)
-        return block
+    def hand_over(self, chunk: int, parts: ChunkParts) -> None:
+        self.writer.put(self.epoch, chunk, parts)
 
 
 class EpochStep:

@@ -36,13 +36,19 @@ class Slice(torch.nn.Module):
 
 
 class Writer:
-    """Records the whole chunks handed to it."""
+    """Records the whole chunks handed to it, assembled (as the real writer's thread does) only at
+    the end, after every batch: rows kept by reference must not have changed by then."""
 
     def __init__(self):
-        self.chunks: dict[int, dict[str, np.ndarray]] = {}
+        self.handed: dict[int, object] = {}
 
-    def put(self, epoch: int, chunk: int, block: dict[str, np.ndarray]) -> None:
-        self.chunks[chunk] = block
+    def put(self, epoch: int, chunk: int, block) -> None:
+        self.handed[chunk] = block
+
+    @property
+    def chunks(self) -> dict[int, dict[str, np.ndarray]]:
+        self.handed = {c: b() if callable(b) else b for c, b in self.handed.items()}
+        return self.handed
 
 
 class Folder:
@@ -105,7 +111,7 @@ def _straightforward(tp, batches) -> dict[int, dict[str, np.ndarray]]:
 @pytest.mark.parametrize("dev", ["cpu", CUDA])
 @pytest.mark.parametrize("frames,codec", [(None, "topk"), (5, "topk"), (None, "compact"), (None, "sampled")])
 def test_pipelined_rows_equal_the_straightforward_rows(frames, codec, dev):
-    """On CUDA: side streams, pinned slots reused every other batch, one wait per batch."""
+    """On CUDA: side streams, a pinned buffer per batch, one wait per batch."""
     batches = _batches(frames)
     want = _straightforward(_pass(frames, codec, dev=dev), batches)
     writer = Writer()
@@ -198,3 +204,55 @@ def test_dump_with_a_bad_batch_keeps_its_earlier_chunks(dataset, tmp_path, monke
     logitcache.dump(dataset, ["toy_teachers:toy_a", "toy_teachers:toy_b"], out, resume=True, **kw)
     with logitcache.open_cache(out) as c:
         assert c.complete
+
+
+def test_a_param_off_its_grid_is_refused_as_is_and_earlier_chunks_are_kept(dataset, tmp_path, monkeypatch):
+    """Chunks are assembled (and their params put on their stored grid) on the writer thread: a
+    drawn value off its grid in the third batch (chunk 1) is still the one-line error naming the
+    array, not a write failure, and chunk 0 is durable."""
+    import importlib
+
+    dump_module = importlib.import_module("logitcache.dump")
+    real, calls = dump_module._view_rows, []
+
+    def off_grid_in_third_batch(*a):
+        rows = real(*a)
+
+        def rows_of(pos, params, decoded):
+            calls.append(1)
+            if len(calls) == 3:
+                params = {k: v * np.float32(1.0001) + np.float32(1e-3) for k, v in params.items()}
+            return rows(pos, params, decoded)
+
+        return rows_of
+
+    kw = dict(epochs=1, topk=3, augment="strong", sample_rate=SR, clip_seconds=CLIP_SECONDS, progress=False,
+              batch_size=4, chunk_rows=8, num_workers=0)
+    out = tmp_path / "grid.zarr"
+    monkeypatch.setattr(dump_module, "_view_rows", off_grid_in_third_batch)
+    with pytest.raises(LogitCacheError) as e:
+        logitcache.dump(dataset, ["toy_teachers:toy_a"], out, **kw)
+    assert_one_line_error(e, "params/", "is not on its stored grid")
+    assert "write failed" not in str(e.value)
+    with logitcache.open_cache(out) as c:
+        assert c.chunks_done().tolist() == [[True, False, False]]
+
+
+def test_host_buffers_of_one_batch_hold_every_field_apart():
+    """CUDA copies a batch's results into one pinned buffer carved per field (tested unpinned here):
+    each field gets its own bytes, shape and dtype, and holds exactly what is copied into it."""
+    from logitcache.pipeline import host_buffers
+
+    g = torch.Generator().manual_seed(0)
+    fields = {"bad": torch.rand(3, 5, generator=g) > 0.5, "values": torch.randn(4, 5, 7, generator=g).half(),
+              "indices": torch.randint(0, 500, (4, 5, 7), generator=g, dtype=torch.int16),
+              "moments": torch.randn(3, 5, 3, generator=g, dtype=torch.float64), "empty": torch.zeros(0, 2),
+              "stat": torch.randn(4, 5, generator=g)[:, ::2]}  # not contiguous
+    host = host_buffers(fields, pin=False)
+    for name, t in fields.items():
+        host[name].copy_(t)
+    arrays = {name: h.numpy() for name, h in host.items()}
+    for name, t in fields.items():
+        assert arrays[name].dtype == t.numpy().dtype and np.array_equal(arrays[name], t.numpy()), name
+    full = [a for a in arrays.values() if a.size]
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(full) for b in full[i + 1:])
