@@ -193,6 +193,10 @@ def _read_fields(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndar
             out[..., 2] = (b[..., 1] >> 4) | ((b[..., 2] & 3) << 4)
             out[..., 3] = b[..., 2] >> 2
             return out.reshape(len(packed), -1)[:, :n]
+    if width <= 16 and n >= 8:
+        fields = _read_spread(packed, offset, n, width)
+        if fields is not None:
+            return fields
     if width <= 25 and n >= 16:  # below, its fixed per-block work costs more than it saves
         return _read_words(packed, offset, n, width)
     dtype = np.uint32 if width <= 25 else np.uint64
@@ -229,6 +233,62 @@ def _read_words(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndarr
     acc >>= shift
     acc &= np.uint32((1 << width) - 1)
     return acc
+
+
+
+@lru_cache(maxsize=64)
+def _spread_masks(width: int, slot: int) -> tuple[tuple[int, int, int], ...]:
+    """(low mask, high mask, shift) per stage that moves ``64 // slot`` packed ``width``-bit fields of
+    a uint64 into ``slot``-bit slots: each stage halves the blocks, moving every upper half up."""
+    stages, h = [], 64 // slot // 2
+    while h:
+        low = up = 0
+        for b in range(0, 64, 2 * h * slot):
+            low |= ((1 << (h * width)) - 1) << b
+            up |= ((1 << (h * width)) - 1) << (b + h * width)
+        stages.append((low, up & (2**64 - 1), h * (slot - width)))
+        h //= 2
+    return tuple(stages)
+
+
+def _read_spread(packed: np.ndarray, offset: int, n: int, width: int) -> np.ndarray | None:
+    """:func:`_read_fields` for widths up to 16 bits, into uint8 (width <= 8) or uint16 slots: groups
+    of g = 8 or 4 fields are read as one uint64 each (strided views, no gather) and spread into
+    their slots by log2(g) whole-array shift-and-mask stages, so every pass is a contiguous SIMD
+    one: ~2-3x faster than per-field gathers (6-bit values, 11/12-bit Elias-Fano low parts). None
+    when a group does not fit a word."""
+    slot = 8 if width <= 8 else 16
+    g = 64 // slot
+    group_bits = g * width
+    phases = 8 // np.gcd(group_bits, 8)  # group starts repeat their bit phase after this many
+    R, W = packed.shape
+    bit0 = [(offset & 7) + group_bits * ph for ph in range(phases)]
+    if max(b & 7 for b in bit0) + group_bits > 64:
+        return None
+    per = -(-(-(-n // g)) // phases)  # groups per phase
+    stride = group_bits * phases // 8
+    need = (offset >> 3) + (bit0[-1] >> 3) + stride * (per - 1) + 8
+    if need > W or not packed.flags.c_contiguous:  # zeros past the row: bits above every field
+        buf = np.zeros((R, max(need, W)), np.uint8)
+        buf[:, :W] = packed
+        packed = buf
+    out = np.empty((R, per, phases), np.uint64)
+    tmp = np.empty((R, per), np.uint64)
+    for ph, b in enumerate(bit0):
+        words = np.ndarray((R, per), np.uint64, packed, (offset >> 3) + (b >> 3), (packed.strides[0], stride))
+        x = np.right_shift(words, np.uint64(b & 7))
+        if group_bits < 64:
+            x &= np.uint64((1 << group_bits) - 1)
+        for low, up, shift in _spread_masks(width, slot):
+            np.bitwise_and(x, np.uint64(up), out=tmp)
+            x &= np.uint64(low)
+            tmp <<= np.uint64(shift)
+            x |= tmp
+        if phases == 1:
+            out = x
+        else:
+            out[:, :, ph] = x
+    return out.reshape(R, -1).view(np.uint8 if slot == 8 else np.uint16)[:, :n]
 
 
 # ---------------------------------------------------------------- ids
@@ -279,7 +339,8 @@ def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
     if lay.high_bits % 8 and lay.low_offset < 8 * hb:  # low fields share the bitmap's last byte
         high = high.copy()
         high[:, -1] &= (1 << lay.high_bits % 8) - 1
-    ones = np.flatnonzero(np.unpackbits(high, axis=1, bitorder="little").view(bool))
+    # flat (contiguous) unpacking is ~2x faster than unpackbits along axis 1
+    ones = np.flatnonzero(np.unpackbits(np.ascontiguousarray(high).reshape(-1), bitorder="little").view(bool))
     if ones.size != R * k:
         raise LogitCacheError(f"ids: {ones.size} ids in {R} rows, expected {k} per row (corrupt data)")
     starts, take = _bit_starts(lay)
@@ -436,14 +497,24 @@ def _decode_block(rows: dict[str, np.ndarray], lay: IdLayout, kind: str, value_b
         ids[...] = i
     w = _drops(q, rows["step"])
     o = rows["offset"].astype(np.float32)
-    stat[...] = rows["stat"]
     if kind == "multiclass":
         # the top code is 0 (w = 0), so no exp overflows; matmul sums short rows ~6x faster than sum()
         lse = np.log(np.exp(w) @ np.ones(lay.k, np.float32))
         lse += o
         # log(1 / (1 - t)) = softplus(logit t): the decoded top-k mass is exactly 1 - t
-        stat[...] = lse + np.logaddexp(np.float32(0), stat)
+        np.add(lse, _softplus16()[rows["stat"].view(np.uint16)], out=stat)
+    else:
+        stat[...] = rows["stat"]
     np.add(w, o[:, None], out=values)
+
+
+@lru_cache(maxsize=1)
+def _softplus16() -> np.ndarray:
+    """float32 softplus (numpy's logaddexp(0, x), so bit for bit the same) of every float16, by its
+    bits: a lookup instead of ~20 ns of logaddexp per row."""
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        return np.logaddexp(np.float32(0), x)
 
 
 def _sort_by_code(q: np.ndarray, ids: np.ndarray, value_bits: int, num_classes: int,
