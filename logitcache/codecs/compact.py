@@ -332,8 +332,9 @@ def _bit_starts(lay: IdLayout) -> tuple[np.ndarray, np.ndarray]:
     return starts, take.astype(np.int32) if small else take
 
 
-def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
-    """Ascending ids ``[R, k]`` (int32 or int64) of at most ``block_rows(k)`` rows."""
+def _ids_block(p: np.ndarray, lay: IdLayout, out: np.ndarray | None = None) -> np.ndarray:
+    """Ascending ids ``[R, k]`` (int32 or int64) of at most ``block_rows(k)`` rows, into ``out``
+    when given (the dtype of :func:`_bit_starts`' table)."""
     k, R, hb = lay.k, len(p), -(-lay.high_bits // 8)
     high = p[:, :hb]
     if lay.high_bits % 8 and lay.low_offset < 8 * hb:  # low fields share the bitmap's last byte
@@ -349,7 +350,7 @@ def _ids_block(p: np.ndarray, lay: IdLayout) -> np.ndarray:
     # and the first bad row then has a first or last one outside its own bitmap
     if R and ((ones[:, 0] < starts[:R]).any() or (ones[:, -1] >= starts[:R] + 8 * hb).any()):
         raise LogitCacheError(f"ids: some rows do not hold exactly {k} ids (corrupt data)")
-    pos = np.left_shift(ones, lay.low_bits, dtype=take.dtype, casting="unsafe")  # the cast in the same pass
+    pos = np.left_shift(ones, lay.low_bits, out=out, dtype=take.dtype, casting="unsafe")  # the cast in the same pass
     pos -= take[:R]
     if lay.low_bits:
         low = _read_fields(p, lay.low_offset, k, lay.low_bits)
@@ -412,11 +413,9 @@ def decode_values(codes: np.ndarray, offset: np.ndarray, step: np.ndarray, k: in
     return v.reshape(*lead, k)
 
 
-def _drops(q: np.ndarray, step: np.ndarray) -> np.ndarray:
+def _drops(q: np.ndarray, step: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Decoded value minus the row's offset: -q * step, float32 (exact: q < 2^16)."""
-    w = q.astype(np.float32)
-    w *= -STEPS[step.astype(np.uint8)][:, None]
-    return w
+    return np.multiply(q, -STEPS[step.astype(np.uint8)][:, None], out=out, dtype=np.float32)
 
 
 # ---------------------------------------------------------------- stat
@@ -489,13 +488,14 @@ def decode(arrays: dict[str, np.ndarray], k: int, num_classes: int, kind: str,
 def _decode_block(rows: dict[str, np.ndarray], lay: IdLayout, kind: str, value_bits: int, sort: bool,
                   values: np.ndarray, ids: np.ndarray, stat: np.ndarray) -> None:
     """One block of encoded rows into the output slices ``values``, ``ids``, ``stat``."""
-    i = _ids_block(rows["ids"], lay)
+    direct = not sort and ids.dtype.itemsize == _bit_starts(lay)[1].dtype.itemsize
+    i = _ids_block(rows["ids"], lay, out=ids.view(_bit_starts(lay)[1].dtype) if direct else None)
     q = _read_fields(rows["codes"], 0, lay.k, value_bits)
     if sort:
         q = _sort_by_code(q, i, value_bits, lay.num_classes, ids)
-    else:
+    elif not direct:
         ids[...] = i
-    w = _drops(q, rows["step"])
+    w = _drops(q, rows["step"], out=values)  # the offset is added last, in place
     o = rows["offset"].astype(np.float32)
     if kind == "multiclass":
         # the top code is 0 (w = 0), so no exp overflows; matmul sums short rows ~6x faster than sum()
@@ -505,7 +505,7 @@ def _decode_block(rows: dict[str, np.ndarray], lay: IdLayout, kind: str, value_b
         np.add(lse, _softplus16()[rows["stat"].view(np.uint16)], out=stat)
     else:
         stat[...] = rows["stat"]
-    np.add(w, o[:, None], out=values)
+    values += o[:, None]
 
 
 @lru_cache(maxsize=1)
