@@ -67,6 +67,21 @@ def test_ids_block_boundaries_and_leading_shape():
     round_trip(ids[:0], 527)
 
 
+@pytest.mark.parametrize("k,C", [(3, 200), (20, 256), (20, 527), (50, 60_000), (7, 65_536), (64, 70_000)])
+def test_ids_computed_in_the_index_dtype_wrap_exactly(k, C):
+    """Ids are computed in the index dtype when every expressible id fits it (uint8 / uint16 here):
+    the bit positions of later rows far exceed it and wrap around; the ids come out exact, the
+    widest sets and the last rows of full blocks included."""
+    rng = np.random.default_rng(C)
+    rows = 2 * cc.block_rows(k) + 3
+    ids = random_sets(rng, rows, k, C)
+    ids[-len(adversarial_sets(k, C)):] = adversarial_sets(k, C)[:rows]
+    round_trip(ids, C)
+    # where ids near the top of uint8 / uint16 could be expressed, the computation stays int64
+    narrow = {527: np.uint16, 60_000: np.uint16, 70_000: np.uint32}.get(C, np.int64)
+    assert cc._ids_dtype(cc.id_layout(k, C)) == narrow
+
+
 def test_id_row_sizes_are_near_the_floor():
     assert cc.id_layout(20, 527).nbytes == 17  # floor log2 C(527, 20) = 119 bits = 15 B
     assert cc.id_layout(20, 151_936).nbytes == 38  # floor 283 bits = 36 B

@@ -319,22 +319,31 @@ def block_rows(k: int) -> int:
     return max(1, BLOCK_VALUES // k)
 
 
+def _ids_dtype(lay: IdLayout) -> np.dtype:
+    """The dtype ids are computed in: the index dtype of C (what decode returns, so no cast pass and
+    at uint16 a quarter of int64's traffic) when every id a row's bitmap can express fits it, else
+    int64. The intermediate (position << L) - take wraps around in it, harmlessly: the arithmetic
+    is exact modulo 2^bits, and the result fits."""
+    out = np.dtype(index_dtype(lay.num_classes))
+    top = ((8 * -(-lay.high_bits // 8) - lay.k) << lay.low_bits) + (1 << lay.low_bits) + lay.k
+    return out if top < 2 ** (8 * out.itemsize - (out.kind == "i")) else np.dtype(np.int64)
+
+
 @lru_cache(maxsize=16)
 def _bit_starts(lay: IdLayout) -> tuple[np.ndarray, np.ndarray]:
     """Where each row's bitmap starts among a block's unpacked bits ``[block_rows(k)]``, and
     ``[block_rows(k), k]`` to take from (one's position << L) + low to get x_i: the i-th one sits at
-    h_i + i and x_i = (h_i << L) + low_i + i, so that is (start << L) + i (2^L - 1). int32 when
-    everything fits (about half the memory traffic of int64)."""
+    h_i + i and x_i = (h_i << L) + low_i + i, so that is (start << L) + i (2^L - 1); in
+    :func:`_ids_dtype`, wrapped modulo its range."""
     rows, L = block_rows(lay.k), lay.low_bits
     starts = 8 * -(-lay.high_bits // 8) * np.arange(rows, dtype=np.int64)
     take = (starts[:, None] << L) + np.arange(lay.k, dtype=np.int64) * ((1 << L) - 1)
-    small = (int(starts[-1]) + 8 * -(-lay.high_bits // 8)) << L < 2**31
-    return starts, take.astype(np.int32) if small else take
+    return starts, take.astype(_ids_dtype(lay))
 
 
 def _ids_block(p: np.ndarray, lay: IdLayout, out: np.ndarray | None = None) -> np.ndarray:
-    """Ascending ids ``[R, k]`` (int32 or int64) of at most ``block_rows(k)`` rows, into ``out``
-    when given (the dtype of :func:`_bit_starts`' table)."""
+    """Ascending ids ``[R, k]`` (:func:`_ids_dtype`) of at most ``block_rows(k)`` rows, into ``out``
+    when given (of that dtype)."""
     k, R, hb = lay.k, len(p), -(-lay.high_bits // 8)
     high = p[:, :hb]
     if lay.high_bits % 8 and lay.low_offset < 8 * hb:  # low fields share the bitmap's last byte
@@ -356,7 +365,7 @@ def _ids_block(p: np.ndarray, lay: IdLayout, out: np.ndarray | None = None) -> n
         low = _read_fields(p, lay.low_offset, k, lay.low_bits)
         if low.dtype.itemsize == pos.dtype.itemsize:  # same bits (fields < 2^31): a same-type add, no cast loop
             low = low.view(pos.dtype)
-        pos += low
+        np.add(pos, low, out=pos, casting="unsafe")  # fields < 2^L fit pos's dtype
     if R and pos[:, -1].max() >= lay.num_classes:
         raise LogitCacheError(f"ids: decoded class id {pos[:, -1].max()} >= {lay.num_classes} classes "
                               "(corrupt data)")
@@ -370,9 +379,12 @@ def decode_ids(packed: np.ndarray, k: int, num_classes: int) -> np.ndarray:
     if p.dtype != np.uint8:
         raise LogitCacheError(f"ids: expected uint8 rows, got {p.dtype}")
     out = np.empty((len(p), k), index_dtype(num_classes))
-    B = block_rows(k)
+    B, direct = block_rows(k), _ids_dtype(lay) == out.dtype
     for a in range(0, len(p), B):
-        out[a:a + B] = _ids_block(p[a:a + B], lay)
+        if direct:
+            _ids_block(p[a:a + B], lay, out=out[a:a + B])
+        else:
+            out[a:a + B] = _ids_block(p[a:a + B], lay)
     return out.reshape(*lead, k)
 
 
@@ -488,8 +500,8 @@ def decode(arrays: dict[str, np.ndarray], k: int, num_classes: int, kind: str,
 def _decode_block(rows: dict[str, np.ndarray], lay: IdLayout, kind: str, value_bits: int, sort: bool,
                   values: np.ndarray, ids: np.ndarray, stat: np.ndarray) -> None:
     """One block of encoded rows into the output slices ``values``, ``ids``, ``stat``."""
-    direct = not sort and ids.dtype.itemsize == _bit_starts(lay)[1].dtype.itemsize
-    i = _ids_block(rows["ids"], lay, out=ids.view(_bit_starts(lay)[1].dtype) if direct else None)
+    direct = not sort and ids.dtype == _ids_dtype(lay)
+    i = _ids_block(rows["ids"], lay, out=ids if direct else None)
     q = _read_fields(rows["codes"], 0, lay.k, value_bits)
     if sort:
         q = _sort_by_code(q, i, value_bits, lay.num_classes, ids)
@@ -525,7 +537,7 @@ def _sort_by_code(q: np.ndarray, ids: np.ndarray, value_bits: int, num_classes: 
     shift = max(1, (num_classes - 1).bit_length())
     dtype = np.int32 if value_bits + shift <= 31 else np.int64
     key = np.left_shift(q, shift, dtype=dtype)
-    key |= ids
+    key |= ids.view(dtype) if ids.dtype.itemsize == key.itemsize else ids  # ids < 2^shift: same bits
     key.sort(axis=1)
     np.bitwise_and(key, dtype((1 << shift) - 1), out=out_ids, casting="unsafe")
     key >>= dtype(shift)
