@@ -18,8 +18,8 @@ second of CPU time (``time.process_time``) and of wall time, per decoder, and th
 per-round paired ratios new / baseline (CPU). Before timing, the outputs are checked bit for bit
 (values, ids, stat) against the baseline's on every case.
 
-    python benchmarks/bench_compact_decode.py            # ~1.5 min (9 rounds)
-    python benchmarks/bench_compact_decode.py --quick    # ~20 s (5 rounds, a quarter of the rows)
+    python benchmarks/bench_compact_decode.py            # ~45 s (21 rounds)
+    python benchmarks/bench_compact_decode.py --quick    # ~10 s (5 rounds, a quarter of the rows)
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--baseline", default="bdd2986", help="git revision to compare against")
     args = p.parse_args()
     base = baseline_module(args.baseline)
-    rounds = 5 if args.quick else 9
+    rounds = 5 if args.quick else 21
     rng = np.random.default_rng(0)
     data = {}
     for name, k, V, kind, sort, n in CASES:
@@ -113,7 +113,8 @@ def main() -> None:
         ratios.append(f"{name} {ratio:.2f}x")
     print(C.table(["case", "k", "C", "kind", "order", "rows", "base M rows/CPU s", "new M rows/CPU s",
                    "base M rows/s wall", "new M rows/s wall", "speedup (CPU, paired)"], out))
-    print(f"ratios: new vs {args.baseline} (median of {rounds} paired rounds, CPU time): " + ", ".join(ratios))
+    print(f"ratios: new vs {args.baseline} (median of {rounds} paired rounds, CPU time): "
+          + ", ".join(ratios))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ Ids: Elias-Fano of y_i = x_i - i, fixed width, no escape
     membership bitmap (plus one bit), which wins for k close to C.
 
     Decoding is one ``unpackbits`` + ``flatnonzero`` over a block of rows (the ones come out
-    row-major, exactly k per row, so a reshape gives every row's positions) and fixed-column byte
-    gathers for the low fields: no per-row or per-element Python. Top-k id sets of C = 527:
+    row-major, exactly k per row, so a reshape gives every row's positions) and, for the low fields
+    (and the b-bit values), groups of 8 or 4 fields read as one uint64 each through strided views
+    and spread into byte or 16-bit slots by whole-array shift-and-mask stages: no per-row or
+    per-element Python, every pass contiguous. Top-k id sets of C = 527:
 
     ===============================  ====  ====  ====  ==========================================
     ids stored as                    k=5   k=20  k=50  decode rows/s at k = 20; row width
@@ -359,7 +361,8 @@ def _ids_block(p: np.ndarray, lay: IdLayout, out: np.ndarray | None = None) -> n
     # and the first bad row then has a first or last one outside its own bitmap
     if R and ((ones[:, 0] < starts[:R]).any() or (ones[:, -1] >= starts[:R] + 8 * hb).any()):
         raise LogitCacheError(f"ids: some rows do not hold exactly {k} ids (corrupt data)")
-    pos = np.left_shift(ones, lay.low_bits, out=out, dtype=take.dtype, casting="unsafe")  # the cast in the same pass
+    # the cast rides in the shift's pass
+    pos = np.left_shift(ones, lay.low_bits, out=out, dtype=take.dtype, casting="unsafe")
     pos -= take[:R]
     if lay.low_bits:
         low = _read_fields(p, lay.low_offset, k, lay.low_bits)
