@@ -27,6 +27,9 @@ medians reported. Goal: `cache` >= 1M tokens/s per worker (read_ahead=0: one thr
 
     python benchmarks/bench_lm_read.py            # ~1.5 min of CPU, 4 min wall on a busy box (k = 32, 64)
     python benchmarks/bench_lm_read.py --quick    # < 30 s of CPU, < 1 min wall (k = 32, 256k tokens)
+    python benchmarks/bench_lm_read.py --quick --topk 32,64 --baseline bdd2986
+        # adds `cache@bdd2986`: `cache` with the compact decode of that commit (its compact.py loaded
+        # from git), in the same rounds: "cache vs cache@REV" is the paired CPU-time ratio
 """
 
 from __future__ import annotations
@@ -65,6 +68,19 @@ def read_cache(cache: Path, corpus: Path, read_ahead: int) -> tuple[int, int, fl
             tokens += b["tokens"].numel()
         unmasked += int(b["mask"].sum())
     return tokens, unmasked, start
+
+
+def with_decode(module, fn):
+    """``fn()`` with the compact codec decoding through ``module`` (a baseline compact.py)."""
+    from logitcache.codecs.compact import CompactCodec
+
+    own = CompactCodec.decode
+    CompactCodec.decode = lambda self, arrays, sort=True: module.decode(
+        arrays, self.k, self.num_classes, self.kind, self.value_bits, sort=sort)
+    try:
+        return fn()
+    finally:
+        CompactCodec.decode = own
 
 
 class Clock:
@@ -114,12 +130,19 @@ def main() -> None:
     args.add_argument("--windows", type=int, default=None, help="windows of 1,024 tokens (default 1,024; quick 256)")
     args.add_argument("--topk", default=None, help="comma-separated k (default 32,64; quick 32)")
     args.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; quick 3)")
+    args.add_argument("--baseline", default=None,
+                      help="also a case `cache@REV`: `cache` with the compact decode of git revision REV")
     a = args.parse_args()
     torch.set_num_threads(a.threads or 1)
     n = a.windows or (256 if a.quick else 1024)
     ks = [int(k) for k in (a.topk or ("32" if a.quick else "32,64")).split(",")]
     rounds = a.rounds or (3 if a.quick else 5)
     work = C.workdir(a.workdir)
+    base = None
+    if a.baseline:
+        from bench_compact_decode import baseline_module
+
+        base = baseline_module(a.baseline)
     print(f"# machine: {C.machine()}")
     corpus = _lm_cache.make_corpus(work / "corpus", n * L + 1, V, L)
     data = np.memmap(work / "corpus" / "corpus.bin", dtype=np.uint32, mode="r")
@@ -142,6 +165,8 @@ def main() -> None:
             "bin": lambda: (read_bin(data, batches), 0, 0.0),
             "memmap": lambda: (read_memmap(raw, row_bytes, n * L), 0, 0.0),
         }
+        if a.baseline:
+            cases[f"cache@{a.baseline}"] = lambda: with_decode(base, lambda: read_cache(cache, corpus, 0))
         unmasked = read_cache(cache, corpus, 0)[1]  # warm-up: page cache, imports
         wall: dict[str, list[float]] = {c: [] for c in cases}
         cpu: dict[str, list[float]] = {c: [] for c in cases}
@@ -164,6 +189,9 @@ def main() -> None:
         for c in cases:
             rows.append([k, c, round(rate[c] / 1e6, 3), round(cpu_rate[c] / 1e6, 3), round(ratio[c], 2),
                          round(1e3 * C.median(first[c])) if c.startswith("cache") else ""])
+        if a.baseline:
+            paired = C.median([x / y for x, y in zip(cpu[f"cache@{a.baseline}"], cpu["cache"])])
+            summary.append(f"k={k}: cache vs cache@{a.baseline} {paired:.2f}x tokens per CPU second (paired)")
         summary.append(f"k={k}: cache {rate['cache'] / 1e6:.2f}M tokens/s ({cpu_rate['cache'] / 1e6:.2f}M per CPU "
                        f"second; goal >= 1M; with the read-ahead thread {rate['cache+1'] / 1e6:.2f}M), cache/bin time "
                        f"{ratio['cache']:.2f}, cache/memmap {to_mm:.2f}; {unmasked / (n * L):.3f} of positions unmasked")
