@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=20)
     p.add_argument("--classes", type=int, default=527)
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 4; --quick 2)")
-    p.add_argument("--workers", default="0,1,auto", help="DataLoader worker counts to compare (auto = the default)")
+    p.add_argument("--workers", default="0,1,auto", help="DataLoader worker counts to compare (auto = the fixed rule min(2, cores - 1); a CPU dump without --workers measures its costs instead, see bench_dump_e2e)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     from logitcache.dump import default_workers, resolve_device
@@ -111,7 +111,7 @@ def main() -> None:
     settings = []
     for w in args.workers.split(","):
         n = auto if w == "auto" else int(w)
-        label = f"w={n}" + (" (default)" if n == auto else "")
+        label = f"w={n}" + (" (fixed rule)" if n == auto else "")
         if all(s[1] != n for s in settings):
             settings.append((label, n))
     wd = C.workdir(args.workdir)
@@ -164,7 +164,7 @@ def main() -> None:
     at_auto = {m: ratios[(m, auto)] for m in (1, 3) if (m, auto) in ratios}
     own = {m: ratios.get((m, "own"), float("nan")) for m in (1, 3)}
     print("ratios: dump/forward (goal <= 1.05) " +
-          ", ".join(f"{m} teacher(s): {at_auto.get(m, float('nan')):.3f} at the default w={auto} "
+          ", ".join(f"{m} teacher(s): {at_auto.get(m, float('nan')):.3f} at the fixed-rule w={auto} "
                     f"(best {best[m]:.3f})" for m in (1, 3)) +
           "; the dump's own work (w=0: dump - forward - views) / forward: " +
           ", ".join(f"{m} teacher(s) {own[m]:.3f}" for m in (1, 3)))

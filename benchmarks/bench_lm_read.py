@@ -170,7 +170,6 @@ def main() -> None:
         unmasked = read_cache(cache, corpus, 0)[1]  # warm-up: page cache, imports
         wall: dict[str, list[float]] = {c: [] for c in cases}
         cpu: dict[str, list[float]] = {c: [] for c in cases}
-        per_token: dict[str, list[float]] = {c: [] for c in cases}
         first: dict[str, list[float]] = {c: [] for c in cases}
         for r in range(rounds):
             names = list(cases)

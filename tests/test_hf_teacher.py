@@ -17,7 +17,7 @@ from logitcache import LogitCacheError, open_cache, replay
 from logitcache.dump import dump
 from logitcache.targets import aggregate, topk_targets
 from logitcache.teachers import load_teacher, teacher_format
-from test_tokens import L, write_corpus
+from test_tokens import write_corpus
 
 transformers = pytest.importorskip("transformers")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from logitcache import open_cache
 from logitcache.dump import dump
 from test_cli import assert_error, run
-from test_token_pipeline import DOCS, K, L, N, V, teachers, unmasked, window_start, write_bin
+from test_token_pipeline import K, L, V, teachers, unmasked, window_start, write_bin
 
 NAMES = ["toy_lm_teachers:gpt_a", "toy_lm_teachers:gpt_b"]
 ARGS = {"vocab_size": V, "context": L}
