@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from logitcache.errors import LogitCacheError
-from logitcache.teachers import file_sha256, first_line
+from logitcache.digest import file_sha256
+from logitcache.teachers import first_line
 
 PREFIX = "hf:"
 INSTALL = "pip install 'logitcache[hf]'"

@@ -18,7 +18,6 @@ than probabilities); :func:`run_teachers` checks shapes again on every batch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pickle
@@ -32,6 +31,7 @@ from typing import Callable
 import torch
 
 from logitcache.distributed import current_rank
+from logitcache.digest import file_sha256
 from logitcache.errors import LogitCacheError
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".jit", ".torchscript")
@@ -105,14 +105,6 @@ def flat_positions(z: torch.Tensor) -> torch.Tensor:
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:160]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_state_dict(path: str | Path) -> dict:

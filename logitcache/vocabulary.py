@@ -22,6 +22,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from logitcache.digest import file_sha256
 from logitcache.errors import LogitCacheError
 
 
@@ -31,14 +32,6 @@ def fingerprint(vocab_size: int, tokens: dict[str, int] | None = None) -> str:
     doc = {"vocab_size": int(vocab_size),
            "tokens": None if tokens is None else [t for t, _ in sorted(tokens.items(), key=lambda x: x[1])]}
     return hashlib.sha256(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Vocabulary(Sequence):
